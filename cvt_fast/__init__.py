@@ -1,0 +1,49 @@
+"""cvt_fast: a fast, faithful CvT (Convolutional vision Transformers) for PyTorch.
+
+Public API (imported lazily, so `import cvt_fast` stays cheap and never pulls in
+Triton or the CUDA extension until they are used):
+
+    build_model(spec, num_classes=1000, act="quick_gelu", backend="auto")
+    create_model(name, num_classes=1000, **kw)        # 'cvt-13', 'cvt-21', 'cvt-w24'
+    load_config(path, overrides=())                   # yacs node in the official schema
+    load_checkpoint(model, path_or_state_dict, strict=True, ...)
+    set_backend(name) / get_backend()                 # global default for the fused ops
+    count_flops(model, image_size) / count_params(model)
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "build_model": "cvt_fast.model",
+    "create_model": "cvt_fast.model",
+    "ConvolutionalVisionTransformer": "cvt_fast.model",
+    "MODEL_SPECS": "cvt_fast.specs",
+    "load_config": "cvt_fast.config",
+    "get_default_config": "cvt_fast.config",
+    "load_checkpoint": "cvt_fast.checkpoint",
+    "CheckpointError": "cvt_fast.checkpoint",
+    "set_backend": "cvt_fast.ops.backend",
+    "get_backend": "cvt_fast.ops.backend",
+    "BackendUnavailableError": "cvt_fast.ops.backend",
+    "count_flops": "cvt_fast.flops",
+    "count_params": "cvt_fast.flops",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cvt_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
