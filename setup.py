@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_HOME = "/usr/local/cuda"
@@ -113,8 +113,9 @@ def cuda_extension_or_reason():
 ext_modules, cmdclass = cuda_extension_or_reason()
 
 setup(
-    packages=["cvt_fast", "cvt_fast.ops", "cvt_fast.kernels"],
-    package_dir={"cvt_fast": "cvt_fast", "cvt_fast.ops": "cvt_fast/ops", "cvt_fast.kernels": "kernels"},
+    # kernels/ installs as cvt_fast.kernels, never as a top-level `kernels` module.
+    packages=["cvt_fast", *(f"cvt_fast.{p}" for p in find_packages("cvt_fast")), "cvt_fast.kernels"],
+    package_dir={"cvt_fast": "cvt_fast", "cvt_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
