@@ -15,6 +15,8 @@ BUILD_HINT = ("build it with a CUDA toolkit and a CUDA build of torch present: "
 @functools.lru_cache(maxsize=1)
 def _load():
     """Import cvt_fast._C once; return (module or None, reason it is missing or '')."""
+    import torch  # noqa: F401  (the extension links against libtorch: load it first)
+
     try:
         module = importlib.import_module("cvt_fast._C")
     except ImportError as error:
