@@ -1,0 +1,261 @@
+"""Configuration: the official CvT yacs schema, plus the keys cvt_fast adds.
+
+A YAML file written for the official code (microsoft/CvT, lib/config/default.py) loads
+unchanged. Unlike the official loader, an unknown or misspelt key is an error that names
+the key and the closest valid one, instead of being accepted or silently ignored.
+Overrides come from the command line as `KEY VALUE` pairs, e.g. `TRAIN.LR 0.001`.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Iterable, Sequence
+
+import yaml
+from yacs.config import CfgNode as CN
+
+from cvt_fast.specs import MODEL_SPECS
+
+# Sections where arbitrary keys are legitimate: they are passed through as keyword
+# arguments (timm's scheduler, the optimizer).
+_OPEN_SECTIONS = ("TRAIN.LR_SCHEDULER.ARGS", "TRAIN.OPTIMIZER_ARGS")
+
+
+def _official_defaults() -> CN:
+    """The schema of the official code, with its default values."""
+    c = CN()
+    c.BASE = [""]
+    c.NAME = ""
+    c.DATA_DIR = ""
+    c.DIST_BACKEND = "nccl"
+    c.GPUS = (0,)
+    c.MULTIPROCESSING_DISTRIBUTED = True
+    c.OUTPUT_DIR = "OUTPUT/"
+    c.LOG_DIR = ""
+    c.WORKERS = 4
+    c.PRINT_FREQ = 20
+    c.PIN_MEMORY = True
+    c.RANK = 0
+    c.VERBOSE = True
+    c.DDP_FIND_UNUSED_PARAMETERS = False
+    c.MODEL_SUMMARY = False
+
+    c.CUDNN = CN()
+    c.CUDNN.BENCHMARK = True
+    c.CUDNN.DETERMINISTIC = False
+    c.CUDNN.ENABLED = True
+
+    c.MODEL = CN()
+    c.MODEL.NAME = "cls_cvt"
+    c.MODEL.INIT_WEIGHTS = True
+    c.MODEL.PRETRAINED = ""
+    c.MODEL.PRETRAINED_LAYERS = ["*"]
+    c.MODEL.NUM_CLASSES = 1000
+    c.MODEL.SPEC = CN(dict(MODEL_SPECS["cvt-13"]))
+
+    c.LOSS = CN()
+    c.LOSS.LABEL_SMOOTHING = 0.0
+    c.LOSS.LOSS = "softmax"
+
+    c.DATASET = CN()
+    c.DATASET.DATASET = "imagenet"
+    c.DATASET.ROOT = ""
+    c.DATASET.TRAIN_SET = "train"
+    c.DATASET.TEST_SET = "val"
+    c.DATASET.DATA_FORMAT = "jpg"
+    c.DATASET.LABELMAP = ""
+    c.DATASET.TRAIN_TSV_LIST = []
+    c.DATASET.TEST_TSV_LIST = []
+    c.DATASET.SAMPLER = "default"
+    c.DATASET.TARGET_SIZE = -1
+
+    c.INPUT = CN()
+    c.INPUT.MEAN = [0.485, 0.456, 0.406]
+    c.INPUT.STD = [0.229, 0.224, 0.225]
+
+    c.AUG = CN()
+    c.AUG.SCALE = (0.08, 1.0)
+    c.AUG.RATIO = (3.0 / 4.0, 4.0 / 3.0)
+    c.AUG.COLOR_JITTER = [0.4, 0.4, 0.4, 0.1, 0.0]
+    c.AUG.GRAY_SCALE = 0.0
+    c.AUG.GAUSSIAN_BLUR = 0.0
+    c.AUG.DROPBLOCK_LAYERS = [3, 4]
+    c.AUG.DROPBLOCK_KEEP_PROB = 1.0
+    c.AUG.DROPBLOCK_BLOCK_SIZE = 7
+    c.AUG.MIXUP_PROB = 0.0
+    c.AUG.MIXUP = 0.0
+    c.AUG.MIXCUT = 0.0
+    c.AUG.MIXCUT_MINMAX = []
+    c.AUG.MIXUP_SWITCH_PROB = 0.5
+    c.AUG.MIXUP_MODE = "batch"
+    c.AUG.MIXCUT_AND_MIXUP = False
+    c.AUG.INTERPOLATION = 2
+    c.AUG.TIMM_AUG = CN()
+    c.AUG.TIMM_AUG.USE_LOADER = False
+    c.AUG.TIMM_AUG.USE_TRANSFORM = False
+    c.AUG.TIMM_AUG.RE_COUNT = 1
+    c.AUG.TIMM_AUG.RE_MODE = "pixel"
+    c.AUG.TIMM_AUG.RE_SPLIT = False
+    c.AUG.TIMM_AUG.RE_PROB = 0.0
+    c.AUG.TIMM_AUG.AUTO_AUGMENT = ""
+    c.AUG.TIMM_AUG.HFLIP = 0.5
+    c.AUG.TIMM_AUG.VFLIP = 0.0
+    c.AUG.TIMM_AUG.COLOR_JITTER = 0.4
+    c.AUG.TIMM_AUG.INTERPOLATION = "bicubic"
+
+    c.TRAIN = CN()
+    c.TRAIN.AUTO_RESUME = True
+    c.TRAIN.CHECKPOINT = ""
+    c.TRAIN.LR_SCHEDULER = CN()
+    c.TRAIN.LR_SCHEDULER.METHOD = "timm"
+    c.TRAIN.LR_SCHEDULER.ARGS = CN(new_allowed=True)
+    c.TRAIN.OPTIMIZER = "adamW"
+    c.TRAIN.OPTIMIZER_ARGS = CN(new_allowed=True)
+    c.TRAIN.LR = 0.001
+    c.TRAIN.SCALE_LR = True
+    c.TRAIN.MOMENTUM = 0.9
+    c.TRAIN.WD = 0.0001
+    c.TRAIN.WITHOUT_WD_LIST = []
+    c.TRAIN.NESTEROV = True
+    c.TRAIN.GAMMA1 = 0.99
+    c.TRAIN.GAMMA2 = 0.0
+    c.TRAIN.BEGIN_EPOCH = 0
+    c.TRAIN.END_EPOCH = 100
+    c.TRAIN.IMAGE_SIZE = [224, 224]
+    c.TRAIN.BATCH_SIZE_PER_GPU = 32
+    c.TRAIN.SHUFFLE = True
+    c.TRAIN.EVAL_BEGIN_EPOCH = 0
+    c.TRAIN.DETECT_ANOMALY = False
+    c.TRAIN.CLIP_GRAD_NORM = 0.0
+    c.TRAIN.SAVE_ALL_MODELS = False
+
+    c.TEST = CN()
+    c.TEST.BATCH_SIZE_PER_GPU = 32
+    c.TEST.CENTER_CROP = True
+    c.TEST.IMAGE_SIZE = [224, 224]
+    c.TEST.INTERPOLATION = 2
+    c.TEST.MODEL_FILE = ""
+    c.TEST.REAL_LABELS = False
+    c.TEST.VALID_LABELS = ""
+
+    c.FINETUNE = CN()
+    c.FINETUNE.FINETUNE = False
+    c.FINETUNE.USE_TRAIN_AUG = False
+    c.FINETUNE.BASE_LR = 0.003
+    c.FINETUNE.BATCH_SIZE = 512
+    c.FINETUNE.EVAL_EVERY = 3000
+    c.FINETUNE.TRAIN_MODE = True
+    c.FINETUNE.FROZEN_LAYERS = []
+    c.FINETUNE.LR_SCHEDULER = CN(new_allowed=True)
+    c.FINETUNE.LR_SCHEDULER.DECAY_TYPE = "step"
+
+    c.AMP = CN()
+    c.AMP.ENABLED = False
+    c.AMP.MEMORY_FORMAT = "nchw"
+
+    c.DEBUG = CN()
+    c.DEBUG.DEBUG = False
+    return c
+
+
+def _add_cvt_fast_keys(c: CN) -> None:
+    """Keys that exist only in cvt_fast. Official files never set them; defaults match
+    the official behaviour where there is one."""
+    c.SEED = 0
+    c.MODEL.BACKEND = "auto"         # official | auto | reference | triton | cuda | sdpa | xformers
+    c.MODEL.ACT = "quick_gelu"       # quick_gelu (official) | gelu (Hugging Face's port)
+    c.AMP.DTYPE = "bfloat16"         # bfloat16 | float16 (float16 uses a GradScaler)
+    c.TRAIN.COMPILE = False
+    c.TRAIN.CHANNELS_LAST = False
+    c.TRAIN.EMA = CN()
+    c.TRAIN.EMA.ENABLED = False
+    c.TRAIN.EMA.DECAY = 0.9998
+    c.TRAIN.CHECKPOINT_EVERY_STEPS = 0   # 0: only at the end of each epoch
+    c.TRAIN.SKIP_NONFINITE_LOSS = False
+    c.TRAIN.MAX_STEPS = 0                # 0: no limit
+    c.DATASET.SKIP_UNREADABLE = True
+
+
+def get_default_config() -> CN:
+    """A fresh, mutable config holding every valid key with its default."""
+    c = _official_defaults()
+    _add_cvt_fast_keys(c)
+    return c
+
+
+def _check_keys(node: CN, data: dict, prefix: str, source: str) -> None:
+    """Raise ValueError for the first key of `data` that `node` does not have."""
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if full.rstrip(".") in _OPEN_SECTIONS or (prefix.rstrip(".") in _OPEN_SECTIONS):
+            continue
+        if key not in node:
+            close = difflib.get_close_matches(key, [k for k in node.keys()], n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ValueError(f"unknown config key {full} in {source}{hint}")
+        if isinstance(node[key], CN) and isinstance(value, dict):
+            _check_keys(node[key], value, f"{full}.", source)
+
+
+def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
+    """Read a YAML file, resolving `BASE: [files]` inheritance (relative to the file)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path in seen:
+        raise ValueError(f"config inheritance loop: {' -> '.join(seen + (path,))}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top, not {type(data).__name__}")
+    merged: dict = {}
+    for base in data.get("BASE", [""]) or []:
+        if base:
+            base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+            _deep_update(merged, _read_yaml(base_path, seen + (path,)))
+    _deep_update(merged, {k: v for k, v in data.items() if k != "BASE"})
+    return merged
+
+
+def _deep_update(into: dict, new: dict) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_update(into[key], value)
+        else:
+            into[key] = value
+
+
+def merge_overrides(cfg: CN, overrides: Sequence[str]) -> None:
+    """Apply `KEY VALUE` pairs as on the official command line."""
+    overrides = list(overrides)
+    if len(overrides) % 2:
+        raise ValueError(f"overrides must be KEY VALUE pairs; got an odd count: {overrides}")
+    for key, _ in zip(overrides[0::2], overrides[1::2]):
+        node, parts = cfg, key.split(".")
+        for i, part in enumerate(parts):
+            section = ".".join(parts[:i])
+            if section in _OPEN_SECTIONS:
+                break
+            if not isinstance(node, CN) or part not in node:
+                options = list(node.keys()) if isinstance(node, CN) else []
+                close = difflib.get_close_matches(part, options, n=1)
+                prefix = ".".join(parts[:i])
+                hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+                raise ValueError(f"unknown config key {key} on the command line{hint}")
+            node = node[part]
+    cfg.merge_from_list(overrides)
+
+
+def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> CN:
+    """Defaults, then the YAML file at `path` (if any), then `overrides`; returned frozen."""
+    cfg = get_default_config()
+    if path:
+        data = _read_yaml(path)
+        _check_keys(cfg, data, "", path)
+        cfg.merge_from_other_cfg(CN(data))
+        cfg.NAME = cfg.NAME or os.path.splitext(os.path.basename(path))[0]
+    merge_overrides(cfg, list(overrides))
+    cfg.freeze()
+    return cfg
