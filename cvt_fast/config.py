@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
+
 from cvt_fast.specs import MODEL_SPECS
 
 # Sections where arbitrary keys are legitimate: they are passed through as keyword
@@ -232,11 +233,14 @@ def merge_overrides(cfg: CN, overrides: Sequence[str]) -> None:
     overrides = list(overrides)
     if len(overrides) % 2:
         raise ValueError(f"overrides must be KEY VALUE pairs; got an odd count: {overrides}")
-    for key, _ in zip(overrides[0::2], overrides[1::2]):
+    for key, value in zip(overrides[0::2], overrides[1::2]):
         node, parts = cfg, key.split(".")
         for i, part in enumerate(parts):
             section = ".".join(parts[:i])
-            if section in _OPEN_SECTIONS:
+            if section in _OPEN_SECTIONS and part not in node:
+                # yacs refuses new keys on the command line even where the file may add
+                # them; scheduler and optimizer arguments are legitimately open-ended.
+                node[part] = CN._decode_cfg_value(value)
                 break
             if not isinstance(node, CN) or part not in node:
                 options = list(node.keys()) if isinstance(node, CN) else []
@@ -245,7 +249,8 @@ def merge_overrides(cfg: CN, overrides: Sequence[str]) -> None:
                 hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
                 raise ValueError(f"unknown config key {key} on the command line{hint}")
             node = node[part]
-    cfg.merge_from_list(overrides)
+        else:
+            cfg.merge_from_list([key, value])
 
 
 def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> CN:

@@ -1,0 +1,461 @@
+"""CvT: Convolutional vision Transformer (Wu et al. 2021, arXiv 2103.15808).
+
+The modules follow the official implementation one to one (same names, same
+state-dict keys, same numerics), in the order of the paper's figure:
+ConvEmbed -> [Block: norm1 -> Attention (conv projection, multi-head attention) ->
+norm2 -> Mlp] x depth, per stage; final LayerNorm on the cls token -> head.
+
+Each attention module runs on one of two paths:
+- backend 'official': plain eager PyTorch, op for op like the official code
+  (rearrange to NCHW, depthwise Conv2d, BatchNorm2d, einsum-softmax-einsum);
+- any other backend: the conv projection and the attention go through the fused ops
+  of `cvt_fast.ops` (the model does not know which implementation answers).
+Both paths use the same parameters and buffers, so checkpoints are interchangeable.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cvt_fast.specs import get_spec
+
+ACTIVATIONS = ("quick_gelu", "gelu")
+PROJECTION_METHODS = ("dw_bn", "avg", "linear")
+MODEL_BACKENDS = ("official", "auto", "reference", "triton", "cuda", "sdpa", "xformers")
+
+_REQUIRED_SPEC_KEYS = ("NUM_STAGES", "PATCH_SIZE", "PATCH_STRIDE", "PATCH_PADDING",
+                       "DIM_EMBED", "NUM_HEADS", "DEPTH")
+# Per-stage keys that may be omitted, with the official code's meaning of "absent".
+_OPTIONAL_STAGE_KEYS = {
+    "MLP_RATIO": 4.0, "ATTN_DROP_RATE": 0.0, "DROP_RATE": 0.0, "DROP_PATH_RATE": 0.0,
+    "QKV_BIAS": True, "CLS_TOKEN": False, "POS_EMBED": False, "QKV_PROJ_METHOD": "dw_bn",
+    "KERNEL_QKV": 3, "PADDING_KV": 1, "STRIDE_KV": 2, "PADDING_Q": 1, "STRIDE_Q": 1,
+}
+_KNOWN_SPEC_KEYS = set(_REQUIRED_SPEC_KEYS) | set(_OPTIONAL_STAGE_KEYS) | {"INIT"}
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation of the official CvT MLP."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype, as the official code does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str, drop: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = QuickGELU() if act == "quick_gelu" else nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class ConvEmbed(nn.Module):
+    """Overlapping patch embedding: strided Conv2d, then LayerNorm over channels."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, stride: int, padding: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=stride, padding=padding)
+        self.norm = LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """(B, C_in, H, W) image or feature map -> (B, H' * W', C) tokens, H', W'."""
+        x = self.proj(x)
+        height, width = x.shape[-2:]
+        return self.norm(x.flatten(2).transpose(1, 2)), height, width
+
+
+def _tokens_to_grid(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], height, width)
+
+
+def _grid_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with convolutional projections of q, k and v."""
+
+    def __init__(self, dim_in: int, dim_out: int, num_heads: int, qkv_bias: bool,
+                 attn_drop: float, proj_drop: float, method: str, kernel_size: int,
+                 stride_kv: int, stride_q: int, padding_kv: int, padding_q: int,
+                 with_cls_token: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.dim = dim_out
+        # The official code scales by the whole width, not the head width.
+        self.scale = dim_out ** -0.5
+        self.with_cls_token = with_cls_token
+        self.method = method
+        self.stride_q, self.stride_kv = stride_q, stride_kv
+        self.padding_q, self.padding_kv = padding_q, padding_kv
+        self.backend: str | None = None
+        # 'avg' pools k and v only; q stays the plain tokens (official behaviour).
+        self.conv_proj_q = self._projection(dim_in, kernel_size, padding_q, stride_q,
+                                            "linear" if method == "avg" else method)
+        self.conv_proj_k = self._projection(dim_in, kernel_size, padding_kv, stride_kv, method)
+        self.conv_proj_v = self._projection(dim_in, kernel_size, padding_kv, stride_kv, method)
+        self.proj_q = nn.Linear(dim_in, dim_out, bias=qkv_bias)
+        self.proj_k = nn.Linear(dim_in, dim_out, bias=qkv_bias)
+        self.proj_v = nn.Linear(dim_in, dim_out, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim_out, dim_out)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    @staticmethod
+    def _projection(dim: int, kernel_size: int, padding: int, stride: int, method: str):
+        if method == "dw_bn":
+            return nn.Sequential(OrderedDict([
+                ("conv", nn.Conv2d(dim, dim, kernel_size, stride=stride, padding=padding,
+                                   bias=False, groups=dim)),
+                ("bn", nn.BatchNorm2d(dim)),
+            ]))
+        if method == "avg":
+            return nn.Sequential(OrderedDict([
+                ("avg", nn.AvgPool2d(kernel_size, stride=stride, padding=padding, ceil_mode=True)),
+            ]))
+        return None
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        if self.backend == "official":
+            q, k, v = self._project_official(x, height, width)
+            return self._attend_official(q, k, v)
+        q, k, v = self._project_fused(x, height, width)
+        return self._attend_fused(q, k, v)
+
+    # -- the official path ---------------------------------------------------------
+    def _project_official(self, x, height, width):
+        cls_token = None
+        if self.with_cls_token:
+            cls_token, x = torch.split(x, [1, height * width], dim=1)
+        grid = _tokens_to_grid(x, height, width)
+        outs = []
+        for proj in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v):
+            t = _grid_to_tokens(proj(grid)) if proj is not None else x
+            outs.append(torch.cat((cls_token, t), dim=1) if cls_token is not None else t)
+        return outs
+
+    def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.shape[0], t.shape[1], self.num_heads, -1).transpose(1, 2)
+
+    def _attend_official(self, q, k, v):
+        q = self._split_heads(self.proj_q(q))
+        k = self._split_heads(self.proj_k(k))
+        v = self._split_heads(self.proj_v(v))
+        score = torch.einsum("bhlk,bhtk->bhlt", q, k) * self.scale
+        attn = self.attn_drop(F.softmax(score, dim=-1))
+        out = torch.einsum("bhlt,bhtv->bhlv", attn, v)
+        out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+        return self.proj_drop(self.proj(out))
+
+    # -- the fused path ------------------------------------------------------------
+    def _project_fused(self, x, height, width):
+        if self.method != "dw_bn":
+            return self._project_official(x, height, width)
+        from cvt_fast import ops
+
+        convs = (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v)
+        has_cls = self.with_cls_token
+        if self.training:
+            # Batch statistics must be computed from the convolution outputs, so the
+            # BatchNorm runs after the op, on the grid rows only (cls rows are never
+            # normalised).
+            outs = ops.conv_proj(x, *(c.conv.weight.to(x.dtype) for c in convs), height, width,
+                                 has_cls, self.stride_q, self.stride_kv, self.padding_q,
+                                 self.padding_kv, backend=self.backend)
+            return [_batch_norm_tokens(c.bn, t, has_cls) for c, t in zip(convs, outs)]
+        # Eval: BatchNorm is an affine map per channel; fold it into the convolution.
+        folded = [_fold_batch_norm(c.conv.weight, c.bn) for c in convs]
+        weights = [w.to(x.dtype) for w, _ in folded]
+        biases = [b.to(x.dtype) for _, b in folded]
+        return ops.conv_proj(x, *weights, height, width, has_cls, self.stride_q, self.stride_kv,
+                             self.padding_q, self.padding_kv, *biases, backend=self.backend)
+
+    def _attend_fused(self, q, k, v):
+        if self.attn_drop.p > 0 and self.training:
+            # Dropout on the attention matrix needs the matrix: no fused kernel does that.
+            return self._attend_official(q, k, v)
+        from cvt_fast import ops
+
+        batch = q.shape[0]
+        q = self.proj_q(q).view(batch, q.shape[1], self.num_heads, -1)
+        k = self.proj_k(k).view(batch, k.shape[1], self.num_heads, -1)
+        v = self.proj_v(v).view(batch, v.shape[1], self.num_heads, -1)
+        out = ops.attention(q, k, v, self.scale, backend=self.backend)
+        return self.proj_drop(self.proj(out))
+
+
+def _fold_batch_norm(weight: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise conv weight and bias equal to conv followed by `bn` in eval mode."""
+    scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
+    folded_weight = weight.float() * scale.view(-1, 1, 1, 1)
+    folded_bias = bn.bias.float() - bn.running_mean.float() * scale
+    return folded_weight, folded_bias
+
+
+def _batch_norm_tokens(bn: nn.BatchNorm2d, tokens: torch.Tensor, has_cls: bool) -> torch.Tensor:
+    """nn.BatchNorm2d semantics (statistics, running-stat update, counter) on token rows."""
+    momentum = bn.momentum
+    if bn.training and bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        if momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    use_batch_stats = bn.training or bn.running_mean is None
+    grid = tokens[:, int(has_cls):]
+    channels = grid.shape[-1]
+    # (B * N, C) with channels in dim 1 is exactly what BatchNorm2d reduces over.
+    normed = F.batch_norm(grid.reshape(-1, channels), bn.running_mean, bn.running_var,
+                          bn.weight, bn.bias, use_batch_stats, momentum or 0.0, bn.eps)
+    normed = normed.view_as(grid)
+    return torch.cat((tokens[:, :1], normed), dim=1) if has_cls else normed
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop: float,
+                 attn_drop: float, drop_path: float, act: str, **attn_kwargs: Any):
+        super().__init__()
+        self.norm1 = LayerNorm(dim)
+        self.attn = Attention(dim, dim, num_heads, attn_drop=attn_drop, proj_drop=drop, **attn_kwargs)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act, drop)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), height, width))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Stage(nn.Module):
+    """One CvT stage (the official code calls it VisionTransformer)."""
+
+    def __init__(self, in_chans: int, stage: Mapping[str, Any], act: str):
+        super().__init__()
+        dim = stage["DIM_EMBED"]
+        self.patch_embed = ConvEmbed(stage["PATCH_SIZE"], in_chans, dim,
+                                     stage["PATCH_STRIDE"], stage["PATCH_PADDING"])
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if stage["CLS_TOKEN"] else None
+        self.pos_drop = nn.Dropout(stage["DROP_RATE"])
+        depth = stage["DEPTH"]
+        # Stochastic depth ramps from 0 within each stage.
+        rates = [r.item() for r in torch.linspace(0, stage["DROP_PATH_RATE"], depth)]
+        self.blocks = nn.ModuleList(
+            Block(dim, stage["NUM_HEADS"], stage["MLP_RATIO"], stage["DROP_RATE"],
+                  stage["ATTN_DROP_RATE"], rates[j], act,
+                  qkv_bias=stage["QKV_BIAS"], method=stage["QKV_PROJ_METHOD"],
+                  kernel_size=stage["KERNEL_QKV"], stride_kv=stage["STRIDE_KV"],
+                  stride_q=stage["STRIDE_Q"], padding_kv=stage["PADDING_KV"],
+                  padding_q=stage["PADDING_Q"], with_cls_token=stage["CLS_TOKEN"])
+            for j in range(depth))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, C_in, H, W) -> ((B, C, H', W') feature map, (B, 1, C) cls token or None)."""
+        x, height, width = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
+        x = self.pos_drop(x)
+        for block in self.blocks:
+            x = block(x, height, width)
+        cls_token = None
+        if self.cls_token is not None:
+            cls_token, x = torch.split(x, [1, height * width], dim=1)
+        return _tokens_to_grid(x, height, width), cls_token
+
+
+class ConvolutionalVisionTransformer(nn.Module):
+    """CvT classifier. Build it with `build_model(spec)` or `create_model(name)`."""
+
+    def __init__(self, spec: Mapping[str, Any], num_classes: int = 1000, act: str = "quick_gelu",
+                 backend: str | None = None, in_chans: int = 3):
+        super().__init__()
+        stages = normalize_spec(spec)
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+        self.spec = {k: v for k, v in dict(spec).items()}
+        self.act = act
+        self.in_chans = in_chans
+        self.num_stages = len(stages)
+        chans = in_chans
+        for i, stage in enumerate(stages):
+            setattr(self, f"stage{i}", Stage(chans, stage, act))
+            chans = stage["DIM_EMBED"]
+        self.num_features = chans
+        self.norm = LayerNorm(chans)
+        self.use_cls_token = stages[-1]["CLS_TOKEN"]
+        self.num_classes = num_classes
+        self.head = nn.Linear(chans, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights(self.spec.get("INIT", "trunc_norm"))
+        self.set_backend(backend)
+
+    def _init_weights(self, init: str) -> None:
+        if init not in ("trunc_norm", "xavier"):
+            raise ValueError(f"MODEL.SPEC.INIT must be 'trunc_norm' or 'xavier', got {init!r}")
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                if init == "trunc_norm":
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                else:
+                    nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for i in range(self.num_stages):
+            stage = getattr(self, f"stage{i}")
+            if stage.cls_token is not None:
+                nn.init.trunc_normal_(stage.cls_token, std=0.02)
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [getattr(self, f"stage{i}") for i in range(self.num_stages)]
+
+    def set_backend(self, backend: str | None) -> "ConvolutionalVisionTransformer":
+        """Choose the implementation of conv projection and attention for this model.
+
+        None defers to `cvt_fast.set_backend` / CVT_FAST_BACKEND / 'auto' at each call.
+        """
+        if backend is not None and backend not in MODEL_BACKENDS:
+            raise ValueError(f"backend must be one of {MODEL_BACKENDS} or None, got {backend!r}")
+        self.backend = backend
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.backend = backend
+        return self
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that the official recipe excludes from weight decay by name."""
+        return {f"stage{i}.cls_token" for i, s in enumerate(self.stages) if s.cls_token is not None}
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised one for `num_classes` classes."""
+        self.num_classes = num_classes
+        device = self.norm.weight.device
+        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"CvT expects a torch.Tensor image batch, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"CvT expects a 4-D image batch (B, {self.in_chans}, H, W), "
+                             f"got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"CvT expects {self.in_chans} input channels, got {x.shape[1]} "
+                             f"(shape {tuple(x.shape)}); images must be (B, C, H, W)")
+        if not x.is_floating_point():
+            raise TypeError(f"CvT expects a floating-point image batch, got {x.dtype}; "
+                            "convert with x.float() and normalise it first")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, num_features) pooled features after the final LayerNorm."""
+        self._check_input(x)
+        cls_token = None
+        for stage in self.stages:
+            if min(x.shape[-2:]) + 2 * stage.patch_embed.proj.padding[0] < stage.patch_embed.proj.kernel_size[0]:
+                raise ValueError(f"input of spatial size {tuple(x.shape[-2:])} is too small for "
+                                 f"the patch embedding {stage.patch_embed.proj}")
+            x, cls_token = stage(x)
+        if self.use_cls_token:
+            return self.norm(cls_token)[:, 0]  # never squeeze(): batch size 1 must stay 2-D
+        return self.norm(_grid_to_tokens(x)).mean(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+def normalize_spec(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Validate a MODEL.SPEC mapping and return one dict of scalars per stage."""
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"spec must be a mapping of MODEL.SPEC keys, got {type(spec).__name__}")
+    unknown = sorted(set(spec) - _KNOWN_SPEC_KEYS)
+    if unknown:
+        import difflib
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, _KNOWN_SPEC_KEYS, n=1))
+                 else k for k in unknown]
+        raise ValueError(f"unknown MODEL.SPEC key(s): {', '.join(hints)}")
+    missing = [k for k in _REQUIRED_SPEC_KEYS if k not in spec]
+    if missing:
+        raise ValueError(f"MODEL.SPEC is missing required key(s): {', '.join(missing)}")
+    num_stages = int(spec["NUM_STAGES"])
+    if num_stages < 1:
+        raise ValueError(f"MODEL.SPEC.NUM_STAGES must be >= 1, got {num_stages}")
+    stages: list[dict[str, Any]] = [{} for _ in range(num_stages)]
+    for key in list(_REQUIRED_SPEC_KEYS[1:]) + list(_OPTIONAL_STAGE_KEYS):
+        values = spec.get(key, [_OPTIONAL_STAGE_KEYS.get(key)] * num_stages)
+        if isinstance(values, (str, int, float, bool)):
+            raise ValueError(f"MODEL.SPEC.{key} must be a list with one entry per stage "
+                             f"({num_stages}), got {values!r}")
+        values = list(values)
+        if len(values) != num_stages:
+            raise ValueError(f"MODEL.SPEC.{key} has {len(values)} entries, expected "
+                             f"NUM_STAGES = {num_stages}: {values}")
+        for stage, value in zip(stages, values):
+            stage[key] = value
+    for i, stage in enumerate(stages):
+        if stage["DIM_EMBED"] % stage["NUM_HEADS"]:
+            raise ValueError(f"stage {i}: DIM_EMBED {stage['DIM_EMBED']} is not divisible by "
+                             f"NUM_HEADS {stage['NUM_HEADS']}")
+        if stage["QKV_PROJ_METHOD"] not in PROJECTION_METHODS:
+            raise ValueError(f"stage {i}: QKV_PROJ_METHOD must be one of {PROJECTION_METHODS}, "
+                             f"got {stage['QKV_PROJ_METHOD']!r}")
+        if stage["POS_EMBED"]:
+            raise ValueError(f"stage {i}: POS_EMBED=True is not supported: the official CvT has no "
+                             "position embedding (its code never reads this key); set it to False")
+        if stage["DEPTH"] < 0 or stage["NUM_HEADS"] < 1:
+            raise ValueError(f"stage {i}: DEPTH must be >= 0 and NUM_HEADS >= 1, got "
+                             f"{stage['DEPTH']} and {stage['NUM_HEADS']}")
+    return stages
+
+
+def build_model(spec: Mapping[str, Any], num_classes: int = 1000, act: str = "quick_gelu",
+                backend: str | None = None, in_chans: int = 3) -> ConvolutionalVisionTransformer:
+    """A CvT from a MODEL.SPEC mapping with the official upper-case keys."""
+    return ConvolutionalVisionTransformer(spec, num_classes, act=act, backend=backend, in_chans=in_chans)
+
+
+def create_model(name: str, num_classes: int = 1000, **kwargs: Any) -> ConvolutionalVisionTransformer:
+    """A CvT of the paper by name: 'cvt-13', 'cvt-21' or 'cvt-w24'."""
+    return build_model(get_spec(name), num_classes, **kwargs)
+
+
+def build_model_from_config(cfg, backend: str | None = None) -> ConvolutionalVisionTransformer:
+    """A CvT from a loaded config (MODEL.SPEC, MODEL.NUM_CLASSES, MODEL.ACT, MODEL.BACKEND)."""
+    model_cfg = cfg.MODEL
+    chosen = backend or model_cfg.get("BACKEND", "auto")
+    return build_model(dict(model_cfg.SPEC), model_cfg.NUM_CLASSES, act=model_cfg.get("ACT", "quick_gelu"),
+                       backend=None if chosen == "auto" else chosen)
