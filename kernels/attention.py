@@ -1,0 +1,614 @@
+"""Flash-style multi-head attention with K/V shorter than Q, as Triton kernels.
+
+What it computes (per batch b, head h, query row i):
+    out[b, i, h*d:(h+1)*d] = softmax_j(scale * q[b,i,h] . k[b,j,h]) @ v[b,:,h]
+    lse[b, h, i]           = log(sum_j exp(scale * q[b,i,h] . k[b,j,h]))   (natural log, fp32)
+q: (B, Nq, H, d), k/v: (B, Nkv, H, d), read in place through their strides (only the last
+dim must be contiguous), so the Linear outputs `proj_q(x).view(B, N, H, d)` need no copy.
+out is written as (B, Nq, H*d), the layout the output Linear `proj` reads.
+
+Tiling
+- Forward: one program owns a BLOCK_M tile of queries of one (b, h) and walks over
+  K/V in BLOCK_N tiles with the online softmax (running max m, running sum l, rescaled
+  accumulator). The q tile, the (BLOCK_M, d) accumulator, m and l stay in registers for
+  the whole loop; each K/V tile is streamed through shared memory (software-pipelined by
+  num_stages on the GPU). Scores are pre-multiplied by scale*log2(e) so the kernel uses
+  exp2, and lse is turned back into natural log at the end.
+- Backward (flash-attention-2 split, no atomics, nothing of size Nq x Nkv in memory):
+  1. delta kernel: delta[b,h,i] = sum_c dO[b,i,h,c] * O[b,i,h,c] (fp32, one pass over O, dO).
+  2. dK/dV kernel: a program owns a BLOCK_N tile of K and V (kept in registers together
+     with its fp32 dK, dV accumulators) and loops over all Q tiles, recomputing
+     P^T = exp2(scale*log2e * K Q^T - lse*log2e) tile by tile:
+        dV += P^T dO,  dS^T = P^T * (V dO^T - delta),  dK += dS^T Q   (then dK *= scale).
+  3. dQ kernel: a program owns a BLOCK_M tile of Q, dO, lse, delta and loops over the
+     K/V tiles: dS = P * (dO V^T - delta), dQ += dS K (then dQ *= scale).
+  For float64 inputs (interpreter only) one more pass recomputes lse in fp64 first,
+  since the lse the forward returns is float32 by contract.
+- All accumulation is fp32 (fp64 for fp64 inputs); on the GPU the tl.dot operands stay
+  in the input dtype (bf16/fp16 tensor cores), under the interpreter they are upcast to
+  fp32 right after tl.load because the interpreter holds bf16 as raw bits.
+
+Floor (per call): forward 4*B*H*Nq*Nkv*d FLOPs (two GEMMs) and reads q, k, v once and
+writes out + lse: (B*H*d*(2*Nq + 2*Nkv) * itemsize + 4*B*H*Nq) bytes when one program
+column's K/V stay in L2. Backward recomputes S and does four more GEMMs: about 2.5x the
+forward FLOPs (10*B*H*Nq*Nkv*d with the recomputation), and reads q, k, v, out, dO,
+lse once each (plus one re-read of K/V per Q tile and of Q/dO per K/V tile from L2),
+writing dq, dk, dv.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton decides at decoration time whether kernels are interpreted, so remember the
+# setting that was in force when this module (and its @triton.jit) was imported.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+# Under the interpreter every program is executed in Python/numpy; cost grows with the
+# number of programs and loop trips, not with the tile size, so use one mid-size config
+# that still gives several tiles at the small odd test shapes (Nq=37, Nkv=50: 2 x 4 tiles).
+_INTERPRETER_BLOCK_M = 32
+_INTERPRETER_BLOCK_N = 16
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _scaled(x, hi, lo, SPLIT_SCALE: tl.constexpr):
+    # Scalar kernel arguments are fp32; for fp64 inputs the scale is passed as an
+    # fp32 pair hi + lo (about 48 significant bits) so fp64 results stay fp64-accurate.
+    if SPLIT_SCALE:
+        return x * hi + x * lo
+    else:
+        return x * hi
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, Lse,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on,
+    H, Nq, Nkv,
+    qk_scale_hi, qk_scale_lo,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SPLIT_SCALE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_m = offs_m < Nq
+
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mask_m[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    # K is read transposed, (d, BLOCK_N), straight from memory: no in-register transpose.
+    kT_base = K + off_b * stride_kb + off_h * stride_kh + offs_d[:, None]
+    v_base = V + off_b * stride_vb + off_h * stride_vh + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC_DTYPE)
+
+    for start_n in range(0, Nkv, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < Nkv
+        kT = tl.load(kT_base + cols[None, :] * stride_kn, mask=mask_n[None, :], other=0.0)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION).to(ACC_DTYPE)
+        s = _scaled(s, qk_scale_hi, qk_scale_lo, SPLIT_SCALE)
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        # Nkv >= 1, so the first tile has a finite column and m_new is finite from then on.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vn, mask=mask_n[:, None], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    out_ptrs = Out + off_b * stride_ob + offs_m[:, None] * stride_on + off_h * HEAD_DIM + offs_d[None, :]
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None])
+    # m_i is in log2 units of the scaled scores; lse in natural log.
+    lse = (m_i + tl.log2(l_i)) * LN2
+    tl.store(Lse + pid_bh.to(tl.int64) * Nq + offs_m, lse.to(tl.float32), mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, Delta,
+    stride_ob, stride_on,
+    stride_dob, stride_don,
+    H, Nq,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = (offs_m < Nq)[:, None]
+    col = off_h * HEAD_DIM + offs_d[None, :]
+    o = tl.load(O + off_b * stride_ob + offs_m[:, None] * stride_on + col, mask=mask, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + offs_m[:, None] * stride_don + col, mask=mask, other=0.0)
+    delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * Nq + offs_m, delta, mask=offs_m < Nq)
+
+
+@triton.jit
+def _attn_bwd_lse2_kernel(
+    Q, K, Lse2,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    H, Nq, Nkv,
+    qk_scale_hi, qk_scale_lo,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SPLIT_SCALE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Only for float64 inputs: the lse the forward returns is float32 by contract, which
+    # would cap the gradients at fp32 accuracy, so the row statistics are recomputed here
+    # (one extra pass over K, the forward's loop without V) in log2 units of the scaled
+    # scores, the unit the gradient kernels use.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_m = offs_m < Nq
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=mask_m[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    kT_base = K + off_b * stride_kb + off_h * stride_kh + offs_d[:, None]
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    for start_n in range(0, Nkv, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < Nkv
+        kT = tl.load(kT_base + cols[None, :] * stride_kn, mask=mask_n[None, :], other=0.0)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION).to(ACC_DTYPE)
+        s = _scaled(s, qk_scale_hi, qk_scale_lo, SPLIT_SCALE)
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+    tl.store(Lse2 + pid_bh.to(tl.int64) * Nq + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don,
+    stride_lb, stride_lh, stride_ln,
+    stride_dkb, stride_dkn, stride_dkh,
+    H, Nq, Nkv,
+    qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SPLIT_SCALE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    LSE_LOG2: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_n = offs_n < Nkv
+
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=mask_n[:, None], other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=mask_n[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC_DTYPE)
+
+    qT_base = Q + off_b * stride_qb + off_h * stride_qh + offs_d[:, None]
+    do_base = DO + off_b * stride_dob + off_h * HEAD_DIM + offs_d[None, :]
+    lse_base = Lse + off_b * stride_lb + off_h * stride_lh
+    delta_base = Delta + pid_bh.to(tl.int64) * Nq
+
+    for start_m in range(0, Nq, BLOCK_M):
+        rows = start_m + offs_m
+        mask_m = rows < Nq
+        qT = tl.load(qT_base + rows[None, :] * stride_qn, mask=mask_m[None, :], other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_don, mask=mask_m[:, None], other=0.0)
+        if UPCAST:
+            qT = qT.to(tl.float32)
+            do = do.to(tl.float32)
+        lse2 = tl.load(lse_base + rows * stride_ln, mask=mask_m, other=0.0).to(ACC_DTYPE)
+        if not LSE_LOG2:
+            lse2 = lse2 * LOG2E
+        delta = tl.load(delta_base + rows, mask=mask_m, other=0.0)
+
+        sT = tl.dot(k, qT, input_precision=DOT_PRECISION).to(ACC_DTYPE)
+        sT = _scaled(sT, qk_scale_hi, qk_scale_lo, SPLIT_SCALE)
+        # Padded query columns must not contribute; padded K rows are never stored.
+        pT = tl.where(mask_m[None, :], tl.exp2(sT - lse2[None, :]), 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION).to(ACC_DTYPE)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+
+    dk = _scaled(dk, scale_hi, scale_lo, SPLIT_SCALE)
+    out_off = off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=mask_n[:, None])
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don,
+    stride_lb, stride_lh, stride_ln,
+    stride_dqb, stride_dqn, stride_dqh,
+    H, Nq, Nkv,
+    qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SPLIT_SCALE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    LSE_LOG2: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_m = offs_m < Nq
+
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=mask_m[:, None], other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * HEAD_DIM + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=mask_m[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2 = tl.load(Lse + off_b * stride_lb + off_h * stride_lh + offs_m * stride_ln,
+                   mask=mask_m, other=0.0).to(ACC_DTYPE)
+    if not LSE_LOG2:
+        lse2 = lse2 * LOG2E
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * Nq + offs_m, mask=mask_m, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC_DTYPE)
+    kT_base = K + off_b * stride_kb + off_h * stride_kh + offs_d[:, None]
+    vT_base = V + off_b * stride_vb + off_h * stride_vh + offs_d[:, None]
+
+    for start_n in range(0, Nkv, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < Nkv
+        kT = tl.load(kT_base + cols[None, :] * stride_kn, mask=mask_n[None, :], other=0.0)
+        vT = tl.load(vT_base + cols[None, :] * stride_vn, mask=mask_n[None, :], other=0.0)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+            vT = vT.to(tl.float32)
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION).to(ACC_DTYPE)
+        s = _scaled(s, qk_scale_hi, qk_scale_lo, SPLIT_SCALE)
+        p = tl.where(mask_n[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, vT, input_precision=DOT_PRECISION).to(ACC_DTYPE)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+
+    dq = _scaled(dq, scale_hi, scale_lo, SPLIT_SCALE)
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=mask_m[:, None])
+
+
+# --------------------------------------------------------------------------------------
+# GPU launch configurations
+# --------------------------------------------------------------------------------------
+# Small autotune lists (each config is compiled once per shape/dtype key, so keep them
+# short). Forward: BLOCK_M=128 x BLOCK_N=64, 4 warps, 3 stages is the usual Hopper/Ampere
+# sweet spot for d=64 (q tile and accumulator fit in registers, three K/V tiles in
+# shared memory); BLOCK_M=64 doubles the number of programs, which matters for CvT
+# stages 1-2 where B*H is small (8 programs' worth of (b, h) at B=8, H=1); for d=128 the
+# accumulator is twice as big, so 8 warps (or BLOCK_M=64) keep it out of local memory.
+# Configs that exceed shared memory are dropped by the autotuner (OutOfResources).
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+]
+# dK/dV: a program keeps K, V, dK, dV (4 x BLOCK_N x d) in registers and streams Q/dO;
+# dQ: keeps Q, dO, dQ (3 x BLOCK_M x d) and streams K/V. Hence the owned tile is the big
+# one (64-128) and the streamed one small (32-64), as in flash-attention 2.
+_DKDV_CONFIGS = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+]
+_DQ_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+]
+# The delta pass is pure bandwidth: one row tile per program, no reuse.
+_DELTA_BLOCK_M = 64
+_DELTA_NUM_WARPS = 4
+
+_AUTOTUNE_KEY = ["Nq", "Nkv", "HEAD_DIM"]
+if _INTERPRET:
+    # Multi-config autotuning needs a GPU driver; the interpreter uses the fixed blocks above.
+    _fwd_tuned = _dkdv_tuned = _dq_tuned = None
+else:
+    _fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY)(_attn_fwd_kernel)
+    _dkdv_tuned = triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY)(_attn_bwd_dkdv_kernel)
+    _dq_tuned = triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY)(_attn_bwd_dq_kernel)
+
+
+# --------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------
+def _check_device(t: torch.Tensor, name: str) -> None:
+    if t.device.type == "cpu":
+        if not _INTERPRET:
+            raise ValueError(
+                f"{name} is a CPU tensor but Triton kernels need a GPU: set TRITON_INTERPRET=1 before "
+                f"importing triton (and cvt_fast.kernels.attention) to run them on the CPU, or use a CUDA tensor"
+            )
+    elif t.device.type != "cuda":
+        raise ValueError(f"{name} is on device {t.device}; the Triton attention kernels take CUDA tensors "
+                         f"(or CPU tensors under TRITON_INTERPRET=1)")
+
+
+def _check_last_dim_contiguous(t: torch.Tensor, name: str) -> None:
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {tuple(t.stride())}")
+
+
+def _validate_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, N, H, d), got shape {tuple(t.shape)}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}; supported: bfloat16, float16, float32, float64")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k, v must share one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; q, k, v must share one device")
+    B, _, H, d = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[2] != H or v.shape[2] != H:
+        raise ValueError(f"head counts differ: q {H}, k {k.shape[2]}, v {v.shape[2]}")
+    if k.shape[3] != d or v.shape[3] != d:
+        raise ValueError(f"head dims differ: q {d}, k {k.shape[3]}, v {v.shape[3]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k has {k.shape[1]} tokens but v has {v.shape[1]}; they must match")
+    if k.shape[1] < 1:
+        raise ValueError("k and v have no tokens (Nkv=0); the softmax needs at least one key")
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim d={d} is not supported by the Triton attention kernels; "
+                         f"supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))} "
+                         f"(the reference backend takes any d)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_last_dim_contiguous(t, name)
+    _check_device(q, "q")
+    if q.device.type == "cuda" and q.dtype == torch.float64 and not _INTERPRET:
+        raise TypeError("float64 is not supported by the Triton attention kernels on the GPU (tl.dot has no "
+                        "fp64 path there); use bfloat16/float16/float32, or the reference backend for float64")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite Python float, got {scale!r}")
+
+
+def _split_fp32(x: float) -> Tuple[float, float]:
+    """x as hi + lo with both exactly representable in fp32 (Triton passes Python floats as fp32)."""
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
+
+
+def _dtype_flags(dtype: torch.dtype) -> dict:
+    is_fp64 = dtype == torch.float64
+    return dict(
+        # The interpreter cannot do arithmetic on bf16 (held as raw bits): upcast at load.
+        UPCAST=_INTERPRET and dtype in (torch.bfloat16, torch.float16),
+        SPLIT_SCALE=is_fp64,
+        ACC_DTYPE=tl.float64 if is_fp64 else tl.float32,
+        # fp32 inputs are the accuracy path: real fp32 products, not TF32.
+        DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
+    )
+
+
+def _device_guard(t: torch.Tensor):
+    # Triton launches on the current CUDA device's stream; make it the tensors' device.
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention forward.
+
+    q: (B, Nq, H, d), k, v: (B, Nkv, H, d), any strides with a contiguous last dim; one dtype
+    (bf16, fp16, fp32; fp64 only under the interpreter); d in 16/32/64/128.
+    Returns out (B, Nq, H*d) contiguous in q's dtype, and lse (B, H, Nq) float32, the
+    natural-log log-sum-exp of each row of scale * q k^T.
+    """
+    _validate_qkv(q, k, v, scale)
+    B, Nq, H, d = q.shape
+    Nkv = k.shape[1]
+    out = torch.empty((B, Nq, H * d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    if B * H * Nq == 0:
+        return out, lse
+    qk_hi, qk_lo = _split_fp32(scale * math.log2(math.e))
+    args = (
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1),
+        H, Nq, Nkv,
+        qk_hi, qk_lo,
+    )
+    flags = _dtype_flags(q.dtype)
+    with _device_guard(q):
+        if _INTERPRET:
+            grid = (triton.cdiv(Nq, _INTERPRETER_BLOCK_M), B * H)
+            _attn_fwd_kernel[grid](*args, HEAD_DIM=d, BLOCK_M=_INTERPRETER_BLOCK_M,
+                                   BLOCK_N=_INTERPRETER_BLOCK_N, **flags)
+        else:
+            grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)  # noqa: E731
+            _fwd_tuned[grid](*args, HEAD_DIM=d, **flags)
+    return out, lse
+
+
+def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, scale: float
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused attention backward (flash-attention-2 style, scores recomputed tile by tile).
+
+    grad_out, out: (B, Nq, H*d), any strides with a contiguous last dim, dtype of q;
+    q, k, v, scale as given to attention_forward; lse (B, H, Nq) float32 from it.
+    Returns (dq, dk, dv), contiguous, shaped and typed like q, k, v.
+    """
+    _validate_qkv(q, k, v, scale)
+    B, Nq, H, d = q.shape
+    Nkv = k.shape[1]
+    if isinstance(grad_out, torch.Tensor) and grad_out.stride(-1) != 1:
+        # Autograd hands over expanded gradients (e.g. from out.sum(), all strides 0);
+        # only then is a copy made.
+        grad_out = grad_out.contiguous()
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (B, Nq, H * d):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(B, Nq, H * d)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, expected q's dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        _check_last_dim_contiguous(t, name)
+    if not isinstance(lse, torch.Tensor):
+        raise TypeError(f"lse must be a torch.Tensor, got {type(lse).__name__}")
+    if tuple(lse.shape) != (B, H, Nq):
+        raise ValueError(f"lse has shape {tuple(lse.shape)}, expected {(B, H, Nq)}")
+    if lse.dtype != torch.float32:
+        raise TypeError(f"lse has dtype {lse.dtype}, expected torch.float32")
+    if lse.device != q.device:
+        raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
+
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if B * H * Nq == 0:
+        return dq, dk.zero_(), dv.zero_()
+
+    flags = _dtype_flags(q.dtype)
+    is_fp64 = q.dtype == torch.float64
+    qk_hi, qk_lo = _split_fp32(scale * math.log2(math.e))
+    s_hi, s_lo = _split_fp32(scale)
+    delta = torch.empty((B, H, Nq), dtype=torch.float64 if is_fp64 else torch.float32, device=q.device)
+    bm, bn = _INTERPRETER_BLOCK_M, _INTERPRETER_BLOCK_N  # the fixed blocks of the interpreter
+    with _device_guard(q):
+        delta_block = bm if _INTERPRET else _DELTA_BLOCK_M
+        _attn_bwd_delta_kernel[(triton.cdiv(Nq, delta_block), B * H)](
+            out, grad_out, delta,
+            out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
+            H, Nq,
+            HEAD_DIM=d, BLOCK_M=delta_block, ACC_DTYPE=flags["ACC_DTYPE"],
+            **({} if _INTERPRET else {"num_warps": _DELTA_NUM_WARPS}),
+        )
+        if is_fp64:
+            # fp64 runs only under the interpreter (rejected on the GPU by _validate_qkv).
+            lse_rows = torch.empty((B, H, Nq), dtype=torch.float64, device=q.device)
+            _attn_bwd_lse2_kernel[(triton.cdiv(Nq, bm), B * H)](
+                q, k, lse_rows,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                H, Nq, Nkv, qk_hi, qk_lo,
+                HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, **flags)
+        else:
+            lse_rows = lse
+        common = (
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            grad_out.stride(0), grad_out.stride(1),
+            lse_rows.stride(0), lse_rows.stride(1), lse_rows.stride(2),
+        )
+        scalars = (H, Nq, Nkv, qk_hi, qk_lo, s_hi, s_lo)
+        dkdv_args = (q, k, v, grad_out, lse_rows, delta, dk, dv, *common,
+                     dk.stride(0), dk.stride(1), dk.stride(2), *scalars)
+        dq_args = (q, k, v, grad_out, lse_rows, delta, dq, *common,
+                   dq.stride(0), dq.stride(1), dq.stride(2), *scalars)
+        if _INTERPRET:
+            # dK/dV owns the K/V tile: give it the larger block along Nkv.
+            _attn_bwd_dkdv_kernel[(triton.cdiv(Nkv, bm), B * H)](
+                *dkdv_args, HEAD_DIM=d, BLOCK_M=bn, BLOCK_N=bm, LSE_LOG2=is_fp64, **flags)
+            _attn_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
+                *dq_args, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, LSE_LOG2=is_fp64, **flags)
+        else:
+            _dkdv_tuned[lambda meta: (triton.cdiv(Nkv, meta["BLOCK_N"]), B * H)](
+                *dkdv_args, HEAD_DIM=d, LSE_LOG2=False, **flags)
+            _dq_tuned[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)](
+                *dq_args, HEAD_DIM=d, LSE_LOG2=False, **flags)
+    return dq, dk, dv
