@@ -1,0 +1,1 @@
+"""cvt_fast benchmarks (run as scripts: python bench/attn.py ...)."""

@@ -1,0 +1,360 @@
+#!/usr/bin/env python
+"""Attention benchmark: every implementation at the attention shapes of CvT-13/21/W24.
+
+Shapes come from cvt_fast.specs.MODEL_SPECS and the image size (stage grids, K/V at
+STRIDE_KV, a cls row in the last stage, scale = dim ** -0.5 as the official model);
+batch from the official configs (256 at 224, 128 at 384) unless --batch. Inputs are
+q, k, v of shape (B, N, heads, head_dim), the layout a Linear output viewed per head
+has; outputs are (B, Nq, heads * head_dim), the layout the output projection reads.
+Every implementation is timed from that input to that output, so transposes a peer
+needs (SDPA works on (B, heads, N, head_dim)) are inside its time.
+
+    python bench/attn.py                      # all models, all implementations, GPU
+    python bench/attn.py --only 'cvt_fast-*,sdpa-flash' --models cvt-13@224
+    python bench/attn.py --quick --device cpu # smoke run
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common  # noqa: E402
+
+IMPLEMENTATIONS = ("cvt_fast-triton", "cvt_fast-cuda", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
+                   "sdpa-math", "xformers", "official")
+MODES = ("fwd", "fwd+bwd")
+
+CONVENTIONS = {
+    "flops": "fwd = 4*B*H*Nq*Nkv*d (QK^T and PV, 2 FLOPs per multiply-add); fwd+bwd = 3.5 x fwd "
+             "(backward = 2.5 x fwd: recomputed QK^T, dV, dP, dQ, dK, as flash attention counts); "
+             "the same count for every implementation, whatever it really executes",
+    "bytes": "minimum device-memory traffic: fwd reads q, k, v and writes out once; fwd+bwd adds "
+             "reading q, k, v, out, dout and writing dq, dk, dv once (log-sum-exp and softmax "
+             "statistics not counted)",
+    "time": "median over repetitions, CUDA events around each call after warm-up, inputs rotated "
+            "over several sets (>= 3x L2); perf_counter on the CPU",
+    "speedup_vs_best_peer": "fastest peer time / this time, same shape and mode; peers are all "
+                            "implementations that are not cvt_fast-*",
+    "peak_mem_mib": "memory allocated by one call beyond its inputs (its outputs included)",
+    "rel_err": "||out - ref|| / ||ref|| on the first two batch elements, ref = float32 einsum-softmax; "
+               "fwd+bwd: the largest of the errors of dq, dk, dv",
+    "official": "the official code's einsum-softmax-einsum under autocast to the run dtype, as "
+                "its AMP training runs it (softmax in float32, scores materialised)",
+}
+
+
+@dataclass
+class AttentionImpl:
+    name: str
+    fn: Optional[Callable[..., Any]]
+    reason: Optional[str]
+    peer: bool
+    description: str
+    context: Callable[[], ContextManager] = field(default=contextlib.nullcontext)
+
+
+def official_attention(q, k, v, scale: float):
+    """The official Attention.forward after the projections: heads split by rearrange
+    (a permuted view), einsum scores, softmax, einsum, heads merged by rearrange (a copy)."""
+    import torch
+    batch, nq, heads, head_dim = q.shape
+    qh, kh, vh = (t.permute(0, 2, 1, 3) for t in (q, k, v))  # 'b t (h d) -> b h t d'
+    scores = torch.einsum("bhlk,bhtk->bhlt", qh, kh) * scale
+    attn = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhlt,bhtv->bhlv", attn, vh)
+    return out.permute(0, 2, 1, 3).reshape(batch, nq, heads * head_dim)  # 'b h t d -> b t (h d)'
+
+
+def reference_attention(q, k, v, scale: float):
+    """float32 ground truth for the error column."""
+    import torch
+    batch, nq, heads, head_dim = q.shape
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.float())
+    return out.reshape(batch, nq, heads * head_dim)
+
+
+def build_implementations(device, dtype) -> list[AttentionImpl]:
+    import torch
+    impls: list[AttentionImpl] = []
+
+    # cvt_fast through its public op, exactly as the model calls it.
+    try:
+        from cvt_fast import ops
+        from cvt_fast.ops.backend import available_backends
+        available = available_backends("attention", device)
+        load_error = None
+    except Exception as error:  # noqa: BLE001 - report why, keep the peers
+        ops, available, load_error = None, {}, f"cvt_fast.ops not importable: {common.describe_error(error)}"
+    for backend in ("triton", "cuda"):
+        reason = load_error or (available[backend] if backend in available
+                                else f"not listed by available_backends('attention'): {sorted(available)}")
+
+        def run(q, k, v, scale, _backend=backend):
+            return ops.attention(q, k, v, scale, backend=_backend)
+        impls.append(AttentionImpl(f"cvt_fast-{backend}", run if reason is None else None, reason, False,
+                                   f"cvt_fast.ops.attention(backend='{backend}'), reads (B,N,H,d) in place"))
+
+    # PyTorch SDPA, one kernel family at a time.
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        sdpa_error = None
+    except ImportError as error:
+        SDPBackend = sdpa_kernel = None
+        sdpa_error = f"torch.nn.attention.sdpa_kernel missing in torch {torch.__version__}: {error}"
+    for short, member in (("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"),
+                          ("cudnn", "CUDNN_ATTENTION"), ("math", "MATH")):
+        reason = sdpa_error
+        if reason is None and not hasattr(SDPBackend, member):
+            reason = f"SDPBackend.{member} missing in torch {torch.__version__}"
+        if reason is None and device.type != "cuda" and short in ("efficient", "cudnn"):
+            reason = f"SDPA's {short} kernel is CUDA-only"
+        backend_enum = getattr(SDPBackend, member, None) if reason is None else None
+
+        def run(q, k, v, scale):
+            batch, nq, heads, head_dim = q.shape
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+            return out.transpose(1, 2).reshape(batch, nq, heads * head_dim)
+        impls.append(AttentionImpl(
+            f"sdpa-{short}", run if reason is None else None, reason, True,
+            f"F.scaled_dot_product_attention under sdpa_kernel(SDPBackend.{member}), with the transposes "
+            f"to (B,H,N,d) and back", context=(lambda b=backend_enum: sdpa_kernel(b)) if reason is None
+            else contextlib.nullcontext))
+
+    # xformers (not installed on every machine; no CPU kernels).
+    reason = None
+    xops = None
+    if device.type != "cuda":
+        reason = "xformers has no CPU implementation"
+    else:
+        try:
+            import xformers.ops as xops
+        except Exception as error:  # noqa: BLE001 - ImportError, or a CUDA runtime mismatch
+            reason = f"xformers not usable: {common.describe_error(error)}"
+
+    def run_xformers(q, k, v, scale):
+        batch, nq, heads, head_dim = q.shape
+        return xops.memory_efficient_attention(q, k, v, scale=scale).reshape(batch, nq, heads * head_dim)
+    impls.append(AttentionImpl("xformers", run_xformers if reason is None else None, reason, True,
+                               "xformers.ops.memory_efficient_attention on (B,N,H,d)"))
+
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 \
+        else contextlib.nullcontext
+    impls.append(AttentionImpl("official", official_attention, None, True,
+                               "official einsum-softmax-einsum with rearranges, under autocast",
+                               context=autocast))
+    return impls
+
+
+def attention_shapes(pairs, batch_override: Optional[int], quick: bool) -> list[dict]:
+    """Distinct attention shapes of the (model, image size) pairs; CvT-13 and CvT-21 share
+    theirs (same widths and heads, different depths), so they are measured once."""
+    specs = common.model_specs()
+    shapes: dict[tuple, dict] = {}
+    for name, image_size in pairs:
+        if name not in specs:
+            raise ValueError(f"unknown model {name!r}; expected one of {sorted(specs)}")
+        batch = batch_override or (2 if quick else common.config_batch(image_size))
+        for st in common.stage_geometry(specs[name], image_size):
+            key = (batch, st["nq"], st["nkv"], st["heads"], st["head_dim"], image_size, st["stage"])
+            entry = shapes.setdefault(key, {
+                "models": [], "image_size": image_size, "stage": st["stage"], "batch": batch,
+                "nq": st["nq"], "nkv": st["nkv"], "heads": st["heads"], "head_dim": st["head_dim"],
+                "scale": st["dim"] ** -0.5})
+            entry["models"].append(name)
+    for entry in shapes.values():
+        short = "/".join(m.replace("cvt-", "") for m in entry["models"])
+        entry["label"] = f"cvt-{short}@{entry['image_size']} s{entry['stage']}"
+    return list(shapes.values())
+
+
+def make_inputs(shape: dict, mode: str, device, dtype, count: int, seed: int) -> list[tuple]:
+    import torch
+    gen = torch.Generator(device=device).manual_seed(seed)
+    b, nq, nkv, h, d = shape["batch"], shape["nq"], shape["nkv"], shape["heads"], shape["head_dim"]
+    grad = mode == "fwd+bwd"
+    sets = []
+    for _ in range(count):
+        q = torch.randn(b, nq, h, d, device=device, dtype=dtype, generator=gen).requires_grad_(grad)
+        k = torch.randn(b, nkv, h, d, device=device, dtype=dtype, generator=gen).requires_grad_(grad)
+        v = torch.randn(b, nkv, h, d, device=device, dtype=dtype, generator=gen).requires_grad_(grad)
+        dout = torch.randn(b, nq, h * d, device=device, dtype=dtype, generator=gen) if grad else None
+        sets.append((q, k, v, dout))
+    return sets
+
+
+def flops_and_bytes(shape: dict, mode: str, element_size: int) -> tuple[float, float]:
+    b, nq, nkv, h, d = shape["batch"], shape["nq"], shape["nkv"], shape["heads"], shape["head_dim"]
+    fwd_flops = 4.0 * b * h * nq * nkv * d
+    fwd_bytes = element_size * b * h * d * (2 * nq + 2 * nkv)
+    if mode == "fwd":
+        return fwd_flops, fwd_bytes
+    return 3.5 * fwd_flops, fwd_bytes + element_size * b * h * d * 4 * (nq + nkv)
+
+
+def measure(impl: AttentionImpl, shape: dict, mode: str, sets: list[tuple], device, dtype,
+            timing_config: common.TimingConfig) -> dict:
+    import torch
+    scale = shape["scale"]
+    grad = mode == "fwd+bwd"
+
+    def call(i: int):
+        q, k, v, dout = sets[i % len(sets)]
+        out = impl.fn(q, k, v, scale)
+        if grad:
+            return torch.autograd.grad(out, (q, k, v), dout)
+        return out
+
+    grad_mode = contextlib.nullcontext() if grad else torch.no_grad()
+    with impl.context(), grad_mode:
+        timing = common.time_calls(call, device, timing_config, rotation=len(sets))
+        peak = common.measure_peak_memory(lambda: call(0), device)
+        rel_err = check_against_reference(impl, sets[0], scale, grad)
+    flops, n_bytes = flops_and_bytes(shape, mode, torch.empty((), dtype=dtype).element_size())
+    seconds = timing.median_ms * 1e-3
+    return {"status": "ok", **timing.as_dict(), "tflops": flops / seconds / 1e12,
+            "gbps": n_bytes / seconds / 1e9, "peak_mem_mib": peak, "rel_err": rel_err,
+            "flops": flops, "bytes": n_bytes}
+
+
+def check_against_reference(impl: AttentionImpl, inputs: tuple, scale: float, grad: bool) -> float:
+    """Relative error on the first two batch elements (cheap at any batch size)."""
+    import torch
+    q, k, v, dout = inputs
+    n = min(2, q.shape[0])
+    with torch.enable_grad() if grad else torch.no_grad():
+        mine = [t[:n].detach().clone().requires_grad_(grad) for t in (q, k, v)]
+        ours = [t[:n].detach().float().requires_grad_(grad) for t in (q, k, v)]
+        out = impl.fn(*mine, scale)
+        with torch.autocast(q.device.type, enabled=False):  # the official impl runs under autocast
+            ref = reference_attention(*ours, scale)
+        if not grad:
+            return _rel(out, ref)
+        got = torch.autograd.grad(out, mine, dout[:n])
+        want = torch.autograd.grad(ref, ours, dout[:n].float())
+        return max(_rel(g, w) for g, w in zip(got, want))
+
+
+def _rel(actual, expected) -> float:
+    a, e = actual.detach().double(), expected.detach().double()
+    return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+
+
+def tables(rows: list[dict], impl_names: list[str]) -> str:
+    detail = common.markdown_table(
+        ["shape", "B", "Nq", "Nkv", "H", "d", "mode", "implementation", "ms", "TFLOP/s", "GB/s",
+         "vs best peer", "peak MiB", "rel err", "note"],
+        [[r["label"], r["batch"], r["nq"], r["nkv"], r["heads"], r["head_dim"], r["mode"], r["impl"],
+          r.get("time_ms"), r.get("tflops"), r.get("gbps"), r.get("speedup_vs_best_peer"),
+          r.get("peak_mem_mib"), r.get("rel_err"), common.status_note(r)] for r in rows])
+    # Compact view: median ms per implementation (x = speedup vs best peer for cvt_fast).
+    cells: dict[tuple, dict[str, str]] = {}
+    for r in rows:
+        key = (r["label"], r["mode"])
+        if r.get("status") == "ok":
+            text = common.fmt(r["time_ms"])
+            if r["impl"].startswith("cvt_fast") and r.get("speedup_vs_best_peer"):
+                text += f" ({common.fmt(r['speedup_vs_best_peer'])}x)"
+        else:
+            text = r.get("status", "?")
+        cells.setdefault(key, {})[r["impl"]] = text
+    pivot = common.markdown_table(["shape", "mode"] + impl_names,
+                                  [[label, mode] + [c.get(n, "") for n in impl_names]
+                                   for (label, mode), c in cells.items()])
+    return ("## Every measurement\n\n" + detail + "\n\n## Median ms per implementation "
+            "(cvt_fast: speedup vs best peer)\n\n" + pivot)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--models", default=None,
+                        help="comma-separated NAME@IMAGE_SIZE (default: cvt-13/21 at 224 and 384, cvt-w24 at 384)")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of fwd,fwd+bwd")
+    args = parser.parse_args(argv)
+
+    device = common.resolve_device(args.device)
+    common.prepare_triton_for(device.type)
+    import torch
+
+    dtype = common.parse_dtype(args.dtype)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"--modes entries must be in {MODES}, got {mode!r}")
+    common.check_only_patterns(args.only, IMPLEMENTATIONS)
+    wanted = common.selector(args.only)
+    default_pairs = [("cvt-13", 32)] if args.quick else common.DEFAULT_MODEL_SIZES
+    pairs = common.parse_model_sizes(args.models, default_pairs)
+    shapes = attention_shapes(pairs, args.batch, args.quick)
+    timing_config = common.TimingConfig.from_args(args)
+    deadline = common.Deadline(args.time_budget)
+
+    run = common.BenchRun("attn", args, device, settings={
+        "dtype": args.dtype, "models": [f"{m}@{s}" for m, s in pairs], "modes": modes,
+        "quick": args.quick, "timing": vars(timing_config), "shapes": shapes,
+    }, conventions=CONVENTIONS)
+
+    impls = [i for i in build_implementations(device, dtype) if wanted(i.name)]
+    for impl in impls:
+        run.add_implementation(impl.name, impl.fn is not None, impl.reason, impl.description, impl.peer)
+    peers = {i.name for i in impls if i.peer}
+    element_size = torch.empty((), dtype=dtype).element_size()
+
+    try:
+        for shape in shapes:
+            for mode in modes:
+                base = {key: shape[key] for key in ("label", "image_size", "stage", "batch", "nq", "nkv",
+                                                    "heads", "head_dim", "scale")}
+                base.update(models=shape["models"], mode=mode, dtype=args.dtype)
+                sets = None
+                for impl in impls:
+                    row = {**base, "impl": impl.name}
+                    if impl.fn is None:
+                        run.add({**row, "status": "unavailable", "reason": impl.reason})
+                        continue
+                    if deadline.expired():
+                        run.add({**row, "status": "skipped", "reason": "time budget exhausted"})
+                        continue
+                    if sets is None:
+                        _, set_bytes = flops_and_bytes(shape, mode, element_size)
+                        count = common.rotation_count(int(set_bytes), device)
+                        made = common.run_guarded(lambda: {"sets": make_inputs(
+                            shape, mode, device, dtype, count, args.seed)}, device)
+                        if "sets" not in made:
+                            run.add({**row, **made})
+                            continue
+                        sets = made["sets"]
+                    result = common.run_guarded(
+                        lambda: measure(impl, shape, mode, sets, device, dtype, timing_config), device)
+                    run.add({**row, **result})
+                    print(f"{shape['label']:>22} {mode:>7} {impl.name:>16}: "
+                          f"{common.fmt(result.get('time_ms'))} ms {result.get('error', '')}", flush=True)
+                del sets
+                common.free_memory(device)
+        run.payload["complete"] = True
+    except KeyboardInterrupt:
+        run.payload["interrupted"] = True
+        print("interrupted: writing what was measured", flush=True)
+
+    common.add_speedups(run.rows, ("label", "mode"), peers)
+    names = [i.name for i in impls]
+    panels = []
+    for mode in modes:
+        ok = [r for r in run.rows if r["mode"] == mode]
+        groups = list(dict.fromkeys(r["label"] for r in ok))
+        series = {n: [next((r.get("tflops") for r in ok if r["label"] == g and r["impl"] == n
+                            and r.get("status") == "ok"), None) for g in groups] for n in names}
+        panels.append({"title": f"attention {mode}, {args.dtype}", "ylabel": "TFLOP/s", "groups": groups,
+                       "series": {n: v for n, v in series.items() if any(x is not None for x in v)}})
+    run.finish(tables(run.rows, names), panels, "CvT attention")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
