@@ -1,0 +1,755 @@
+# Triton kernels of CvT's convolutional projection (`conv_proj`), forward and backward.
+#
+# What it computes. x: (B, T, C) tokens, channels last, T = has_cls + H*W. Three depthwise
+# k x k convolutions of the (H, W) grid, zero padding, optional per-channel bias:
+#   q = dwconv(x, weight_q, stride_q, padding_q) (+ bias_q)
+#   k = dwconv(x, weight_k, stride_kv, padding_kv) (+ bias_k), v likewise with weight_v.
+# Outputs are written in token layout (B, has_cls + Ho*Wo, C); row 0 is x[:, 0] copied through
+# (no convolution, no bias) when has_cls. Backward: grad_x (transposed depthwise convolution,
+# summed over the three branches, plus the cls row) and grad_weight_{q,k,v}. Everything is
+# accumulated in fp32; inputs are cast to fp32 right after each load.
+#
+# Tiling, forward, common CvT case (stride_q=1, stride_kv=2: `_fwd_s1s2_kernel`). One program
+# owns a TILE_H x TILE_W tile of the half-resolution grid (a, b) and BLOCK_C channels of one
+# image. That tile is the k/v output tile, and also the q tile of 2*TILE_H x 2*TILE_W split into
+# its four parity sub-tiles q(2a+pi, 2b+pj). Every input the three convolutions need lies at
+# x(2a+ry, 2b+rx) for a small range of offsets (ry, rx) (4 x 4 for k=3, padding 1), so the
+# program loads each of those 16 shifted [TILE_H*TILE_W, BLOCK_C] x tiles ONCE and adds it to
+# every accumulator that uses it (a q parity sub-tile or k/v at the matching tap). Registers
+# hold six fp32 accumulators [TILE_H*TILE_W, BLOCK_C] (4 q parities, k, v) and the current x
+# tile; nothing goes through shared memory explicitly. Loads are vectorised along C, which is
+# contiguous. Other stride combinations use `_fwd_generic_kernel`: one program per output tile
+# of one grid, one load per tap feeding every branch that shares that (stride, padding).
+#
+# Tiling, backward. Gather formulation (no atomics): a program owns a tile of x positions and
+# sums, for each tap, the output gradients that read that position. In the common case
+# (`_bwd_s1s2_kernel`) the x tile is again split into four parity sub-tiles, so every shifted
+# grad_q tile and every grad_k/grad_v tile is loaded once and feeds all parities that use it.
+# The same products x * grad_out, reduced over the tile's positions, give the weight gradient
+# of each tap; a program loops over a group of images, keeps its per-tap partial sums in a
+# [K*K (padded), BLOCK_C] fp32 register tile, and writes them to a small buffer that torch sums
+# (deterministic). `_bwd_generic_kernel` does the same for any strides, one tap at a time.
+#
+# Bandwidth floor (the kernels are memory bound: 9 MACs per output element). Forward: read x
+# once, write q, k, v. CvT-13 stage 1 at B=256, bf16: x = 256*3136*64*2 B = 102.8 MB, q the
+# same, k and v a quarter each (25.7 MB): 257 MB in all, about 77 us at 3.35 TB/s (H100 SXM).
+# Backward: read x, grad_q, grad_k, grad_v, write grad_x: 102.8*3 + 2*25.7 = 360 MB; the
+# weight-gradient partial buffer is (images / group) * tiles * 3 * 9 * C fp32, a few MB.
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+_SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+# Block choices. BLOCK_C = 64 channels: 128 contiguous bytes in bf16 per row (a full
+# transaction) and divides every CvT width (64, 192, 384, 768, 1024). The s1s2 tiles are 4 x 8
+# half-resolution positions = 32 k/v rows and 128 q rows per program: six fp32 accumulators
+# of 32 x 64 stay within 4 warps' registers (48 fp32 per thread each). Generic tiles cover 64
+# output positions. Under the interpreter every program is a Python-level step, so bigger
+# tiles there are only faster.
+_BLOCK_C_MAX = 64
+_TILE_S1S2 = (4, 8)
+_TILE_GENERIC = (8, 8)
+_TILE_INTERPRET = (8, 8)
+_NUM_WARPS = 4
+# Backward: each program loops over a group of images so that the weight-gradient partial
+# buffer stays small; groups are sized to leave at least this many programs in flight.
+_BWD_TARGET_PROGRAMS = 1024
+
+
+def _interpreting() -> bool:
+    """True when this module's kernels were decorated under TRITON_INTERPRET=1."""
+    return type(_fwd_generic_kernel).__name__ == "InterpretedFunction"
+
+
+# --------------------------------------------------------------------------------------------
+# Shared device helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tap_accumulate(acc, xv, w_ptr, c, cmask, DY: tl.constexpr, DX: tl.constexpr, K: tl.constexpr):
+    """acc += xv * w[:, DY, DX] when (DY, DX) is a tap of the k x k kernel (decided at compile time)."""
+    if DY >= 0:
+        if DY < K:
+            if DX >= 0:
+                if DX < K:
+                    w = tl.load(w_ptr + c * (K * K) + (DY * K + DX), mask=cmask, other=0.0).to(acc.dtype)
+                    acc += xv * w[None, :]
+    return acc
+
+
+@triton.jit
+def _tap_backward(gx, gw, xv, g, w_ptr, c, cmask, kk,
+                  DY: tl.constexpr, DX: tl.constexpr, K: tl.constexpr):
+    """For a valid tap: gx += g * w[:, DY, DX] and row DY*K+DX of gw += sum over positions of x * g."""
+    if DY >= 0:
+        if DY < K:
+            if DX >= 0:
+                if DX < K:
+                    w = tl.load(w_ptr + c * (K * K) + (DY * K + DX), mask=cmask, other=0.0).to(gx.dtype)
+                    gx += g * w[None, :]
+                    part = tl.sum(xv * g, axis=0)
+                    gw += tl.where(kk[:, None] == DY * K + DX, part[None, :], 0.0)
+    return gx, gw
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_s1s2_kernel(
+    x_ptr, wq_ptr, wk_ptr, wv_ptr, bq_ptr, bk_ptr, bv_ptr, q_ptr, k_ptr, v_ptr,
+    C, H, W, Hq, Wq, Hk, Wk, tiles_w, x_stride_b, x_stride_t,
+    HAS_CLS: tl.constexpr, K: tl.constexpr, PQ: tl.constexpr, PKV: tl.constexpr,
+    R_OFF: tl.constexpr, NR: tl.constexpr,
+    HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+
+    p = tl.arange(0, TILE_H * TILE_W)
+    a = (pid_t // tiles_w) * TILE_H + p // TILE_W
+    b = (pid_t % tiles_w) * TILE_W + p % TILE_W
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    x_base = x_ptr + pid_b * x_stride_b
+
+    q00 = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
+    q01 = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
+    q10 = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
+    q11 = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
+    kacc = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
+    vacc = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
+
+    # x(2a + ry, 2b + rx): q parity (pi, pj) uses it at tap (ry - pi + PQ, rx - pj + PQ), k and v
+    # at tap (ry + PKV, rx + PKV); each shifted tile is loaded once for all six accumulators.
+    for ty in tl.static_range(NR):
+        xr = 2 * a + (ty - R_OFF)
+        row_ok = (xr >= 0) & (xr < H)
+        for tx in tl.static_range(NR):
+            xc = 2 * b + (tx - R_OFF)
+            ok = row_ok & (xc >= 0) & (xc < W)
+            offs = (HAS_CLS + xr * W + xc).to(tl.int64) * x_stride_t
+            xv = tl.load(x_base + offs[:, None] + c[None, :], mask=ok[:, None] & cmask[None, :],
+                         other=0.0).to(ACC)
+            q00 = _tap_accumulate(q00, xv, wq_ptr, c, cmask, ty - R_OFF + PQ, tx - R_OFF + PQ, K)
+            q01 = _tap_accumulate(q01, xv, wq_ptr, c, cmask, ty - R_OFF + PQ, tx - R_OFF - 1 + PQ, K)
+            q10 = _tap_accumulate(q10, xv, wq_ptr, c, cmask, ty - R_OFF - 1 + PQ, tx - R_OFF + PQ, K)
+            q11 = _tap_accumulate(q11, xv, wq_ptr, c, cmask, ty - R_OFF - 1 + PQ, tx - R_OFF - 1 + PQ, K)
+            kacc = _tap_accumulate(kacc, xv, wk_ptr, c, cmask, ty - R_OFF + PKV, tx - R_OFF + PKV, K)
+            vacc = _tap_accumulate(vacc, xv, wv_ptr, c, cmask, ty - R_OFF + PKV, tx - R_OFF + PKV, K)
+
+    if HAS_BQ:
+        bias = tl.load(bq_ptr + c, mask=cmask, other=0.0).to(ACC)
+        q00 += bias[None, :]
+        q01 += bias[None, :]
+        q10 += bias[None, :]
+        q11 += bias[None, :]
+    if HAS_BK:
+        kacc += tl.load(bk_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
+    if HAS_BV:
+        vacc += tl.load(bv_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
+
+    out_ty = q_ptr.dtype.element_ty
+    tq = HAS_CLS + Hq * Wq
+    q_base = q_ptr + pid_b * tq * C
+    _store_tile(q_base, q00, 2 * a, 2 * b, Hq, Wq, C, c, cmask, HAS_CLS)
+    _store_tile(q_base, q01, 2 * a, 2 * b + 1, Hq, Wq, C, c, cmask, HAS_CLS)
+    _store_tile(q_base, q10, 2 * a + 1, 2 * b, Hq, Wq, C, c, cmask, HAS_CLS)
+    _store_tile(q_base, q11, 2 * a + 1, 2 * b + 1, Hq, Wq, C, c, cmask, HAS_CLS)
+    tk = HAS_CLS + Hk * Wk
+    _store_tile(k_ptr + pid_b * tk * C, kacc, a, b, Hk, Wk, C, c, cmask, HAS_CLS)
+    _store_tile(v_ptr + pid_b * tk * C, vacc, a, b, Hk, Wk, C, c, cmask, HAS_CLS)
+
+    if HAS_CLS:
+        if pid_t == 0:
+            cls = tl.load(x_base + c, mask=cmask, other=0.0)
+            tl.store(q_base + c, cls.to(out_ty), mask=cmask)
+            tl.store(k_ptr + pid_b * tk * C + c, cls.to(out_ty), mask=cmask)
+            tl.store(v_ptr + pid_b * tk * C + c, cls.to(out_ty), mask=cmask)
+
+
+@triton.jit
+def _store_tile(base, acc, r, s, Ho, Wo, C, c, cmask, HAS_CLS: tl.constexpr):
+    """Store acc (rows = grid positions (r, s)) into the token-layout output, masking the edges."""
+    ok = (r < Ho) & (s < Wo)
+    tok = (HAS_CLS + r * Wo + s).to(tl.int64)
+    tl.store(base + tok[:, None] * C + c[None, :], acc.to(base.dtype.element_ty),
+             mask=ok[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _fwd_generic_kernel(
+    x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, o0_ptr, o1_ptr, o2_ptr,
+    C, H, W, Ho, Wo, tiles_w, x_stride_b, x_stride_t,
+    HAS_CLS: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+    NUM_OUT: tl.constexpr, HAS_B0: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """Up to three depthwise convolutions sharing (STRIDE, PAD): one x load per tap feeds all."""
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+
+    p = tl.arange(0, TILE_H * TILE_W)
+    r = (pid_t // tiles_w) * TILE_H + p // TILE_W
+    s = (pid_t % tiles_w) * TILE_W + p % TILE_W
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    x_base = x_ptr + pid_b * x_stride_b
+
+    acc0 = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
+    acc1 = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
+    acc2 = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
+    for dy in tl.static_range(K):
+        xr = r * STRIDE - PAD + dy
+        row_ok = (xr >= 0) & (xr < H)
+        for dx in tl.static_range(K):
+            xc = s * STRIDE - PAD + dx
+            ok = row_ok & (xc >= 0) & (xc < W)
+            offs = (HAS_CLS + xr * W + xc).to(tl.int64) * x_stride_t
+            xv = tl.load(x_base + offs[:, None] + c[None, :], mask=ok[:, None] & cmask[None, :],
+                         other=0.0).to(ACC)
+            acc0 = _tap_accumulate(acc0, xv, w0_ptr, c, cmask, dy, dx, K)
+            if NUM_OUT >= 2:
+                acc1 = _tap_accumulate(acc1, xv, w1_ptr, c, cmask, dy, dx, K)
+            if NUM_OUT >= 3:
+                acc2 = _tap_accumulate(acc2, xv, w2_ptr, c, cmask, dy, dx, K)
+
+    if HAS_B0:
+        acc0 += tl.load(b0_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
+    if HAS_B1:
+        acc1 += tl.load(b1_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
+    if HAS_B2:
+        acc2 += tl.load(b2_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
+
+    t_out = HAS_CLS + Ho * Wo
+    out_off = pid_b * t_out * C
+    _store_tile(o0_ptr + out_off, acc0, r, s, Ho, Wo, C, c, cmask, HAS_CLS)
+    if NUM_OUT >= 2:
+        _store_tile(o1_ptr + out_off, acc1, r, s, Ho, Wo, C, c, cmask, HAS_CLS)
+    if NUM_OUT >= 3:
+        _store_tile(o2_ptr + out_off, acc2, r, s, Ho, Wo, C, c, cmask, HAS_CLS)
+
+    if HAS_CLS:
+        if pid_t == 0:
+            out_ty = o0_ptr.dtype.element_ty
+            cls = tl.load(x_base + c, mask=cmask, other=0.0)
+            tl.store(o0_ptr + out_off + c, cls.to(out_ty), mask=cmask)
+            if NUM_OUT >= 2:
+                tl.store(o1_ptr + out_off + c, cls.to(out_ty), mask=cmask)
+            if NUM_OUT >= 3:
+                tl.store(o2_ptr + out_off + c, cls.to(out_ty), mask=cmask)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_s1s2_kernel(
+    x_ptr, gq_ptr, gk_ptr, gv_ptr, wq_ptr, wk_ptr, wv_ptr, gx_ptr, gw_part_ptr,
+    B, C, H, W, Hq, Wq, Hk, Wk, tiles_w, num_tiles, images_per_program,
+    x_stride_b, x_stride_t,
+    HAS_CLS: tl.constexpr, K: tl.constexpr, PQ: tl.constexpr, PKV: tl.constexpr,
+    RQ_OFF: tl.constexpr, NRQ: tl.constexpr, RK_OFF: tl.constexpr, NRK: tl.constexpr,
+    HAS_GQ: tl.constexpr, HAS_GKV: tl.constexpr, HAS_GV: tl.constexpr,
+    KK_PAD: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_g = tl.program_id(2)
+
+    p = tl.arange(0, TILE_H * TILE_W)
+    a = (pid_t // tiles_w) * TILE_H + p // TILE_W
+    b = (pid_t % tiles_w) * TILE_W + p % TILE_W
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    kk = tl.arange(0, KK_PAD)
+    tq = HAS_CLS + Hq * Wq
+    tk = HAS_CLS + Hk * Wk
+    t_in = HAS_CLS + H * W
+    gx_ty = gx_ptr.dtype.element_ty
+
+    # Validity and token offsets of the four x parity sub-tiles (2a+pi, 2b+pj).
+    ok00 = (2 * a < H) & (2 * b < W)
+    ok01 = (2 * a < H) & (2 * b + 1 < W)
+    ok10 = (2 * a + 1 < H) & (2 * b < W)
+    ok11 = (2 * a + 1 < H) & (2 * b + 1 < W)
+    tok00 = (HAS_CLS + (2 * a) * W + 2 * b).to(tl.int64)
+    tok01 = tok00 + 1
+    tok10 = tok00 + W
+    tok11 = tok10 + 1
+
+    gwq = tl.zeros((KK_PAD, BLOCK_C), dtype=ACC)
+    gwk = tl.zeros((KK_PAD, BLOCK_C), dtype=ACC)
+    gwv = tl.zeros((KK_PAD, BLOCK_C), dtype=ACC)
+
+    for i in range(images_per_program):
+        img = pid_g * images_per_program + i
+        if img < B:
+            img64 = img.to(tl.int64)
+            x_base = x_ptr + img64 * x_stride_b
+            m = cmask[None, :]
+            x00 = tl.load(x_base + tok00[:, None] * x_stride_t + c[None, :], mask=ok00[:, None] & m, other=0.0).to(ACC)
+            x01 = tl.load(x_base + tok01[:, None] * x_stride_t + c[None, :], mask=ok01[:, None] & m, other=0.0).to(ACC)
+            x10 = tl.load(x_base + tok10[:, None] * x_stride_t + c[None, :], mask=ok10[:, None] & m, other=0.0).to(ACC)
+            x11 = tl.load(x_base + tok11[:, None] * x_stride_t + c[None, :], mask=ok11[:, None] & m, other=0.0).to(ACC)
+            g00 = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
+            g01 = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
+            g10 = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
+            g11 = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
+
+            if HAS_GQ:
+                # x(2a+pi) is read by q(o) at tap dy when o = 2a+pi+PQ-dy: with o = 2a+ro the
+                # tap is dy = pi+PQ-ro. Each shifted grad_q tile is loaded once for all parities.
+                gq_base = gq_ptr + img64 * tq * C
+                for ty in tl.static_range(NRQ):
+                    orow = 2 * a + (ty - RQ_OFF)
+                    row_ok = (orow >= 0) & (orow < Hq)
+                    for tx in tl.static_range(NRQ):
+                        ocol = 2 * b + (tx - RQ_OFF)
+                        ok = row_ok & (ocol >= 0) & (ocol < Wq)
+                        tok = (HAS_CLS + orow * Wq + ocol).to(tl.int64)
+                        g = tl.load(gq_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
+                                    other=0.0).to(ACC)
+                        g00, gwq = _tap_backward(g00, gwq, x00, g, wq_ptr, c, cmask, kk,
+                                                 PQ - (ty - RQ_OFF), PQ - (tx - RQ_OFF), K)
+                        g01, gwq = _tap_backward(g01, gwq, x01, g, wq_ptr, c, cmask, kk,
+                                                 PQ - (ty - RQ_OFF), 1 + PQ - (tx - RQ_OFF), K)
+                        g10, gwq = _tap_backward(g10, gwq, x10, g, wq_ptr, c, cmask, kk,
+                                                 1 + PQ - (ty - RQ_OFF), PQ - (tx - RQ_OFF), K)
+                        g11, gwq = _tap_backward(g11, gwq, x11, g, wq_ptr, c, cmask, kk,
+                                                 1 + PQ - (ty - RQ_OFF), 1 + PQ - (tx - RQ_OFF), K)
+
+            if HAS_GKV:
+                # k/v(o) reads x(2o-PKV+dy): with o = a+ko the tap for parity pi is pi+PKV-2*ko.
+                gk_base = gk_ptr + img64 * tk * C
+                gv_base = gv_ptr + img64 * tk * C
+                for ty in tl.static_range(NRK):
+                    orow = a + (ty - RK_OFF)
+                    row_ok = (orow >= 0) & (orow < Hk)
+                    for tx in tl.static_range(NRK):
+                        ocol = b + (tx - RK_OFF)
+                        ok = row_ok & (ocol >= 0) & (ocol < Wk)
+                        tok = (HAS_CLS + orow * Wk + ocol).to(tl.int64)
+                        gk = tl.load(gk_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
+                                     other=0.0).to(ACC)
+                        dy0 = PKV - 2 * (ty - RK_OFF)
+                        dx0 = PKV - 2 * (tx - RK_OFF)
+                        g00, gwk = _tap_backward(g00, gwk, x00, gk, wk_ptr, c, cmask, kk, dy0, dx0, K)
+                        g01, gwk = _tap_backward(g01, gwk, x01, gk, wk_ptr, c, cmask, kk, dy0, dx0 + 1, K)
+                        g10, gwk = _tap_backward(g10, gwk, x10, gk, wk_ptr, c, cmask, kk, dy0 + 1, dx0, K)
+                        g11, gwk = _tap_backward(g11, gwk, x11, gk, wk_ptr, c, cmask, kk, dy0 + 1, dx0 + 1, K)
+                        if HAS_GV:
+                            gv = tl.load(gv_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
+                                         other=0.0).to(ACC)
+                            g00, gwv = _tap_backward(g00, gwv, x00, gv, wv_ptr, c, cmask, kk, dy0, dx0, K)
+                            g01, gwv = _tap_backward(g01, gwv, x01, gv, wv_ptr, c, cmask, kk, dy0, dx0 + 1, K)
+                            g10, gwv = _tap_backward(g10, gwv, x10, gv, wv_ptr, c, cmask, kk, dy0 + 1, dx0, K)
+                            g11, gwv = _tap_backward(g11, gwv, x11, gv, wv_ptr, c, cmask, kk, dy0 + 1, dx0 + 1, K)
+
+            gx_base = gx_ptr + img64 * t_in * C
+            tl.store(gx_base + tok00[:, None] * C + c[None, :], g00.to(gx_ty), mask=ok00[:, None] & m)
+            tl.store(gx_base + tok01[:, None] * C + c[None, :], g01.to(gx_ty), mask=ok01[:, None] & m)
+            tl.store(gx_base + tok10[:, None] * C + c[None, :], g10.to(gx_ty), mask=ok10[:, None] & m)
+            tl.store(gx_base + tok11[:, None] * C + c[None, :], g11.to(gx_ty), mask=ok11[:, None] & m)
+            if HAS_CLS:
+                if pid_t == 0:
+                    _store_cls_grad(gx_base, gq_ptr + img64 * tq * C, gk_ptr + img64 * tk * C,
+                                    gv_ptr + img64 * tk * C, c, cmask, HAS_GQ, HAS_GKV, HAS_GV, BLOCK_C, ACC)
+
+    _store_weight_partials(gw_part_ptr, gwq, gwk, gwv, pid_g * num_tiles + pid_t, C, c, cmask, kk, K)
+
+
+@triton.jit
+def _store_cls_grad(gx_base, gq_base, gk_base, gv_base, c, cmask,
+                    HAS_GQ: tl.constexpr, HAS_GKV: tl.constexpr, HAS_GV: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """grad of the cls row: it was copied into q, k and v, so its gradient is the sum of theirs."""
+    acc = tl.zeros((BLOCK_C,), dtype=ACC)
+    if HAS_GQ:
+        acc += tl.load(gq_base + c, mask=cmask, other=0.0).to(ACC)
+    if HAS_GKV:
+        acc += tl.load(gk_base + c, mask=cmask, other=0.0).to(ACC)
+        if HAS_GV:
+            acc += tl.load(gv_base + c, mask=cmask, other=0.0).to(ACC)
+    tl.store(gx_base + c, acc.to(gx_base.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _store_weight_partials(gw_part_ptr, gwq, gwk, gwv, row, C, c, cmask, kk, K: tl.constexpr):
+    """Partial weight gradients of one program -> gw_part[row, branch, tap, c] (fp32)."""
+    base = gw_part_ptr + row.to(tl.int64) * (3 * K * K) * C
+    offs = kk[:, None] * C + c[None, :]
+    m = (kk[:, None] < K * K) & cmask[None, :]
+    tl.store(base + offs, gwq, mask=m)
+    tl.store(base + K * K * C + offs, gwk, mask=m)
+    tl.store(base + 2 * K * K * C + offs, gwv, mask=m)
+
+
+@triton.jit
+def _bwd_generic_kernel(
+    x_ptr, gq_ptr, gk_ptr, gv_ptr, wq_ptr, wk_ptr, wv_ptr, gx_ptr, gw_part_ptr,
+    B, C, H, W, Hq, Wq, Hk, Wk, tiles_w, num_tiles, images_per_program,
+    x_stride_b, x_stride_t,
+    HAS_CLS: tl.constexpr, K: tl.constexpr,
+    SQ: tl.constexpr, PQ: tl.constexpr, SKV: tl.constexpr, PKV: tl.constexpr,
+    HAS_GQ: tl.constexpr, HAS_GKV: tl.constexpr, HAS_GV: tl.constexpr,
+    KK_PAD: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """Any strides: per x tile and tap, gather the one output of each branch that read it."""
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_g = tl.program_id(2)
+
+    p = tl.arange(0, TILE_H * TILE_W)
+    r = (pid_t // tiles_w) * TILE_H + p // TILE_W
+    s = (pid_t % tiles_w) * TILE_W + p % TILE_W
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    kk = tl.arange(0, KK_PAD)
+    tq = HAS_CLS + Hq * Wq
+    tk = HAS_CLS + Hk * Wk
+    t_in = HAS_CLS + H * W
+    ok_x = (r < H) & (s < W)
+    tok_x = (HAS_CLS + r * W + s).to(tl.int64)
+    m = cmask[None, :]
+
+    gwq = tl.zeros((KK_PAD, BLOCK_C), dtype=ACC)
+    gwk = tl.zeros((KK_PAD, BLOCK_C), dtype=ACC)
+    gwv = tl.zeros((KK_PAD, BLOCK_C), dtype=ACC)
+
+    for i in range(images_per_program):
+        img = pid_g * images_per_program + i
+        if img < B:
+            img64 = img.to(tl.int64)
+            x_base = x_ptr + img64 * x_stride_b
+            xv = tl.load(x_base + tok_x[:, None] * x_stride_t + c[None, :], mask=ok_x[:, None] & m,
+                         other=0.0).to(ACC)
+            gx = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
+            gq_base = gq_ptr + img64 * tq * C
+            gk_base = gk_ptr + img64 * tk * C
+            gv_base = gv_ptr + img64 * tk * C
+            for dy in tl.static_range(K):
+                for dx in tl.static_range(K):
+                    if HAS_GQ:
+                        # x(r) is read by q(o) at tap dy iff o*SQ = r + PQ - dy; masked lanes
+                        # (negative numerators) never load, so C-style % and // are harmless.
+                        nr = r + PQ - dy
+                        nc = s + PQ - dx
+                        orow = nr // SQ
+                        ocol = nc // SQ
+                        ok = ok_x & (nr >= 0) & (nc >= 0) & (nr % SQ == 0) & (nc % SQ == 0) \
+                            & (orow < Hq) & (ocol < Wq)
+                        tok = (HAS_CLS + orow * Wq + ocol).to(tl.int64)
+                        g = tl.load(gq_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
+                                    other=0.0).to(ACC)
+                        gx, gwq = _tap_backward(gx, gwq, xv, g, wq_ptr, c, cmask, kk, dy, dx, K)
+                    if HAS_GKV:
+                        nr = r + PKV - dy
+                        nc = s + PKV - dx
+                        orow = nr // SKV
+                        ocol = nc // SKV
+                        ok = ok_x & (nr >= 0) & (nc >= 0) & (nr % SKV == 0) & (nc % SKV == 0) \
+                            & (orow < Hk) & (ocol < Wk)
+                        tok = (HAS_CLS + orow * Wk + ocol).to(tl.int64)
+                        g = tl.load(gk_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
+                                    other=0.0).to(ACC)
+                        gx, gwk = _tap_backward(gx, gwk, xv, g, wk_ptr, c, cmask, kk, dy, dx, K)
+                        if HAS_GV:
+                            g = tl.load(gv_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
+                                        other=0.0).to(ACC)
+                            gx, gwv = _tap_backward(gx, gwv, xv, g, wv_ptr, c, cmask, kk, dy, dx, K)
+            gx_base = gx_ptr + img64 * t_in * C
+            tl.store(gx_base + tok_x[:, None] * C + c[None, :], gx.to(gx_ptr.dtype.element_ty),
+                     mask=ok_x[:, None] & m)
+            if HAS_CLS:
+                if pid_t == 0:
+                    _store_cls_grad(gx_base, gq_base, gk_base, gv_base, c, cmask, HAS_GQ, HAS_GKV, HAS_GV, BLOCK_C, ACC)
+
+    _store_weight_partials(gw_part_ptr, gwq, gwk, gwv, pid_g * num_tiles + pid_t, C, c, cmask, kk, K)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+
+def _out_size(n: int, k: int, stride: int, padding: int) -> int:
+    return (n + 2 * padding - k) // stride + 1
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if x.device.type == "cuda":
+        return
+    if x.device.type == "cpu":
+        if not _interpreting():
+            raise RuntimeError(
+                "conv_proj Triton kernels got CPU tensors but Triton's interpreter is off: set "
+                "TRITON_INTERPRET=1 in the environment before importing triton / cvt_fast.kernels, "
+                "or pass CUDA tensors")
+        return
+    raise ValueError(f"conv_proj Triton kernels run on 'cuda' (or 'cpu' under TRITON_INTERPRET=1), "
+                     f"got device {x.device}")
+
+
+def _check_common(x: torch.Tensor, weights, height: int, width: int, has_cls: bool,
+                  stride_q: int, stride_kv: int, padding_q: int, padding_kv: int) -> int:
+    """Validate what forward and backward share; returns the kernel size."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"x dtype {x.dtype} is not supported; expected one of {_SUPPORTED_DTYPES}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, T, C) tokens, got shape {tuple(x.shape)}")
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(has_cls, bool):
+        raise TypeError(f"has_cls must be a bool, got {has_cls!r}")
+    expected_t = int(has_cls) + height * width
+    if x.shape[1] != expected_t:
+        raise ValueError(f"x has {x.shape[1]} tokens, expected has_cls + height * width = "
+                         f"{int(has_cls)} + {height}*{width} = {expected_t}")
+    channels = x.shape[2]
+    if x.stride(2) != 1:
+        raise ValueError(f"x must have contiguous channels (stride 1 on the last dim), got strides {x.stride()}")
+    _check_device(x)
+    kernel = None
+    for name, w in weights:
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+        if w.dim() != 4 or w.shape[0] != channels or w.shape[1] != 1 or w.shape[2] != w.shape[3]:
+            raise ValueError(f"{name} must be a depthwise weight (C, 1, k, k) = ({channels}, 1, k, k), "
+                             f"got shape {tuple(w.shape)}")
+        if w.dtype != x.dtype:
+            raise TypeError(f"{name} dtype {w.dtype} does not match x dtype {x.dtype}")
+        if w.device != x.device:
+            raise ValueError(f"{name} is on {w.device}, x is on {x.device}")
+        if kernel is None:
+            kernel = w.shape[2]
+        elif w.shape[2] != kernel:
+            raise ValueError(f"all three weights must have the same kernel size; {name} has "
+                             f"{w.shape[2]}, expected {kernel}")
+    if kernel % 2 != 1:
+        raise ValueError(f"kernel size must be odd, got {kernel}")
+    for name, value in (("stride_q", stride_q), ("stride_kv", stride_kv)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name, value in (("padding_q", padding_q), ("padding_kv", padding_kv)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < kernel:
+            raise ValueError(f"{name} must be an int in [0, {kernel}) for kernel size {kernel}, got {value!r}")
+    for name, stride, padding in (("q", stride_q, padding_q), ("k/v", stride_kv, padding_kv)):
+        if _out_size(height, kernel, stride, padding) < 1 or _out_size(width, kernel, stride, padding) < 1:
+            raise ValueError(f"the {height}x{width} grid is smaller than the {kernel}x{kernel} kernel "
+                             f"with padding {padding}: the {name} output would be empty")
+    return kernel
+
+
+def _acc_dtype(dtype: torch.dtype):
+    # fp32 accumulation for every training dtype; fp64 inputs (gradcheck) keep fp64 throughout.
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _block_c(channels: int) -> int:
+    return min(_BLOCK_C_MAX, triton.next_power_of_2(channels))
+
+
+def _tile(generic: bool) -> Tuple[int, int]:
+    if _interpreting():
+        return _TILE_INTERPRET
+    return _TILE_GENERIC if generic else _TILE_S1S2
+
+
+def _shift_range(lo: int, hi: int) -> Tuple[int, int]:
+    """(offset, count) for a static loop over the integers lo..hi inclusive: value = index - offset."""
+    return -lo, hi - lo + 1
+
+
+def conv_proj_forward(
+    x: torch.Tensor,
+    weight_q: torch.Tensor, weight_k: torch.Tensor, weight_v: torch.Tensor,
+    bias_q: Optional[torch.Tensor], bias_k: Optional[torch.Tensor], bias_v: Optional[torch.Tensor],
+    height: int, width: int, has_cls: bool,
+    stride_q: int = 1, stride_kv: int = 2, padding_q: int = 1, padding_kv: int = 1,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v = the three depthwise convolutions of the token grid (see cvt_fast.ops.conv_proj).
+
+    x: (B, has_cls + height*width, C), channels contiguous; weights (C, 1, k, k), odd k, the same
+    for all three; biases (C,) or None; all in x's dtype and on its device. Returns contiguous
+    q (B, has_cls + Hq*Wq, C), k and v (B, has_cls + Hk*Wk, C) in x's dtype (fp32 accumulation).
+    """
+    kernel = _check_common(x, (("weight_q", weight_q), ("weight_k", weight_k), ("weight_v", weight_v)),
+                           height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
+    channels = x.shape[2]
+    for name, bias in (("bias_q", bias_q), ("bias_k", bias_k), ("bias_v", bias_v)):
+        if bias is None:
+            continue
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{name} dtype {bias.dtype} does not match x dtype {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"{name} is on {bias.device}, x is on {x.device}")
+
+    batch = x.shape[0]
+    cls = int(has_cls)
+    hq, wq = _out_size(height, kernel, stride_q, padding_q), _out_size(width, kernel, stride_q, padding_q)
+    hk, wk = _out_size(height, kernel, stride_kv, padding_kv), _out_size(width, kernel, stride_kv, padding_kv)
+    q = torch.empty((batch, cls + hq * wq, channels), dtype=x.dtype, device=x.device)
+    k = torch.empty((batch, cls + hk * wk, channels), dtype=x.dtype, device=x.device)
+    v = torch.empty_like(k)
+    if batch == 0:
+        return q, k, v
+    weight_q, weight_k, weight_v = weight_q.contiguous(), weight_k.contiguous(), weight_v.contiguous()
+    biases = [bias.contiguous() if bias is not None else None for bias in (bias_q, bias_k, bias_v)]
+    block_c = _block_c(channels)
+    c_blocks = triton.cdiv(channels, block_c)
+
+    if stride_q == 1 and stride_kv == 2:
+        tile_h, tile_w = _tile(generic=False)
+        # The half-resolution grid must cover every k/v output and every q parity pair.
+        ha, wa = max(hk, triton.cdiv(hq, 2)), max(wk, triton.cdiv(wq, 2))
+        tiles_w = triton.cdiv(wa, tile_w)
+        # Offsets ry of the x rows 2a+ry that q (ry = pi - PQ + dy) or k/v (ry = dy - PKV) read.
+        r_off, nr = _shift_range(min(-padding_q, -padding_kv), max(kernel - padding_q, kernel - 1 - padding_kv))
+        grid = (triton.cdiv(ha, tile_h) * tiles_w, c_blocks, batch)
+        _fwd_s1s2_kernel[grid](
+            x, weight_q, weight_k, weight_v,
+            *(bias if bias is not None else x for bias in biases), q, k, v,
+            channels, height, width, hq, wq, hk, wk, tiles_w, x.stride(0), x.stride(1),
+            HAS_CLS=cls, K=kernel, PQ=padding_q, PKV=padding_kv, R_OFF=r_off, NR=nr,
+            HAS_BQ=biases[0] is not None, HAS_BK=biases[1] is not None, HAS_BV=biases[2] is not None,
+            TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS,
+        )
+        return q, k, v
+
+    # Generic path: one launch per distinct (stride, padding), each computing all its branches.
+    if stride_q == stride_kv and padding_q == padding_kv:
+        groups = [((weight_q, weight_k, weight_v), biases, (q, k, v), stride_q, padding_q, hq, wq)]
+    else:
+        groups = [((weight_q,), biases[:1], (q,), stride_q, padding_q, hq, wq),
+                  ((weight_k, weight_v), biases[1:], (k, v), stride_kv, padding_kv, hk, wk)]
+    tile_h, tile_w = _tile(generic=True)
+    for ws, bs, outs, stride, padding, ho, wo in groups:
+        n = len(ws)
+        ws = tuple(ws) + (ws[0],) * (3 - n)
+        bs = tuple(bs) + (None,) * (3 - n)
+        outs = tuple(outs) + (outs[0],) * (3 - n)
+        tiles_w = triton.cdiv(wo, tile_w)
+        grid = (triton.cdiv(ho, tile_h) * tiles_w, c_blocks, batch)
+        _fwd_generic_kernel[grid](
+            x, *ws, *(bias if bias is not None else x for bias in bs), *outs,
+            channels, height, width, ho, wo, tiles_w, x.stride(0), x.stride(1),
+            HAS_CLS=cls, K=kernel, STRIDE=stride, PAD=padding, NUM_OUT=n,
+            HAS_B0=bs[0] is not None, HAS_B1=bs[1] is not None, HAS_B2=bs[2] is not None,
+            TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS,
+        )
+    return q, k, v
+
+
+def conv_proj_backward(
+    grad_q: Optional[torch.Tensor], grad_k: Optional[torch.Tensor], grad_v: Optional[torch.Tensor],
+    x: torch.Tensor,
+    weight_q: torch.Tensor, weight_k: torch.Tensor, weight_v: torch.Tensor,
+    height: int, width: int, has_cls: bool,
+    stride_q: int = 1, stride_kv: int = 2, padding_q: int = 1, padding_kv: int = 1,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight_q, grad_weight_k, grad_weight_v) of conv_proj_forward.
+
+    grad_*: gradients of q, k, v (shapes of the forward outputs, x's dtype) or None for an
+    output that received none (treated as zeros). grad_x has x's shape and dtype and includes
+    the cls row (grad_q[:, 0] + grad_k[:, 0] + grad_v[:, 0]); grad weights are (C, 1, k, k),
+    accumulated in fp32 over batch and positions, returned in the weights' dtype. Bias
+    gradients are not computed here (they are sums of the output gradients over tokens).
+    """
+    kernel = _check_common(x, (("weight_q", weight_q), ("weight_k", weight_k), ("weight_v", weight_v)),
+                           height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
+    batch, _, channels = x.shape
+    cls = int(has_cls)
+    hq, wq = _out_size(height, kernel, stride_q, padding_q), _out_size(width, kernel, stride_q, padding_q)
+    hk, wk = _out_size(height, kernel, stride_kv, padding_kv), _out_size(width, kernel, stride_kv, padding_kv)
+    expected = {"grad_q": (batch, cls + hq * wq, channels), "grad_k": (batch, cls + hk * wk, channels),
+                "grad_v": (batch, cls + hk * wk, channels)}
+    grads = {}
+    for name, g in (("grad_q", grad_q), ("grad_k", grad_k), ("grad_v", grad_v)):
+        if g is None:
+            grads[name] = None
+            continue
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(g).__name__}")
+        if tuple(g.shape) != expected[name]:
+            raise ValueError(f"{name} has shape {tuple(g.shape)}, expected {expected[name]}")
+        if g.dtype != x.dtype:
+            raise TypeError(f"{name} dtype {g.dtype} does not match x dtype {x.dtype}")
+        if g.device != x.device:
+            raise ValueError(f"{name} is on {g.device}, x is on {x.device}")
+        grads[name] = g.contiguous()
+    # The kernels treat k and v as one branch (same grid); a missing grad_k with a present
+    # grad_v is handled by swapping the pair's roles, which is symmetric.
+    gq, gk, gv = grads["grad_q"], grads["grad_k"], grads["grad_v"]
+    wk_, wv_ = weight_k, weight_v
+    swapped = gk is None and gv is not None
+    if swapped:
+        gk, gv, wk_, wv_ = gv, None, weight_v, weight_k
+
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    kk = kernel * kernel
+    if batch == 0:
+        zeros = torch.zeros_like(weight_q)
+        return grad_x, zeros, zeros.clone(), zeros.clone()
+    w3 = (weight_q.contiguous(), wk_.contiguous(), wv_.contiguous())
+    block_c = _block_c(channels)
+    c_blocks = triton.cdiv(channels, block_c)
+    fused = stride_q == 1 and stride_kv == 2
+    tile_h, tile_w = _tile(generic=not fused)
+    if fused:
+        ha, wa = triton.cdiv(height, 2), triton.cdiv(width, 2)
+    else:
+        ha, wa = height, width
+    tiles_w = triton.cdiv(wa, tile_w)
+    num_tiles = triton.cdiv(ha, tile_h) * tiles_w
+    per_image = num_tiles * c_blocks
+    images_per_program = max(1, min(batch, (per_image * batch) // _BWD_TARGET_PROGRAMS))
+    groups = triton.cdiv(batch, images_per_program)
+    part_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gw_part = torch.empty((groups * num_tiles, 3, kk, channels), dtype=part_dtype, device=x.device)
+    dummy = x
+    common = (x, gq if gq is not None else dummy, gk if gk is not None else dummy,
+              gv if gv is not None else dummy, *w3, grad_x, gw_part,
+              batch, channels, height, width, hq, wq, hk, wk, tiles_w, num_tiles, images_per_program,
+              x.stride(0), x.stride(1))
+    flags = dict(HAS_CLS=cls, K=kernel, HAS_GQ=gq is not None, HAS_GKV=gk is not None,
+                 HAS_GV=gv is not None, KK_PAD=triton.next_power_of_2(kk),
+                 TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS)
+    grid = (num_tiles, c_blocks, groups)
+    if fused:
+        # Offsets of the grad_q rows 2a+ro (ro = pi + PQ - dy) and grad_k/v rows a+ko
+        # (ko = (pi + PKV - dy) // 2) that the parity sub-tiles of x(2a+pi) gather from.
+        rq_off, nrq = _shift_range(padding_q - kernel + 1, 1 + padding_q)
+        rk_off, nrk = _shift_range((padding_kv - kernel + 1) // 2, (1 + padding_kv) // 2)
+        _bwd_s1s2_kernel[grid](*common, PQ=padding_q, PKV=padding_kv, RQ_OFF=rq_off, NRQ=nrq,
+                               RK_OFF=rk_off, NRK=nrk, **flags)
+    else:
+        _bwd_generic_kernel[grid](*common, SQ=stride_q, PQ=padding_q, SKV=stride_kv, PKV=padding_kv, **flags)
+
+    gw = gw_part.sum(dim=0)  # (3, k*k, C), fp32 (fp64 for fp64 inputs)
+    gw = gw.permute(0, 2, 1).reshape(3, channels, 1, kernel, kernel)
+    grad_wq = gw[0].to(weight_q.dtype)
+    grad_wk, grad_wv = gw[1].to(weight_k.dtype), gw[2].to(weight_v.dtype)
+    if swapped:
+        grad_wk, grad_wv = grad_wv, grad_wk
+    return grad_x, grad_wq, grad_wk, grad_wv
