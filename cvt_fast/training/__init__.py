@@ -1,0 +1,13 @@
+"""Training and evaluation of CvT: the pieces behind `python -m cvt_fast.train` / `cvt_fast.test`.
+
+data.py      ImageFolder datasets, official/timm transforms, the resumable epoch sampler
+digits.py    scikit-learn's digits exported once as an ImageFolder (the built-in experiment)
+optim.py     AdamW parameter groups, per-iteration cosine schedule, losses, mixup
+ema.py       exponential moving average of the weights
+resume.py    atomic, resumable checkpoints (model, optimizer, RNG, data position)
+distributed.py  torchrun / DDP set-up, per-rank seeds, all-reduce helpers
+logs.py      text log, metrics.jsonl, TensorBoard
+plots.py     the end-of-run PNG of loss, accuracy and learning rate
+loop.py      the Trainer: steps, evaluation, checkpoints, resume
+cli.py       shared command-line plumbing (config loading, one-line errors)
+"""

@@ -1,0 +1,76 @@
+"""Command-line plumbing shared by cvt_fast.train and cvt_fast.test.
+
+Expected failures (bad config, dataset, checkpoint, non-finite loss) end with one line
+`error: ...` on stderr and exit code 2, never a traceback; set CVT_FAST_TRACEBACK=1
+to see the traceback anyway.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+DEFAULT_CFG = "experiments/digits/cvt-digits.yaml"
+EXIT_USAGE = 2
+
+
+def repo_default_cfg() -> str:
+    """The built-in digits experiment: relative to the working directory if present there,
+    else next to the installed package's source tree."""
+    if os.path.isfile(DEFAULT_CFG):
+        return DEFAULT_CFG
+    candidate = Path(__file__).resolve().parents[2] / DEFAULT_CFG
+    return str(candidate)
+
+
+def parse_args(prog: str, description: str, argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--cfg", default=None,
+                        help=f"experiment YAML (default: the built-in digits experiment, {DEFAULT_CFG})")
+    parser.add_argument("opts", nargs=argparse.REMAINDER,
+                        help="config overrides as KEY VALUE pairs, e.g. TRAIN.LR 0.001")
+    # torchrun < 2.0 passes --local_rank; accepted and ignored (LOCAL_RANK is read instead).
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def load(cfg_path: str | None, opts: Sequence[str]) -> Any:
+    from cvt_fast.config import load_config
+
+    return load_config(cfg_path or repo_default_cfg(), list(opts))
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    # Errors re-raised from DataLoader workers carry the worker's traceback text;
+    # the last line is the original message.
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1]
+        text = text.split(": ", 1)[1] if ": " in text else text
+    return " ".join(text.split())
+
+
+def run_cli(main: Callable[[], int]) -> int:
+    """Run `main`, turning expected failures into `error: ...` + exit code 2."""
+    from cvt_fast.checkpoint import CheckpointError
+
+    expected = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError)
+    try:
+        return main()
+    except expected as err:
+        if os.environ.get("CVT_FAST_TRACEBACK"):
+            traceback.print_exc()
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as err:
+        # DataLoader workers turn our ValueErrors into RuntimeErrors in some versions.
+        if "Original Traceback" in str(err) and "ValueError" in str(err):
+            print(f"error: {_one_line(err)}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
