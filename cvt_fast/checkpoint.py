@@ -180,6 +180,12 @@ def _extract_state_dict(obj: Any, source: str) -> tuple[dict[str, torch.Tensor],
                 obj = obj[key]
                 break
         else:
+            if _is_state_dict(obj):
+                # Tensors at the top, mixed with other things: name what is not a tensor.
+                odd = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+                raise CheckpointError(
+                    f"checkpoint {source}: entry {odd[0]!r} is a {type(obj[odd[0]]).__name__}, not a tensor "
+                    f"({len(odd)} such entries); expected a state dict of tensors")
             top = ", ".join(repr(k) for k in list(obj)[:_SHOWN])
             raise CheckpointError(f"checkpoint {source} holds no state dict: its entries are {top}; "
                                   f"expected tensors, or a dict of tensors under one of {list(_WRAPPER_KEYS)}")
