@@ -102,8 +102,8 @@ def cuda_extension_or_reason():
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+            "cxx": ["-O3", "-std=c++20"],
+            "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
                      "--expt-relaxed-constexpr", "-Xptxas=-v" if os.environ.get("CVT_FAST_PTXAS_VERBOSE") else "-DCVT_FAST"],
         },
     )
