@@ -1,0 +1,362 @@
+"""The CUDA C++ extension cvt_fast._C (csrc/): build, op registration, Meta shapes and errors.
+
+On the CPU: the extension imports, registers the four torch.ops.cvt_fast.*_cuda ops with
+their schemas, gives the right shapes on meta and fake tensors, and refuses CPU tensors
+with a clear error. On a GPU (tests marked `gpu`): every op against a float64 plain-PyTorch
+reference written here, forward and backward (backward against autograd of the reference),
+for bfloat16, float16 and float32, at odd sizes (partial tiles, Nkv = 1), strided views,
+odd grids with and without a cls token, and the real CvT-13 stage shapes.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tolerances import assert_close
+
+from cvt_fast.extension import extension_status, load_extension
+
+GPU = torch.cuda.is_available()
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+HEAD_DIMS = [32, 64, 128]
+
+EXPECTED_SCHEMAS = {
+    "attention_forward_cuda":
+        "cvt_fast::attention_forward_cuda(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)",
+    "attention_backward_cuda":
+        "cvt_fast::attention_backward_cuda(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+        "Tensor lse, float scale) -> (Tensor dq, Tensor dk, Tensor dv)",
+    "conv_proj_forward_cuda":
+        "cvt_fast::conv_proj_forward_cuda(Tensor x, Tensor wq, Tensor wk, Tensor wv, Tensor? bq, Tensor? bk, "
+        "Tensor? bv, int height, int width, bool has_cls, int stride_q, int stride_kv, int padding_q, "
+        "int padding_kv) -> (Tensor q, Tensor k, Tensor v)",
+    "conv_proj_backward_cuda":
+        "cvt_fast::conv_proj_backward_cuda(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor x, Tensor wq, "
+        "Tensor wk, Tensor wv, int height, int width, bool has_cls, int stride_q, int stride_kv, int padding_q, "
+        "int padding_kv) -> (Tensor grad_x, Tensor grad_wq, Tensor grad_wk, Tensor grad_wv)",
+}
+
+# The backward reads the forward's rounded output (delta = dO . O) and rounds its own
+# results: one rounding more than the forward, so 16-bit gradients get twice the tolerance.
+BACKWARD_FACTOR = {torch.bfloat16: 2.0, torch.float16: 2.0, torch.float32: 1.0}
+
+
+@pytest.fixture(scope="module")
+def ops():
+    if load_extension() is None:
+        pytest.skip(f"cvt_fast._C is {extension_status()}")
+    return torch.ops.cvt_fast
+
+
+# ---------------------------------------------------------------- references (float64)
+
+def reference_attention(q, k, v, scale):
+    """q: (B, Nq, H, d), k, v: (B, Nkv, H, d) -> out (B, Nq, H*d), lse (B, H, Nq), in float64."""
+    q, k, v = (t.to(torch.float64).transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
+    scores = scale * q @ k.transpose(-1, -2)
+    out = torch.softmax(scores, dim=-1) @ v
+    return out.transpose(1, 2).flatten(2), torch.logsumexp(scores, dim=-1)
+
+
+def reference_conv_proj(x, wq, wk, wv, bq, bk, bv, height, width, has_cls, stride_q, stride_kv,
+                        padding_q, padding_kv):
+    """Three depthwise Conv2d of the token grid, in float64; the cls row passes through."""
+    x = x.to(torch.float64)
+    cls, grid = (x[:, :1], x[:, 1:]) if has_cls else (None, x)
+    batch, channels = x.shape[0], x.shape[2]
+    image = grid.transpose(1, 2).reshape(batch, channels, height, width)
+
+    def conv(weight, bias, stride, padding):
+        bias = None if bias is None else bias.to(torch.float64)
+        y = F.conv2d(image, weight.to(torch.float64), bias, stride=stride, padding=padding, groups=channels)
+        y = y.flatten(2).transpose(1, 2)
+        return torch.cat([cls, y], dim=1) if has_cls else y
+
+    return (conv(wq, bq, stride_q, padding_q), conv(wk, bk, stride_kv, padding_kv),
+            conv(wv, bv, stride_kv, padding_kv))
+
+
+def conv_out(size, kernel, stride, padding):
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+# ---------------------------------------------------------------- CPU: build, schemas, shapes, errors
+
+def test_extension_is_built_and_imports(ops):
+    assert extension_status() == "built"
+    assert load_extension().__name__ == "cvt_fast._C"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_SCHEMAS))
+def test_op_is_registered_with_expected_schema(ops, name):
+    schema = str(getattr(ops, name).default._schema)
+    assert " ".join(schema.split()) == EXPECTED_SCHEMAS[name]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_SCHEMAS))
+def test_op_has_cuda_and_meta_kernels(ops, name):
+    qualname = f"cvt_fast::{name}"
+    for key in ("CUDA", "Meta"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key), f"{qualname} has no {key} kernel"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_forward_meta_shapes(ops, dtype):
+    # q is a strided view, as the Linear output (B, N, 3, H, d) would give it.
+    packed = torch.empty(2, 197, 3, 6, 64, device="meta", dtype=dtype)
+    q = packed[:, :, 0]
+    k = torch.empty(2, 50, 6, 64, device="meta", dtype=dtype)
+    v = torch.empty(2, 6, 50, 64, device="meta", dtype=dtype).transpose(1, 2)
+    out, lse = ops.attention_forward_cuda(q, k, v, 384 ** -0.5)
+    assert out.shape == (2, 197, 384) and out.dtype == dtype and out.is_contiguous()
+    assert lse.shape == (2, 6, 197) and lse.dtype == torch.float32
+
+
+def test_attention_backward_meta_shapes(ops):
+    q = torch.empty(3, 37, 2, 32, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(3, 13, 2, 32, device="meta", dtype=torch.bfloat16)
+    v = torch.empty_like(k)
+    out = torch.empty(3, 37, 64, device="meta", dtype=torch.bfloat16)
+    lse = torch.empty(3, 2, 37, device="meta", dtype=torch.float32)
+    dq, dk, dv = ops.attention_backward_cuda(out, q, k, v, out, lse, 0.125)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+    assert dq.dtype == dk.dtype == dv.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("has_cls,height,width,channels", [(False, 15, 13, 40), (True, 14, 14, 384),
+                                                           (False, 56, 56, 64), (True, 1, 1, 8)])
+def test_conv_proj_forward_meta_shapes(ops, has_cls, height, width, channels):
+    x = torch.empty(2, has_cls + height * width, channels, device="meta", dtype=torch.float16)
+    w = torch.empty(channels, 1, 3, 3, device="meta")
+    q, k, v = ops.conv_proj_forward_cuda(x, w, w, w, None, None, None, height, width, has_cls, 1, 2, 1, 1)
+    tokens_q = has_cls + conv_out(height, 3, 1, 1) * conv_out(width, 3, 1, 1)
+    tokens_kv = has_cls + conv_out(height, 3, 2, 1) * conv_out(width, 3, 2, 1)
+    assert q.shape == (2, tokens_q, channels) and q.dtype == torch.float16
+    assert k.shape == v.shape == (2, tokens_kv, channels)
+
+
+def test_conv_proj_backward_meta_shapes(ops):
+    x = torch.empty(2, 1 + 7 * 5, 24, device="meta", dtype=torch.bfloat16)
+    w = torch.empty(24, 1, 3, 3, device="meta", dtype=torch.float32)
+    gq = torch.empty(2, 1 + 7 * 5, 24, device="meta", dtype=torch.bfloat16)
+    gkv = torch.empty(2, 1 + 4 * 3, 24, device="meta", dtype=torch.bfloat16)
+    grad_x, gwq, gwk, gwv = ops.conv_proj_backward_cuda(gq, gkv, gkv, x, w, w, w, 7, 5, True, 1, 2, 1, 1)
+    assert grad_x.shape == x.shape and grad_x.dtype == torch.bfloat16
+    assert gwq.shape == gwk.shape == gwv.shape == w.shape and gwq.dtype == torch.float32
+
+
+def test_ops_trace_under_fake_tensors(ops):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 197, 6, 64, dtype=torch.bfloat16)
+        k = torch.empty(2, 50, 6, 64, dtype=torch.bfloat16)
+        out, lse = ops.attention_forward_cuda(q, k, k, 0.05)
+        x = torch.empty(2, 197, 384, dtype=torch.bfloat16)
+        w = torch.empty(384, 1, 3, 3)
+        cq, ck, cv = ops.conv_proj_forward_cuda(x, w, w, w, None, None, None, 14, 14, True, 1, 2, 1, 1)
+    assert out.shape == (2, 197, 384) and lse.shape == (2, 6, 197)
+    assert cq.shape == (2, 197, 384) and ck.shape == cv.shape == (2, 50, 384)
+
+
+def test_meta_rejects_wrong_token_count_and_rank(ops):
+    x = torch.empty(2, 100, 16, device="meta")
+    w = torch.empty(16, 1, 3, 3, device="meta")
+    with pytest.raises(ValueError, match="tokens"):
+        ops.conv_proj_forward_cuda(x, w, w, w, None, None, None, 9, 9, True, 1, 2, 1, 1)
+    q = torch.empty(2, 10, 64, device="meta")
+    with pytest.raises(ValueError, match="4-dimensional"):
+        ops.attention_forward_cuda(q, q, q, 1.0)
+
+
+def test_attention_on_cpu_tensors_raises_clear_error(ops):
+    q = torch.randn(1, 5, 1, 64)
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        ops.attention_forward_cuda(q, q, q, 0.125)
+    out = torch.randn(1, 5, 64)
+    lse = torch.randn(1, 1, 5)
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        ops.attention_backward_cuda(out, q, q, q, out, lse, 0.125)
+
+
+def test_conv_proj_on_cpu_tensors_raises_clear_error(ops):
+    x = torch.randn(2, 1 + 5 * 5, 8)
+    w = torch.randn(8, 1, 3, 3)
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        ops.conv_proj_forward_cuda(x, w, w, w, None, None, None, 5, 5, True, 1, 2, 1, 1)
+    gq, gkv = torch.randn(2, 26, 8), torch.randn(2, 10, 8)
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        ops.conv_proj_backward_cuda(gq, gkv, gkv, x, w, w, w, 5, 5, True, 1, 2, 1, 1)
+
+
+# ---------------------------------------------------------------- GPU: attention
+
+def random_qkv(batch, n_q, n_kv, heads, head_dim, dtype, layout="contiguous"):
+    """q, k, v in the (B, N, H, d) layout; "strided": q from a packed (B, N, 3, H, d) tensor and
+    k, v transposed views of (B, H, N, d) tensors, so no stride but the last is the default."""
+    if layout == "contiguous":
+        q = torch.randn(batch, n_q, heads, head_dim, device="cuda").to(dtype)
+        k = torch.randn(batch, n_kv, heads, head_dim, device="cuda").to(dtype)
+        v = torch.randn(batch, n_kv, heads, head_dim, device="cuda").to(dtype)
+        return q, k, v
+    q = torch.randn(batch, n_q, 3, heads, head_dim, device="cuda").to(dtype)[:, :, 1]
+    k = torch.randn(batch, heads, n_kv, head_dim, device="cuda").to(dtype).transpose(1, 2)
+    v = torch.randn(batch, heads, n_kv + 3, head_dim, device="cuda").to(dtype)[:, :, 2:n_kv + 2].transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous() and not v.is_contiguous()
+    return q, k, v
+
+
+ATTENTION_SIZES = [(197, 50), (37, 13), (37, 1), (64, 32), (1, 7)]
+
+
+def check_attention(ops, q, k, v, scale, dtype, backward=True):
+    out, lse = ops.attention_forward_cuda(q, k, v, scale)
+    ref_out, ref_lse = reference_attention(q, k, v, scale)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_close(out, ref_out, dtype)
+    assert_close(lse, ref_lse, torch.float32)
+    if not backward:
+        return
+    grad_out = torch.randn_like(out)
+    dq, dk, dv = ops.attention_backward_cuda(grad_out, q, k, v, out, lse, scale)
+    leaves = [t.detach().to(torch.float64).requires_grad_() for t in (q, k, v)]
+    reference_attention(*leaves, scale)[0].backward(grad_out.to(torch.float64))
+    for name, got, leaf in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves):
+        assert got.shape == leaf.shape and got.dtype == dtype, name
+        assert_close(got, leaf.grad, dtype, factor=BACKWARD_FACTOR[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("n_q,n_kv", ATTENTION_SIZES)
+def test_attention_matches_reference_at_odd_sizes(ops, dtype, head_dim, n_q, n_kv):
+    q, k, v = random_qkv(2, n_q, n_kv, 3, head_dim, dtype)
+    check_attention(ops, q, k, v, 0.7 * head_dim ** -0.5, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_attention_matches_reference_on_strided_views(ops, dtype, head_dim):
+    q, k, v = random_qkv(2, 77, 21, 2, head_dim, dtype, layout="strided")
+    check_attention(ops, q, k, v, head_dim ** -0.5, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_q,n_kv,heads,dim", [(3136, 784, 1, 64), (784, 196, 3, 192), (197, 50, 6, 384)])
+def test_attention_matches_reference_at_cvt13_stage_shapes(ops, dtype, n_q, n_kv, heads, dim):
+    q, k, v = random_qkv(2, n_q, n_kv, heads, 64, dtype, layout="strided")
+    check_attention(ops, q, k, v, dim ** -0.5, dtype)
+
+
+@pytest.mark.gpu
+def test_attention_with_large_scores_stays_finite(ops):
+    # Scores of a hundred and more: exp overflows unless the online softmax subtracts the running max.
+    q, k, v = random_qkv(1, 70, 45, 2, 64, torch.float32)
+    check_attention(ops, q * 4, k * 4, v, 1.0, torch.float32, backward=False)
+
+
+@pytest.mark.gpu
+def test_attention_rejects_bad_inputs_on_gpu(ops):
+    q, k, v = random_qkv(1, 8, 4, 1, 48, torch.float16)
+    with pytest.raises(ValueError, match="head_dim 48"):
+        ops.attention_forward_cuda(q, k, v, 0.1)
+    q, k, v = random_qkv(1, 8, 4, 1, 64, torch.float16)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.attention_forward_cuda(q, k.float(), v, 0.1)
+    every_other = torch.randn(1, 8, 1, 128, device="cuda").half()[..., ::2]  # head_dim 64, stride 2
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.attention_forward_cuda(every_other, k, v, 0.1)
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        ops.attention_forward_cuda(q.double(), k.double(), v.double(), 0.1)
+
+
+# ---------------------------------------------------------------- GPU: conv_proj
+
+CONV_CASES = [
+    # batch, height, width, channels, has_cls, kernel, stride_q, stride_kv, padding_q, padding_kv
+    (2, 15, 13, 40, False, 3, 1, 2, 1, 1),
+    (2, 15, 13, 40, True, 3, 1, 2, 1, 1),
+    (3, 7, 7, 64, True, 3, 1, 2, 1, 1),
+    (2, 9, 11, 33, True, 5, 2, 3, 2, 0),
+    (1, 1, 1, 16, True, 3, 1, 2, 1, 1),
+    (2, 56, 56, 64, False, 3, 1, 2, 1, 1),   # CvT-13 stage 1
+    (2, 28, 28, 192, False, 3, 1, 2, 1, 1),  # CvT-13 stage 2
+    (2, 14, 14, 384, True, 3, 1, 2, 1, 1),   # CvT-13 stage 3
+]
+
+
+def conv_inputs(case, dtype, weight_dtype=torch.float32, bias=True, strided=False):
+    batch, height, width, channels, has_cls, kernel = case[:6]
+    tokens = has_cls + height * width
+    if strided:  # channels contiguous, token stride 2C: a slice of a wider tensor
+        x = torch.randn(batch, tokens, 2 * channels, device="cuda").to(dtype)[:, :, channels:]
+    else:
+        x = torch.randn(batch, tokens, channels, device="cuda").to(dtype)
+    weights = [torch.randn(channels, 1, kernel, kernel, device="cuda").to(weight_dtype) / kernel for _ in range(3)]
+    biases = [torch.randn(channels, device="cuda") if bias else None for _ in range(3)]
+    return x, weights, biases
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_proj_forward_and_backward_match_reference(ops, dtype, case):
+    _, height, width, _, has_cls, _, stride_q, stride_kv, padding_q, padding_kv = case
+    geometry = (height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
+    x, (wq, wk, wv), (bq, bk, bv) = conv_inputs(case, dtype)
+    outs = ops.conv_proj_forward_cuda(x, wq, wk, wv, bq, bk, bv, *geometry)
+    refs = reference_conv_proj(x, wq, wk, wv, bq, bk, bv, height, width, has_cls, stride_q, stride_kv,
+                               padding_q, padding_kv)
+    for got, ref in zip(outs, refs):
+        assert got.dtype == dtype and got.is_contiguous()
+        assert_close(got, ref, dtype)
+
+    grads = [torch.randn_like(o) for o in outs]
+    grad_x, gwq, gwk, gwv = ops.conv_proj_backward_cuda(*grads, x, wq, wk, wv, *geometry)
+    leaves = [t.detach().to(torch.float64).requires_grad_() for t in (x, wq, wk, wv)]
+    refs = reference_conv_proj(*leaves, bq, bk, bv, height, width, has_cls, stride_q, stride_kv, padding_q,
+                               padding_kv)
+    torch.autograd.backward(refs, [g.to(torch.float64) for g in grads])
+    assert_close(grad_x, leaves[0].grad, dtype, factor=BACKWARD_FACTOR[dtype])
+    for got, leaf in zip((gwq, gwk, gwv), leaves[1:]):
+        assert got.dtype == torch.float32 and got.shape == leaf.shape
+        assert_close(got, leaf.grad, dtype)  # fp32 sums of products of exact `dtype` values
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_conv_proj_reads_strided_tokens_without_bias(ops, dtype):
+    case = (2, 15, 13, 40, True, 3, 1, 2, 1, 1)
+    geometry = (15, 13, True, 1, 2, 1, 1)
+    x, (wq, wk, wv), _ = conv_inputs(case, dtype, weight_dtype=dtype, bias=False, strided=True)
+    outs = ops.conv_proj_forward_cuda(x, wq, wk, wv, None, None, None, *geometry)
+    refs = reference_conv_proj(x, wq, wk, wv, None, None, None, *geometry)
+    for got, ref in zip(outs, refs):
+        assert_close(got, ref, dtype)
+    grads = [torch.randn_like(o) for o in outs]
+    grad_x, gwq, gwk, gwv = ops.conv_proj_backward_cuda(*grads, x, wq, wk, wv, *geometry)
+    leaves = [t.detach().to(torch.float64).requires_grad_() for t in (x, wq, wk, wv)]
+    torch.autograd.backward(reference_conv_proj(*leaves, None, None, None, *geometry),
+                            [g.to(torch.float64) for g in grads])
+    assert grad_x.is_contiguous()
+    assert_close(grad_x, leaves[0].grad, dtype, factor=BACKWARD_FACTOR[dtype])
+    for got, leaf in zip((gwq, gwk, gwv), leaves[1:]):
+        assert got.dtype == dtype
+        assert_close(got, leaf.grad, dtype)
+
+
+@pytest.mark.gpu
+def test_conv_proj_rejects_bad_inputs_on_gpu(ops):
+    x = torch.randn(2, 26, 8, device="cuda")
+    w = torch.randn(8, 1, 3, 3, device="cuda")
+    with pytest.raises(ValueError, match="tokens"):
+        ops.conv_proj_forward_cuda(x, w, w, w, None, None, None, 5, 5, False, 1, 2, 1, 1)
+    with pytest.raises(ValueError, match="channels"):
+        ops.conv_proj_forward_cuda(x, w[:4], w[:4], w[:4], None, None, None, 5, 5, True, 1, 2, 1, 1)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.conv_proj_forward_cuda(x.transpose(0, 2).contiguous().transpose(0, 2), w, w, w, None, None, None,
+                                   5, 5, True, 1, 2, 1, 1)
+    with pytest.raises(ValueError, match="bq"):
+        ops.conv_proj_forward_cuda(x, w, w, w, torch.randn(3, device="cuda"), None, None, 5, 5, True, 1, 2, 1, 1)
