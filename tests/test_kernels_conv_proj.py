@@ -68,11 +68,15 @@ CASES = [
 CASE_IDS = ["7x7cls", "15x13", "5x9cls_nobias", "1x1cls", "6x8pad0", "7x5pad01",
             "5x9s22", "7x7s11", "9x6s21"]
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# Every geometry in fp32; the other dtypes on the geometries that cover the most masking
+# (the interpreter is slow, and dtype handling does not depend on the geometry).
+MATRIX = [pytest.param(case, torch.float32, id=f"float32-{name}") for case, name in zip(CASES, CASE_IDS)]
+MATRIX += [pytest.param(CASES[i], dtype, id=f"{str(dtype).split('.')[-1]}-{CASE_IDS[i]}")
+           for dtype, picks in ((torch.float64, (0, 1, 8)), (torch.bfloat16, (0, 6)), (torch.float16, (1, 7)))
+           for i in picks]
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case, dtype", MATRIX)
 def test_conv_proj_forward_and_backward_match_reference(case, dtype):
     height, width, channels, has_cls, sq, skv, pq, pkv, biases = case
     geometry = (height, width, has_cls, sq, skv, pq, pkv)
@@ -155,7 +159,7 @@ def test_conv_proj_gradcheck_float64(geometry):
     x, weights, bias = make_inputs(1, height, width, 3, has_cls, torch.float64)
     inputs = [t.requires_grad_(True) for t in (x, *weights, *bias)]
     assert torch.autograd.gradcheck(lambda *a: ConvProjFunction.apply(*a, geometry), inputs,
-                                    eps=1e-6, atol=1e-8, rtol=1e-6)
+                                    eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
 
 
 # ------------------------------------------------------------------------------------------
