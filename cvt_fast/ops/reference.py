@@ -1,0 +1,140 @@
+"""Plain-PyTorch reference implementations: the ground truth of every backend.
+
+Each function states what the fused kernels compute, in the fewest readable lines. They
+run on any device and take any float dtype; bf16/fp16 inputs are computed in float32 and
+the results returned in the input dtype (fp32 and fp64 are computed as they are). No
+tricks here: speed belongs to kernels/ and csrc/.
+
+Shapes follow the contract in cvt_fast/ops/__init__.py.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the arithmetic runs in: float32 for the 16-bit types, else the dtype itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# --------------------------------------------------------------------------- attention
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """q (B,Nq,H,d), k/v (B,Nkv,H,d) -> out (B,Nq,H*d) in q's dtype, lse (B,H,Nq) float32."""
+    batch, n_q, heads, head_dim = q.shape
+    ct = compute_dtype(q.dtype)
+    # Heads to the front: (B, H, N, d).
+    qh, kh, vh = (t.transpose(1, 2).to(ct) for t in (q, k, v))
+    scores = scale * (qh @ kh.transpose(-1, -2))           # (B, H, Nq, Nkv)
+    lse = torch.logsumexp(scores, dim=-1)                  # (B, H, Nq)
+    out = torch.exp(scores - lse.unsqueeze(-1)) @ vh       # (B, H, Nq, d)
+    out = out.transpose(1, 2).reshape(batch, n_q, heads * head_dim)
+    return out.to(q.dtype).contiguous(), lse.to(torch.float32).contiguous()
+
+
+def attention_backward_reference(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                                 lse: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv) of `attention_reference`, shaped and typed like q, k, v.
+
+    The probabilities are recomputed from q and k in the compute dtype rather than from
+    the float32 `lse`, so float64 gradients stay exact; `lse` is accepted for the
+    contract's sake (the kernels use it to avoid a second softmax).
+    """
+    del lse
+    batch, n_q, heads, head_dim = q.shape
+    ct = compute_dtype(q.dtype)
+    qh, kh, vh = (t.transpose(1, 2).to(ct) for t in (q, k, v))
+    d_out = grad_out.reshape(batch, n_q, heads, head_dim).transpose(1, 2).to(ct)
+    o = out.reshape(batch, n_q, heads, head_dim).transpose(1, 2).to(ct)
+    p = torch.softmax(scale * (qh @ kh.transpose(-1, -2)), dim=-1)   # (B, H, Nq, Nkv)
+    dv = p.transpose(-1, -2) @ d_out
+    dp = d_out @ vh.transpose(-1, -2)
+    # Softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O).
+    ds = p * (dp - (d_out * o).sum(-1, keepdim=True))
+    dq = scale * (ds @ kh)
+    dk = scale * (ds.transpose(-1, -2) @ qh)
+    return tuple(g.transpose(1, 2).to(t.dtype).contiguous() for g, t in ((dq, q), (dk, k), (dv, v)))
+
+
+# --------------------------------------------------------------------------- conv projection
+
+def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Spatial size after a convolution (floor mode), as nn.Conv2d computes it."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _grid(x: Tensor, height: int, width: int, has_cls: bool) -> tuple[Tensor, Tensor]:
+    """Tokens (B, [1+]H*W, C) -> (cls rows (B, 0 or 1, C), NCHW grid (B, C, H, W))."""
+    cls, tokens = x[:, : int(has_cls)], x[:, int(has_cls):]
+    return cls, tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], height, width)
+
+
+def _tokens(cls: Tensor, grid: Tensor) -> Tensor:
+    """NCHW grid -> tokens in row-major (h, w) order, with the cls rows in front."""
+    return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
+
+
+def conv_proj_reference(x: Tensor, wq: Tensor, wk: Tensor, wv: Tensor,
+                        bq: Tensor | None, bk: Tensor | None, bv: Tensor | None,
+                        height: int, width: int, has_cls: bool, stride_q: int, stride_kv: int,
+                        padding_q: int, padding_kv: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Three depthwise convolutions of the token grid; the cls row passes through unconvolved."""
+    ct = compute_dtype(x.dtype)
+    cls, grid = _grid(x.to(ct), height, width, has_cls)
+    channels = x.shape[2]
+    outputs = []
+    for w, b, stride, padding in ((wq, bq, stride_q, padding_q), (wk, bk, stride_kv, padding_kv),
+                                  (wv, bv, stride_kv, padding_kv)):
+        b = None if b is None else b.to(ct)
+        conv = F.conv2d(grid, w.to(ct), b, stride=stride, padding=padding, groups=channels)
+        outputs.append(_tokens(cls, conv).to(x.dtype).contiguous())
+    return tuple(outputs)
+
+
+def conv_proj_backward_reference(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, x: Tensor,
+                                 wq: Tensor, wk: Tensor, wv: Tensor, height: int, width: int,
+                                 has_cls: bool, stride_q: int, stride_kv: int, padding_q: int,
+                                 padding_kv: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (grad_x, grad_wq, grad_wk, grad_wv) of `conv_proj_reference` (bias grads excluded:
+    they are the sums of the non-cls rows of the output gradients)."""
+    ct = compute_dtype(x.dtype)
+    n_cls = int(has_cls)
+    _, grid = _grid(x.to(ct), height, width, has_cls)
+    channels = x.shape[2]
+    grad_grid = torch.zeros_like(grid)
+    grad_cls = torch.zeros_like(x[:, :n_cls], dtype=ct)
+    grad_weights = []
+    for g, w, stride, padding in ((grad_q, wq, stride_q, padding_q), (grad_k, wk, stride_kv, padding_kv),
+                                  (grad_v, wv, stride_kv, padding_kv)):
+        g = g.to(ct)
+        grad_cls = grad_cls + g[:, :n_cls]
+        # Output tokens back to the output grid: (B, C, Ho, Wo).
+        g_grid = g[:, n_cls:].transpose(1, 2).reshape(
+            g.shape[0], channels, output_size(height, w.shape[2], stride, padding),
+            output_size(width, w.shape[3], stride, padding))
+        grad_grid = grad_grid + torch.nn.grad.conv2d_input(
+            grid.shape, w.to(ct), g_grid, stride=stride, padding=padding, groups=channels)
+        grad_weights.append(torch.nn.grad.conv2d_weight(
+            grid, w.shape, g_grid, stride=stride, padding=padding, groups=channels).to(w.dtype))
+    grad_x = _tokens(grad_cls, grad_grid).to(x.dtype).contiguous()
+    return (grad_x, *grad_weights)
+
+
+# --------------------------------------------------------------------------- other projections
+
+def avg_proj_reference(x: Tensor, height: int, width: int, has_cls: bool, kernel_size: int,
+                       stride_kv: int, padding_kv: int) -> tuple[Tensor, Tensor, Tensor]:
+    """QKV_PROJ_METHOD 'avg' of the official code: q is the token grid itself; k and v are
+    AvgPool2d(kernel_size, stride_kv, padding_kv, ceil_mode=True) of it (one tensor, returned
+    twice). The cls row passes through in front of each."""
+    cls, grid = _grid(x, height, width, has_cls)
+    pooled = F.avg_pool2d(grid, kernel_size, stride=stride_kv, padding=padding_kv, ceil_mode=True)
+    kv = _tokens(cls, pooled)
+    return x, kv, kv
+
+
+def linear_proj_reference(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """QKV_PROJ_METHOD 'linear' of the official code: no projection, q = k = v = x."""
+    return x, x, x
