@@ -146,6 +146,8 @@ class Trainer:
                  model_factory: Optional[Callable[[Any], nn.Module]] = None):
         self.cfg, self.info = cfg, info
         self.run_dir = Path(run_dir)
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = info.device
         self.amp_dtype = _amp_dtype(cfg)
         self.channels_last = bool(cfg.TRAIN.CHANNELS_LAST)
@@ -276,6 +278,10 @@ class Trainer:
         bar = tqdm(total=self.steps_per_epoch, initial=pos.step_in_epoch, disable=not self.info.is_main,
                    desc=f"epoch {pos.epoch + 1}/{end_epoch}", dynamic_ncols=True, leave=True)
         sums = pos.epoch_sums
+        # A bad forward must not leave its BatchNorm statistics behind either: the buffers
+        # are backed up before each forward (one fused copy) and restored on a bad step.
+        buffers = [b for b in self.model.buffers()]
+        backup = [b.detach().clone() for b in buffers]
         start = time.perf_counter()
         hit_limit = False
         for x, y, skipped in self.train_loader:
@@ -287,13 +293,20 @@ class Trainer:
                 x, y = self.mixup(x, y)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            if buffers:
+                torch._foreach_copy_(backup, buffers)
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 logits = self.train_model(x)
             loss = self.criterion(logits.float(), y)
             where = f"epoch {pos.epoch} step {pos.step_in_epoch} (global step {pos.global_step})"
             self.optimizer.zero_grad(set_to_none=True)
-            skip = self._nonfinite(loss, where)
+            try:
+                skip = self._nonfinite(loss, where)
+            except NonFiniteLossError:
+                if buffers:
+                    torch._foreach_copy_(buffers, backup)
+                raise
             if not skip:
                 self.scaler.scale(loss).backward()
                 if clip > 0.0:
@@ -310,6 +323,8 @@ class Trainer:
                     if self.ema is not None:
                         self.ema.update(self.model)
             if skip:
+                if buffers:
+                    torch._foreach_copy_(buffers, backup)
                 sums["skipped_steps"] += 1
                 log.warning("non-finite loss at %s: step skipped (TRAIN.SKIP_NONFINITE_LOSS)", where)
             # The schedule follows the data position, skipped steps included.

@@ -1,0 +1,125 @@
+"""Data pipeline of the trainer: digits export, ImageFolder checks, transforms, sampler."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from cvt_fast.training.data import (EpochSampler, ImageFolderDataset, build_test_transform, build_train_transform,
+                                    build_train_loader, scan_image_folder)
+from cvt_fast.training.digits import MANIFEST, export_digits
+from test_train_utils import REPO, load_tiny_config, make_dataset, make_image_folder
+
+
+def test_digits_export_is_a_stratified_idempotent_image_folder(tmp_path):
+    root = export_digits(tmp_path / "digits")
+    counts = {split: {c: len(os.listdir(root / split / str(c))) for c in range(10)} for split in ("train", "val")}
+    total = sum(sum(v.values()) for v in counts.values())
+    assert total == 1797
+    for c in range(10):  # ~20% of every class in val
+        share = counts["val"][c] / (counts["val"][c] + counts["train"][c])
+        assert 0.17 < share < 0.23
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folder left behind"
+    png = next((root / "train" / "3").iterdir())
+    before = png.stat().st_mtime_ns
+    export_digits(root)  # second call: reuses, rewrites nothing
+    assert png.stat().st_mtime_ns == before
+    from PIL import Image
+    assert Image.open(png).size == (8, 8)
+
+
+def test_digits_export_refuses_a_foreign_non_empty_folder(tmp_path):
+    (tmp_path / "digits").mkdir()
+    (tmp_path / "digits" / "other.txt").write_text("x")
+    with pytest.raises(ValueError, match=MANIFEST):
+        export_digits(tmp_path / "digits")
+
+
+def test_image_folder_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        scan_image_folder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="is empty"):
+        scan_image_folder(tmp_path / "empty")
+    make_image_folder(tmp_path / "ds", classes=2, per_class=2)
+    (tmp_path / "ds" / "class_9").mkdir()
+    (tmp_path / "ds" / "class_9" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="class_9 has no images"):
+        scan_image_folder(tmp_path / "ds")
+
+
+def test_unreadable_images_are_skipped_and_counted_or_raise(tmp_path):
+    make_image_folder(tmp_path, classes=2, per_class=3)
+    broken = tmp_path / "class_0" / "001.png"
+    broken.write_bytes(b"not a png")
+    ds = ImageFolderDataset(tmp_path, transform=None, skip_unreadable=True)
+    index = [p for p, _ in ds.samples].index(str(broken))
+    img, target, skipped = ds[index]
+    assert skipped == 1 and img.size == (16, 16) and target == 0
+    assert ds[0][2] == 0
+    strict = ImageFolderDataset(tmp_path, transform=None, skip_unreadable=False)
+    with pytest.raises(ValueError, match="unreadable image .*001.png"):
+        strict[index]
+
+
+def test_test_transform_resizes_by_0_875_and_center_crops(tmp_path):
+    from cvt_fast.config import load_config
+    from PIL import Image
+
+    cfg = load_config(str(REPO / "experiments/imagenet/cvt/cvt-13-224x224.yaml"),
+                      ["TEST.IMAGE_SIZE", "[32, 32]"])
+    t = build_test_transform(cfg)
+    names = [type(s).__name__ for s in t.transforms]
+    assert names[:2] == ["Resize", "CenterCrop"]
+    assert t.transforms[0].size == int(32 / 0.875) and t.transforms[0].interpolation.value == "bicubic"
+    out = t(Image.new("RGB", (50, 40), (200, 10, 10)))
+    assert out.shape == (3, 32, 32)
+
+
+def test_official_train_transform_is_timm_randaugment_with_random_erasing():
+    from cvt_fast.config import load_config
+    from PIL import Image
+
+    cfg = load_config(str(REPO / "experiments/imagenet/cvt/cvt-13-224x224.yaml"), ["TRAIN.IMAGE_SIZE", "[32, 32]"])
+    t = build_train_transform(cfg)
+    text = repr(t)
+    assert "RandAugment" in text and "RandomErasing" in text and "bicubic" in text.lower()
+    torch.manual_seed(0)
+    out = t(Image.new("RGB", (40, 40), (20, 120, 10)))
+    assert out.shape == (3, 32, 32)
+
+
+def test_epoch_sampler_order_is_a_function_of_seed_and_epoch():
+    s = EpochSampler(10, shuffle=True, seed=3)
+    s.set_epoch(1)
+    a = list(s)
+    s.set_epoch(1)
+    assert list(s) == a and sorted(a) == list(range(10))
+    s.set_epoch(2)
+    assert list(s) != a
+    s.set_epoch(1, start=4)
+    assert list(s) == a[4:] and len(s) == 6
+
+
+def test_epoch_sampler_shards_cover_the_epoch_like_distributed_sampler():
+    full = EpochSampler(11, shuffle=True, seed=0)
+    full.set_epoch(5)
+    order = list(full)
+    shards = []
+    for rank in range(2):
+        s = EpochSampler(11, shuffle=True, seed=0, rank=rank, world_size=2)
+        s.set_epoch(5)
+        shards.append(list(s))
+    assert len(shards[0]) == len(shards[1]) == 6  # padded to a multiple of the world size
+    padded = order + order[:1]
+    assert shards[0] == padded[0::2] and shards[1] == padded[1::2]
+    val = [list(EpochSampler(11, shuffle=False, rank=r, world_size=2, pad=False)) for r in range(2)]
+    assert sorted(val[0] + val[1]) == list(range(11))
+
+
+def test_batch_larger_than_dataset_is_an_error(tmp_path):
+    make_dataset(tmp_path / "data", train_per_class=2)
+    cfg = load_tiny_config(tmp_path / "data", tmp_path / "out", TRAIN__BATCH_SIZE_PER_GPU=16)
+    with pytest.raises(ValueError, match="larger than the 6 training images"):
+        build_train_loader(cfg)
