@@ -136,17 +136,23 @@ def read_checkpoint_file(path: str | os.PathLike[str], weights_only: bool = True
         return torch.load(file, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as exc:
         if weights_only and "weights only" in str(exc).lower() and head[:2] in (b"PK", b"\x80\x02"):
+            # torch's message is a page long; its 'WeightsUnpickler error:' line names the object.
+            detail = next((line.split("error:", 1)[1].split(" was not")[0].strip()
+                           for line in str(exc).splitlines() if "WeightsUnpickler error:" in line),
+                          _first_line(exc))
             raise CheckpointError(
                 f"checkpoint file '{file}' holds Python objects that safe loading (weights_only=True) "
-                f"refuses: {_first_line(exc)}; if you trust the file, pass weights_only=False") from exc
+                f"refuses ({detail}); if you trust the file, pass weights_only=False") from exc
         raise CheckpointError(_unreadable(file, size, head, exc)) from exc
     except Exception as exc:  # torch.load raises RuntimeError, EOFError, ValueError, ... on bad files
         raise CheckpointError(_unreadable(file, size, head, exc)) from exc
 
 
-def _first_line(exc: BaseException) -> str:
+def _first_line(exc: BaseException, limit: int = 240) -> str:
+    # Library messages can run to paragraphs; their first sentence says what broke.
     text = str(exc).strip()
-    return text.splitlines()[0] if text else "(no message)"
+    line = text.splitlines()[0].split(". ")[0] if text else "(no message)"
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def _unreadable(file: Path, size: int, head: bytes, exc: BaseException) -> str:

@@ -285,6 +285,25 @@ def test_truncated_file_is_a_checkpoint_error_naming_the_file(tmp_path, source):
     assert str(path) in str(info.value) and "truncated or corrupt" in str(info.value)
 
 
+def test_truncated_legacy_pickle_file_is_a_checkpoint_error(tmp_path, source):
+    path = tmp_path / "legacy.pth"
+    torch.save(source.state_dict(), path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="damaged pickle checkpoint") as info:
+        load_checkpoint(small_model(), path)
+    assert str(path) in str(info.value)
+
+
+def test_hf_keys_mixed_with_foreign_keys_are_named(source):
+    from cvt_fast.hf_convert import official_to_hf
+
+    state_dict = official_to_hf(source.state_dict())
+    state_dict["cvt.encoder.stages.0.adapter.weight"] = torch.randn(2)
+    with pytest.raises(CheckpointError, match="Hugging Face CvT keys.*'cvt.encoder.stages.0.adapter.weight'"):
+        load_checkpoint(small_model(), state_dict)
+
+
 def test_truncated_safetensors_file_is_a_checkpoint_error(tmp_path, source):
     path = tmp_path / "model.safetensors"
     save_official_state_dict(source, path)
@@ -337,8 +356,9 @@ class PickledConfig:
 def test_unsafe_pickles_are_refused_unless_trusted(tmp_path, source):
     path = tmp_path / "with_object.pth"
     torch.save({"model": source.state_dict(), "config": PickledConfig()}, path)
-    with pytest.raises(CheckpointError, match="weights_only=False"):
+    with pytest.raises(CheckpointError, match="weights_only=False") as info:
         load_checkpoint(small_model(), path)
+    assert "PickledConfig" in str(info.value)
     model = small_model()
     load_checkpoint(model, path, weights_only=False)
     assert_same_weights(model, source)
