@@ -301,6 +301,8 @@ def load_checkpoint(
     model's (or the file has none), the file's head.* is skipped and the model's head is
     re-initialised through `model.reset_classifier`. The image size never matters: CvT has
     no position embedding. weights_only=False unpickles arbitrary objects: trusted files only.
+    Hugging Face's hub weights (microsoft/cvt-*) were converted from the official zoo (QuickGELU);
+    build the model with act="gelu" only to reproduce the Hugging Face port's own logits.
     Raises CheckpointError (a RuntimeError) naming the file and what is wrong.
     """
     if not isinstance(model, nn.Module):
@@ -351,15 +353,16 @@ def load_checkpoint(
         raise CheckpointError(_mismatch_message(source, target, state_dict, model_sd, missing,
                                                 unexpected, mismatched, strict, reset_head))
 
+    reset = getattr(target, "reset_classifier", None)
+    if report.head_reset and reset is None:
+        raise CheckpointError(f"reset_head=True but {type(target).__name__} has no reset_classifier(); "
+                              "expected a cvt_fast CvT model")
     to_load = {k: state_dict[k] for k in matched}
     # strict=False: our own key check above is the strict one (it tolerates a missing
     # num_batches_tracked); torch's strict mode would also reject that.
     with torch.no_grad():
         target.load_state_dict(to_load, strict=False)
     if report.head_reset:
-        reset = getattr(target, "reset_classifier", None)
-        if reset is None:
-            raise CheckpointError(f"reset_head=True but {type(target).__name__} has no reset_classifier()")
         reset(_model_num_classes(target, model_sd))
     report.loaded = matched
     report.missing = missing

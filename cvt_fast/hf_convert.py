@@ -17,8 +17,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 # Official key pattern -> Hugging Face key pattern. Placeholders: {i} stage, {j} block,
 # {qkv} q/k/v (query/key/value), {p} the parameter or buffer name (weight, bias,
 # running_mean, ...). Block-level entries are relative to the block prefixes below.
