@@ -28,12 +28,14 @@ Tiling
   in the input dtype (bf16/fp16 tensor cores), under the interpreter they are upcast to
   fp32 right after tl.load because the interpreter holds bf16 as raw bits.
 
-Floor (per call): forward 4*B*H*Nq*Nkv*d FLOPs (two GEMMs) and reads q, k, v once and
-writes out + lse: (B*H*d*(2*Nq + 2*Nkv) * itemsize + 4*B*H*Nq) bytes when one program
-column's K/V stay in L2. Backward recomputes S and does four more GEMMs: about 2.5x the
-forward FLOPs (10*B*H*Nq*Nkv*d with the recomputation), and reads q, k, v, out, dO,
-lse once each (plus one re-read of K/V per Q tile and of Q/dO per K/V tile from L2),
-writing dq, dk, dv.
+Floor (per call), itemsize = bytes per element of q:
+- forward: 4*B*H*Nq*Nkv*d FLOPs (S = QK^T and PV); HBM traffic at least
+  B*H*d*(2*Nq + 2*Nkv)*itemsize + 4*B*H*Nq bytes (read q, k, v, write out and lse),
+  K/V re-reads by the Nq/BLOCK_M programs of one (b, h) being served from L2.
+- backward: 10*B*H*Nq*Nkv*d FLOPs (2.5x the forward: S recomputed, dP, dV, dK, dQ);
+  this split runs 14*B*H*Nq*Nkv*d because both the dK/dV and the dQ kernel recompute
+  S and dP, the price of having no atomics. HBM traffic at least reads of q, k, v, out,
+  dO, lse and writes of dq, dk, dv (plus delta, 4*B*H*Nq bytes each way).
 """
 from __future__ import annotations
 
@@ -49,17 +51,15 @@ import triton.language as tl
 # setting that was in force when this module (and its @triton.jit) was imported.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+__all__ = ["attention_forward", "attention_backward", "is_supported", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
+
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+# Globals read inside kernels must be tl.constexpr instances (an annotation is not enough).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
-# Under the interpreter every program is executed in Python/numpy; cost grows with the
-# number of programs and loop trips, not with the tile size, so use one mid-size config
-# that still gives several tiles at the small odd test shapes (Nq=37, Nkv=50: 2 x 4 tiles).
-_INTERPRETER_BLOCK_M = 32
-_INTERPRETER_BLOCK_N = 16
 
 
 # --------------------------------------------------------------------------------------
@@ -358,46 +358,70 @@ def _attn_bwd_dq_kernel(
 
 
 # --------------------------------------------------------------------------------------
-# GPU launch configurations
+# Launch configurations (GPU autotune lists, fixed fp32 and interpreter configs)
 # --------------------------------------------------------------------------------------
-# Small autotune lists (each config is compiled once per shape/dtype key, so keep them
-# short). Forward: BLOCK_M=128 x BLOCK_N=64, 4 warps, 3 stages is the usual Hopper/Ampere
-# sweet spot for d=64 (q tile and accumulator fit in registers, three K/V tiles in
-# shared memory); BLOCK_M=64 doubles the number of programs, which matters for CvT
-# stages 1-2 where B*H is small (8 programs' worth of (b, h) at B=8, H=1); for d=128 the
-# accumulator is twice as big, so 8 warps (or BLOCK_M=64) keep it out of local memory.
-# Configs that exceed shared memory are dropped by the autotuner (OutOfResources).
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-]
-# dK/dV: a program keeps K, V, dK, dV (4 x BLOCK_N x d) in registers and streams Q/dO;
-# dQ: keeps Q, dO, dQ (3 x BLOCK_M x d) and streams K/V. Hence the owned tile is the big
-# one (64-128) and the streamed one small (32-64), as in flash-attention 2.
-_DKDV_CONFIGS = [
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-]
-_DQ_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-]
-# The delta pass is pure bandwidth: one row tile per program, no reuse.
+def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+# bf16/fp16 on the GPU: short autotune lists (every config is compiled once per shape and
+# dtype), split by head dim because the register budget is what limits the tiles. Every
+# config listed compiles for sm_90 without register spills (checked with cuobjdump).
+# - forward: BLOCK_M=128 x BLOCK_N=64, 4 warps, 3 stages is the usual Hopper/Ampere
+#   choice for d=64 (q tile and accumulator in registers, three K/V tiles in flight in
+#   shared memory); BLOCK_M=64 doubles the number of programs, which matters for CvT
+#   stages 1-2 where B*H is small (H=1 and 3). For d=128 the accumulator doubles:
+#   128x64 needs 8 warps (with 4 it spills), 64-row tiles fit 4 warps.
+# - dK/dV keeps K, V, dK, dV (4 x BLOCK_N x d) in registers and streams Q/dO, so its owned
+#   K/V tile is the big one (64-128) and the streamed Q tile small (32-64), as in
+#   flash-attention 2; for d=128 only 8-warp configs avoid spilling.
+# - dQ keeps Q, dO, dQ (3 x BLOCK_M x d) and streams K/V: the mirror image.
+# Configs that do not fit shared memory on a smaller GPU are dropped by the autotuner.
+_GPU_CONFIGS = {
+    "fwd": {
+        64: [_config(128, 64, 4, 3), _config(128, 64, 8, 2), _config(64, 64, 4, 3), _config(64, 32, 4, 3)],
+        128: [_config(128, 64, 8, 2), _config(64, 64, 4, 3), _config(64, 32, 4, 3)],
+    },
+    "dkdv": {
+        64: [_config(32, 128, 8, 3), _config(64, 64, 4, 3), _config(32, 64, 4, 3)],
+        128: [_config(32, 64, 8, 3), _config(64, 64, 8, 2)],
+    },
+    "dq": {
+        64: [_config(128, 32, 8, 3), _config(64, 64, 4, 3), _config(64, 32, 4, 3)],
+        128: [_config(64, 64, 8, 2), _config(64, 32, 4, 3)],
+    },
+}
+# fp32 on the GPU is the accuracy path (tl.dot with input_precision="ieee" runs on FMA
+# units, not tensor cores, and needs far more registers): one fixed small config that
+# compiles without spills for d up to 128, and no autotuning (which would compile slow
+# fp32 variants for nothing).
+_GPU_FP32_CONFIG = _config(32, 32, 8, 2)
+# The interpreter's cost grows with the number of programs and loop trips, not with the
+# tile size; these mid-size tiles still leave several tiles at the small odd test shapes
+# (Nq=37, Nkv=50: 2 query tiles x 4 key tiles), so the masks and the online softmax
+# across tiles are exercised. dK/dV owns the K/V tile, so its larger block is along Nkv.
+_INTERPRETER_CONFIGS = {"fwd": _config(32, 16, 4, 1), "dkdv": _config(16, 32, 4, 1), "dq": _config(32, 16, 4, 1)}
+# The delta pass is pure bandwidth (one row tile per program, no reuse): one fixed config.
 _DELTA_BLOCK_M = 64
 _DELTA_NUM_WARPS = 4
 
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 _AUTOTUNE_KEY = ["Nq", "Nkv", "HEAD_DIM"]
-if _INTERPRET:
-    # Multi-config autotuning needs a GPU driver; the interpreter uses the fixed blocks above.
-    _fwd_tuned = _dkdv_tuned = _dq_tuned = None
-else:
-    _fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY)(_attn_fwd_kernel)
-    _dkdv_tuned = triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY)(_attn_bwd_dkdv_kernel)
-    _dq_tuned = triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY)(_attn_bwd_dq_kernel)
+# Multi-config autotuning needs a GPU driver; the interpreter uses _INTERPRETER_CONFIGS.
+_TUNED = {} if _INTERPRET else {
+    (name, d_group): triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(_KERNELS[name])
+    for name, by_d in _GPU_CONFIGS.items() for d_group, configs in by_d.items()
+}
+
+
+def _launch(name: str, grid, args: tuple, head_dim: int, dtype: torch.dtype, **constexprs) -> None:
+    """Launch kernel `name` with the config for this device and dtype; grid(meta) -> launch grid."""
+    if _INTERPRET or dtype == torch.float32:
+        cfg = _INTERPRETER_CONFIGS[name] if _INTERPRET else _GPU_FP32_CONFIG
+        launch = {} if _INTERPRET else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        _KERNELS[name][grid(cfg.kwargs)](*args, HEAD_DIM=head_dim, **cfg.kwargs, **constexprs, **launch)
+    else:
+        _TUNED[(name, 64 if head_dim <= 64 else 128)][grid](*args, HEAD_DIM=head_dim, **constexprs)
 
 
 # --------------------------------------------------------------------------------------
@@ -484,6 +508,15 @@ def _device_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def is_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0) -> bool:
+    """Whether attention_forward/backward accept these inputs (for a backend's fallback choice)."""
+    try:
+        _validate_qkv(q, k, v, scale)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused attention forward.
@@ -510,15 +543,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         H, Nq, Nkv,
         qk_hi, qk_lo,
     )
-    flags = _dtype_flags(q.dtype)
     with _device_guard(q):
-        if _INTERPRET:
-            grid = (triton.cdiv(Nq, _INTERPRETER_BLOCK_M), B * H)
-            _attn_fwd_kernel[grid](*args, HEAD_DIM=d, BLOCK_M=_INTERPRETER_BLOCK_M,
-                                   BLOCK_N=_INTERPRETER_BLOCK_N, **flags)
-        else:
-            grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)  # noqa: E731
-            _fwd_tuned[grid](*args, HEAD_DIM=d, **flags)
+        _launch("fwd", lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H), args, d, q.dtype,
+                **_dtype_flags(q.dtype))
     return out, lse
 
 
@@ -568,9 +595,8 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     qk_hi, qk_lo = _split_fp32(scale * math.log2(math.e))
     s_hi, s_lo = _split_fp32(scale)
     delta = torch.empty((B, H, Nq), dtype=torch.float64 if is_fp64 else torch.float32, device=q.device)
-    bm, bn = _INTERPRETER_BLOCK_M, _INTERPRETER_BLOCK_N  # the fixed blocks of the interpreter
     with _device_guard(q):
-        delta_block = bm if _INTERPRET else _DELTA_BLOCK_M
+        delta_block = _INTERPRETER_CONFIGS["fwd"].kwargs["BLOCK_M"] if _INTERPRET else _DELTA_BLOCK_M
         _attn_bwd_delta_kernel[(triton.cdiv(Nq, delta_block), B * H)](
             out, grad_out, delta,
             out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
@@ -581,11 +607,12 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         if is_fp64:
             # fp64 runs only under the interpreter (rejected on the GPU by _validate_qkv).
             lse_rows = torch.empty((B, H, Nq), dtype=torch.float64, device=q.device)
-            _attn_bwd_lse2_kernel[(triton.cdiv(Nq, bm), B * H)](
+            blocks = _INTERPRETER_CONFIGS["fwd"].kwargs
+            _attn_bwd_lse2_kernel[(triton.cdiv(Nq, blocks["BLOCK_M"]), B * H)](
                 q, k, lse_rows,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 H, Nq, Nkv, qk_hi, qk_lo,
-                HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, **flags)
+                HEAD_DIM=d, **blocks, **flags)
         else:
             lse_rows = lse
         common = (
@@ -596,19 +623,12 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             lse_rows.stride(0), lse_rows.stride(1), lse_rows.stride(2),
         )
         scalars = (H, Nq, Nkv, qk_hi, qk_lo, s_hi, s_lo)
-        dkdv_args = (q, k, v, grad_out, lse_rows, delta, dk, dv, *common,
-                     dk.stride(0), dk.stride(1), dk.stride(2), *scalars)
-        dq_args = (q, k, v, grad_out, lse_rows, delta, dq, *common,
-                   dq.stride(0), dq.stride(1), dq.stride(2), *scalars)
-        if _INTERPRET:
-            # dK/dV owns the K/V tile: give it the larger block along Nkv.
-            _attn_bwd_dkdv_kernel[(triton.cdiv(Nkv, bm), B * H)](
-                *dkdv_args, HEAD_DIM=d, BLOCK_M=bn, BLOCK_N=bm, LSE_LOG2=is_fp64, **flags)
-            _attn_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
-                *dq_args, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, LSE_LOG2=is_fp64, **flags)
-        else:
-            _dkdv_tuned[lambda meta: (triton.cdiv(Nkv, meta["BLOCK_N"]), B * H)](
-                *dkdv_args, HEAD_DIM=d, LSE_LOG2=False, **flags)
-            _dq_tuned[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)](
-                *dq_args, HEAD_DIM=d, LSE_LOG2=False, **flags)
+        _launch("dkdv", lambda meta: (triton.cdiv(Nkv, meta["BLOCK_N"]), B * H),
+                (q, k, v, grad_out, lse_rows, delta, dk, dv, *common,
+                 dk.stride(0), dk.stride(1), dk.stride(2), *scalars),
+                d, q.dtype, LSE_LOG2=is_fp64, **flags)
+        _launch("dq", lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H),
+                (q, k, v, grad_out, lse_rows, delta, dq, *common,
+                 dq.stride(0), dq.stride(1), dq.stride(2), *scalars),
+                d, q.dtype, LSE_LOG2=is_fp64, **flags)
     return dq, dk, dv

@@ -250,6 +250,13 @@ def test_forward_rejects_unsupported_head_dim(d):
         attn.attention_forward(q, k, v, 0.1)
 
 
+def test_is_supported_tells_which_inputs_the_kernels_take():
+    q, k, v = _good()
+    assert attn.is_supported(q, k, v, 0.1)
+    assert not attn.is_supported(*random_qkv(1, 5, 3, 1, 48, torch.float32))
+    assert not attn.is_supported(q, k.half(), v)
+
+
 @pytest.mark.parametrize("scale", [None, "0.1", float("nan"), True])
 def test_forward_rejects_bad_scale(scale):
     with pytest.raises(TypeError, match="scale"):
