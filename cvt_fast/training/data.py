@@ -154,8 +154,7 @@ class ImageFolderDataset(Dataset):
     def _load(path: str):
         from PIL import Image
 
-        with open(path, "rb") as f:
-            img = Image.open(f)
+        with Image.open(path) as img:
             return img.convert("RGB")
 
     def __getitem__(self, index: int):
@@ -168,7 +167,7 @@ class ImageFolderDataset(Dataset):
                 img = self._load(path)
             except Exception as err:  # PIL raises many types for broken files
                 if not self.skip_unreadable:
-                    raise ValueError(f"unreadable image {path} ({type(err).__name__}: {err}); "
+                    raise ValueError(f"unreadable image {path} ({type(err).__name__}); "
                                      "set DATASET.SKIP_UNREADABLE True to skip such files") from None
                 skipped += 1
                 continue

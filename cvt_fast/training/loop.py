@@ -283,79 +283,80 @@ class Trainer:
         buffers = [b for b in self.model.buffers()]
         backup = [b.detach().clone() for b in buffers]
         start = time.perf_counter()
-        hit_limit = False
-        for x, y, skipped in self.train_loader:
-            t0 = time.perf_counter()
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            sums["skipped_images"] += float(skipped.sum())
-            if self.mixup is not None:
-                x, y = self.mixup(x, y)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if buffers:
-                torch._foreach_copy_(backup, buffers)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                logits = self.train_model(x)
-            loss = self.criterion(logits.float(), y)
-            where = f"epoch {pos.epoch} step {pos.step_in_epoch} (global step {pos.global_step})"
-            self.optimizer.zero_grad(set_to_none=True)
-            try:
-                skip = self._nonfinite(loss, where)
-            except NonFiniteLossError:
+        # The context closes the bar on errors too, so a message is not glued to it.
+        with bar:
+            hit_limit = False
+            for x, y, skipped in self.train_loader:
+                t0 = time.perf_counter()
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+                sums["skipped_images"] += float(skipped.sum())
+                if self.mixup is not None:
+                    x, y = self.mixup(x, y)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 if buffers:
-                    torch._foreach_copy_(buffers, backup)
-                raise
-            if not skip:
-                self.scaler.scale(loss).backward()
-                if clip > 0.0:
-                    self.scaler.unscale_(self.optimizer)
-                    norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-                    if self.scaler.is_enabled():
-                        pass  # GradScaler skips the step itself when the unscaled grads overflow
-                    elif self._nonfinite(norm, f"{where} (gradient norm)"):
-                        skip = True
-                        self.optimizer.zero_grad(set_to_none=True)
+                    torch._foreach_copy_(backup, buffers)
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    logits = self.train_model(x)
+                loss = self.criterion(logits.float(), y)
+                where = f"epoch {pos.epoch} step {pos.step_in_epoch} (global step {pos.global_step})"
+                self.optimizer.zero_grad(set_to_none=True)
+                try:
+                    skip = self._nonfinite(loss, where)
+                except NonFiniteLossError:
+                    if buffers:
+                        torch._foreach_copy_(buffers, backup)
+                    raise
                 if not skip:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    if self.ema is not None:
-                        self.ema.update(self.model)
-            if skip:
-                if buffers:
-                    torch._foreach_copy_(buffers, backup)
-                sums["skipped_steps"] += 1
-                log.warning("non-finite loss at %s: step skipped (TRAIN.SKIP_NONFINITE_LOSS)", where)
-            # The schedule follows the data position, skipped steps included.
-            self.scheduler.step()
-            loss_value = loss.item()
-            if not skip:
-                sums["loss"] += loss_value * y.shape[0]
-                sums["samples"] += y.shape[0]
-            pos.step_in_epoch += 1
-            pos.global_step += 1
-            if self.step_delay:
-                time.sleep(self.step_delay)
-            dt = time.perf_counter() - t0
-            lr = self.optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_step / max(dt, 1e-9):.0f}")
-            bar.update(1)
-            if self.tb is not None:
-                self.tb.scalars({"train/loss": loss_value, "train/lr": lr}, pos.global_step)
-            if self.info.is_main and int(cfg.PRINT_FREQ) > 0 and pos.step_in_epoch % int(cfg.PRINT_FREQ) == 0:
-                bar.clear()
-                log.info("epoch %d step %d/%d loss %.4f lr %.3e", pos.epoch + 1, pos.step_in_epoch,
-                         self.steps_per_epoch, loss_value, lr)
-            hit_limit = 0 < max_steps <= pos.global_step
-            sums["seconds"] += time.perf_counter() - start
-            start = time.perf_counter()
-            if hit_limit:
-                break
-            if every > 0 and pos.global_step % every == 0 and pos.step_in_epoch < self.steps_per_epoch:
-                self.save_checkpoint()
+                    self.scaler.scale(loss).backward()
+                    if clip > 0.0:
+                        self.scaler.unscale_(self.optimizer)
+                        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                        if self.scaler.is_enabled():
+                            pass  # GradScaler skips the step itself when the unscaled grads overflow
+                        elif self._nonfinite(norm, f"{where} (gradient norm)"):
+                            skip = True
+                            self.optimizer.zero_grad(set_to_none=True)
+                    if not skip:
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
+                        if self.ema is not None:
+                            self.ema.update(self.model)
+                if skip:
+                    if buffers:
+                        torch._foreach_copy_(buffers, backup)
+                    sums["skipped_steps"] += 1
+                    log.warning("non-finite loss at %s: step skipped (TRAIN.SKIP_NONFINITE_LOSS)", where)
+                # The schedule follows the data position, skipped steps included.
+                self.scheduler.step()
+                loss_value = loss.item()
+                if not skip:
+                    sums["loss"] += loss_value * y.shape[0]
+                    sums["samples"] += y.shape[0]
+                pos.step_in_epoch += 1
+                pos.global_step += 1
+                if self.step_delay:
+                    time.sleep(self.step_delay)
+                dt = time.perf_counter() - t0
+                lr = self.optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_step / max(dt, 1e-9):.0f}")
+                bar.update(1)
+                if self.tb is not None:
+                    self.tb.scalars({"train/loss": loss_value, "train/lr": lr}, pos.global_step)
+                if self.info.is_main and int(cfg.PRINT_FREQ) > 0 and pos.step_in_epoch % int(cfg.PRINT_FREQ) == 0:
+                    bar.clear()
+                    log.info("epoch %d step %d/%d loss %.4f lr %.3e", pos.epoch + 1, pos.step_in_epoch,
+                             self.steps_per_epoch, loss_value, lr)
+                hit_limit = 0 < max_steps <= pos.global_step
+                sums["seconds"] += time.perf_counter() - start
                 start = time.perf_counter()
-        bar.close()
+                if hit_limit:
+                    break
+                if every > 0 and pos.global_step % every == 0 and pos.step_in_epoch < self.steps_per_epoch:
+                    self.save_checkpoint()
+                    start = time.perf_counter()
         return hit_limit
 
     # ---- the run -----------------------------------------------------------------
