@@ -25,7 +25,6 @@
 // cores; DRAM: q, k, v, dO, O, dq, dk, dv once each, plus lse and delta.
 
 #include "common.cuh"
-#include "ops.h"
 
 namespace cvt_fast {
 namespace {
@@ -235,6 +234,19 @@ attention_bwd_dkdv_kernel(const scalar_t* __restrict__ grad_out, const scalar_t*
   }
 }
 
+}  // namespace
+}  // namespace cvt_fast
+
+// ---------------------------------------------------------------- host side (launch, checks)
+// Left out when csrc/emulate/ compiles the kernels above for a CPU emulation of the GPU.
+#ifndef CVT_FAST_HOST_EMULATION
+#include <vector>
+
+#include "ops.h"
+
+namespace cvt_fast {
+namespace {
+
 template <typename scalar_t, int D>
 void launch_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& delta,
@@ -313,3 +325,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
 }
 
 }  // namespace cvt_fast
+
+#endif  // CVT_FAST_HOST_EMULATION

@@ -28,9 +28,6 @@
 // compute-bound; a tensor-core (mma/wgmma) version is the next step, see csrc/NOTES.md.
 
 #include "common.cuh"
-#include "ops.h"
-
-#include <cmath>
 
 namespace cvt_fast {
 namespace {
@@ -158,6 +155,19 @@ attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
   }
 }
 
+}  // namespace
+}  // namespace cvt_fast
+
+// ---------------------------------------------------------------- host side (launch, checks)
+// Left out when csrc/emulate/ compiles the kernels above for a CPU emulation of the GPU.
+#ifndef CVT_FAST_HOST_EMULATION
+#include <cmath>
+
+#include "ops.h"
+
+namespace cvt_fast {
+namespace {
+
 template <typename scalar_t, int D>
 void launch_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           at::Tensor& out, at::Tensor& lse, float scale) {
@@ -228,3 +238,5 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
 }
 
 }  // namespace cvt_fast
+
+#endif  // CVT_FAST_HOST_EMULATION

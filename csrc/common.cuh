@@ -3,10 +3,17 @@
 // instantiated, to keep the build short), and the argument checks the host wrappers use.
 #pragma once
 
+#ifdef CVT_FAST_HOST_EMULATION
+// csrc/emulate/: the kernels compiled by a host compiler, one OS thread per CUDA thread.
+#include "emulate/cuda_on_host.h"
+#else
+// c10/cuda headers, not ATen/cuda/CUDAContext.h: that one also pulls cuSPARSE/cuBLAS headers,
+// which a bare CUDA toolkit lacks. c10::cuda::getCurrentCUDAStream is at::cuda's.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -40,6 +47,7 @@ __device__ __forceinline__ float group_sum(float x) {
 
 }  // namespace cvt_fast
 
+#ifndef CVT_FAST_HOST_EMULATION
 // Runs the lambda given as the variadic argument with `scalar_t` bound to float,
 // c10::Half or c10::BFloat16; any other dtype raises a TypeError naming the op.
 #define CVT_DISPATCH_FLOAT_HALF_BF16(TYPE, OP_NAME, ...)                                  \
@@ -82,3 +90,5 @@ __device__ __forceinline__ float group_sum(float x) {
   TORCH_CHECK_TYPE((T).scalar_type() == (REF).scalar_type(), OP_NAME, ": ", ARG_NAME,        \
                    " has dtype ", (T).scalar_type(), " but ", REF_NAME, " has dtype ",       \
                    (REF).scalar_type(), "; they must match")
+
+#endif  // CVT_FAST_HOST_EMULATION

@@ -25,11 +25,8 @@
 // the weight-grad kernel. FLOPs are negligible (2*k*k per output element per conv).
 
 #include "common.cuh"
-#include "ops.h"
 
 #include <algorithm>
-#include <utility>
-#include <vector>
 
 namespace cvt_fast {
 namespace {
@@ -225,6 +222,26 @@ int grid_for(int64_t items) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(items, kThreads), int64_t{1} << 20)));
 }
 
+// Position splits of the weight-grad grid: about kWgradTargetPerThread positions per thread.
+int64_t wgrad_splits(int64_t max_positions) {
+  return std::max<int64_t>(
+      1, std::min<int64_t>(kWgradMaxSplits, ceil_div(max_positions, kWgradLanes * kWgradTargetPerThread)));
+}
+
+}  // namespace
+}  // namespace cvt_fast
+
+// ---------------------------------------------------------------- host side (launch, checks)
+// Left out when csrc/emulate/ compiles the kernels above for a CPU emulation of the GPU.
+#ifndef CVT_FAST_HOST_EMULATION
+#include <utility>
+#include <vector>
+
+#include "ops.h"
+
+namespace cvt_fast {
+namespace {
+
 // (C, 1, k, k) weight of any floating dtype -> (k*k, C) fp32 contiguous on the same device.
 at::Tensor tap_major(const at::Tensor& w) {
   return w.reshape({w.size(0), w.size(2) * w.size(3)}).to(at::kFloat).t().contiguous();
@@ -271,10 +288,9 @@ int64_t check_conv_proj_args(const char* op, const at::Tensor& x, const at::Tens
                     ", stride_kv=", stride_kv);
   TORCH_CHECK_VALUE(padding_q >= 0 && padding_kv >= 0, op, ": paddings must be non-negative, got padding_q=",
                     padding_q, ", padding_kv=", padding_kv);
-  TORCH_CHECK_VALUE(conv_out_size(height, kernel, stride_q, padding_q) >= 1 &&
-                        conv_out_size(width, kernel, stride_q, padding_q) >= 1 &&
-                        conv_out_size(height, kernel, stride_kv, padding_kv) >= 1 &&
-                        conv_out_size(width, kernel, stride_kv, padding_kv) >= 1,
+  // Compare before dividing: C++ division truncates toward zero, so conv_out_size would give 1
+  // (not 0) for a padded grid up to stride - 1 smaller than the kernel.
+  TORCH_CHECK_VALUE(std::min(height, width) + 2 * std::min(padding_q, padding_kv) >= kernel,
                     op, ": a ", height, " x ", width, " grid is smaller than the ", kernel, " x ", kernel,
                     " kernel with padding_q=", padding_q, ", padding_kv=", padding_kv);
   return kernel;
@@ -383,8 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_proj_backward_cu
   const auto gq_c = grad_q.contiguous(), gk_c = grad_k.contiguous(), gv_c = grad_v.contiguous();
   const auto wq_t = tap_major(wq), wk_t = tap_major(wk), wv_t = tap_major(wv);
   const int64_t max_positions = batch * std::max<int64_t>(int64_t{gq.out_h} * gq.out_w, int64_t{gkv.out_h} * gkv.out_w);
-  const int64_t splits =
-      std::max<int64_t>(1, std::min<int64_t>(kWgradMaxSplits, ceil_div(max_positions, kWgradLanes * kWgradTargetPerThread)));
+  const int64_t splits = wgrad_splits(max_positions);
   auto partial = at::empty({splits, 3, taps, channels}, x.options().dtype(at::kFloat));
   auto stream = c10::cuda::getCurrentCUDAStream();
 
@@ -414,3 +429,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_proj_backward_cu
 }
 
 }  // namespace cvt_fast
+
+#endif  // CVT_FAST_HOST_EMULATION
