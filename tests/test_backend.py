@@ -161,7 +161,7 @@ def test_available_backends_on_cpu():
     (("cuda", "triton"), "sdpa", "reference"),
 ])
 def test_auto_on_cuda_prefers_cuda_then_triton_then_sdpa(monkeypatch, unavailable, attention_choice, conv_choice):
-    def fake_reason(op, name, device_type, dtype=None, head_dim=None):
+    def fake_reason(op, name, device_type, dtype=None, head_dim=None, kernel_sizes=None):
         return "pretended unavailable" if name in unavailable else None
 
     monkeypatch.setattr(backend_module, "unavailable_reason", fake_reason)
@@ -174,7 +174,22 @@ def test_auto_skips_a_fused_backend_that_cannot_take_the_head_dim(monkeypatch):
     monkeypatch.setattr(backend_module, "_cuda_reason", lambda op, device_type: None)
     assert backend_module._auto("attention", "cuda", torch.float16, 64) == "cuda"
     assert backend_module._auto("attention", "cuda", torch.float16, 80) == "sdpa"
-    assert backend_module._auto("attention", "cuda", torch.float64, 64) == "triton"
+    # fp64: neither CUDA C++ nor Triton's GPU attention takes it; the projection has Triton fp64.
+    assert backend_module._auto("attention", "cuda", torch.float64, 64) == "sdpa"
+    assert backend_module._auto("conv_proj", "cuda", torch.float64, None) == "triton"
+
+
+def test_fused_projection_needs_one_odd_kernel_size(monkeypatch):
+    pretend_triton_ready(monkeypatch)
+    monkeypatch.setattr(backend_module, "_cuda_reason", lambda op, device_type: None)
+    x = torch.randn(1, 4, 2)
+    w3, w5, w2 = (torch.randn(2, 1, k, k) for k in (3, 5, 2))
+    with pytest.raises(BackendUnavailableError, match=r"one kernel size .*\(3, 5, 3\)"):
+        resolve_backend("conv_proj", "triton", x, w3, w5, w3)
+    with pytest.raises(BackendUnavailableError, match="odd kernel size, got 2"):
+        resolve_backend("conv_proj", "triton", x, w2, w2, w2)
+    assert resolve_backend("conv_proj", "cuda", x, w2, w2, w2) == "cuda"
+    assert backend_module._auto("conv_proj", "cuda", torch.float32, None, (3, 5, 3)) == "reference"
 
 
 # --------------------------------------------------------------------------- peers

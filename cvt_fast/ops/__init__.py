@@ -165,7 +165,7 @@ def conv_proj(x: Tensor, weight_q: Tensor, weight_k: Tensor, weight_v: Tensor, h
     tensors.update({n: b for n, b in (("bias_q", bias_q), ("bias_k", bias_k), ("bias_v", bias_v)) if b is not None})
     _check_same("devices", tuple(tensors), tuple(t.device for t in tensors.values()))
     _check_last_dim_contiguous(x=x)
-    name = resolve_backend("conv_proj", backend, x)
+    name = resolve_backend("conv_proj", backend, x, weight_q, weight_k, weight_v)
     # The kernels compute in x's dtype; casting here keeps the weight gradients flowing in theirs.
     weight_q, weight_k, weight_v, bias_q, bias_k, bias_v = (
         None if t is None else t.to(x.dtype) for t in (weight_q, weight_k, weight_v, bias_q, bias_k, bias_v))

@@ -22,8 +22,9 @@ BACKENDS = ("auto", "reference", "triton", "cuda", "sdpa", "xformers")
 OPS = ("attention", "conv_proj")
 ENV_VAR = "CVT_FAST_BACKEND"
 
-# Head sizes the fused attention kernels are instantiated for.
-FUSED_HEAD_DIMS = (32, 64, 128)
+# Head sizes the fused attention kernels are instantiated for (kernels/attention.py,
+# csrc/attention_fwd.cu); the reference and the peers take any.
+FUSED_HEAD_DIMS = {"triton": (16, 32, 64, 128), "cuda": (32, 64, 128)}
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 # What each fused backend computes in; the CUDA kernels are not instantiated for float64.
 SUPPORTED_DTYPES = {
@@ -126,8 +127,12 @@ def _xformers_reason(device_type: str) -> Optional[str]:
 # (imports, the extension's loading) are not traceable, and their answers do not change.
 @torch.compiler.assume_constant_result
 def unavailable_reason(op: str, name: str, device_type: str, dtype: Optional[torch.dtype] = None,
-                       head_dim: Optional[int] = None) -> Optional[str]:
-    """Why concrete backend `name` cannot run `op` on such tensors, or None if it can."""
+                       head_dim: Optional[int] = None, kernel_sizes: Optional[tuple] = None) -> Optional[str]:
+    """Why concrete backend `name` cannot run `op` on such tensors, or None if it can.
+
+    head_dim: attention's d; kernel_sizes: conv_proj's (k_q, k_k, k_v). Either may be None
+    (unknown: not checked).
+    """
     if name in ATTENTION_ONLY and op != "attention":
         return (f"{name!r} implements attention only; {op} runs on 'reference', 'triton' or 'cuda' "
                 "(or 'auto')")
@@ -144,45 +149,60 @@ def unavailable_reason(op: str, name: str, device_type: str, dtype: Optional[tor
     if dtype is not None and dtype not in SUPPORTED_DTYPES[name]:
         supported = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES[name])
         return f"dtype {dtype} is not supported by {name!r} (supported: {supported})"
-    if (op == "attention" and head_dim is not None and name in ("triton", "cuda")
-            and head_dim not in FUSED_HEAD_DIMS):
+    if name == "triton" and op == "attention" and device_type == "cuda" and dtype == torch.float64:
+        return "float64 attention is not supported by the Triton kernels on the GPU (tl.dot has no fp64 path)"
+    if (op == "attention" and head_dim is not None and name in FUSED_HEAD_DIMS
+            and head_dim not in FUSED_HEAD_DIMS[name]):
         return (f"head_dim {head_dim} is not supported by the fused {name!r} kernels "
-                f"(supported: {', '.join(map(str, FUSED_HEAD_DIMS))}; 'reference' and 'sdpa' take any)")
+                f"(supported: {', '.join(map(str, FUSED_HEAD_DIMS[name]))}; 'reference' and 'sdpa' take any)")
+    if op == "conv_proj" and kernel_sizes is not None and name in ("triton", "cuda"):
+        if len(set(kernel_sizes)) != 1:
+            return (f"the fused {name!r} projection needs one kernel size for q, k and v, got "
+                    f"{tuple(kernel_sizes)} ('reference' takes any)")
+        if name == "triton" and kernel_sizes[0] % 2 != 1:
+            return f"the Triton projection needs an odd kernel size, got {kernel_sizes[0]} ('reference' takes any)"
     return None
 
 
-def _auto(op: str, device_type: str, dtype: torch.dtype, head_dim: Optional[int]) -> str:
+def _auto(op: str, device_type: str, dtype: torch.dtype, head_dim: Optional[int],
+          kernel_sizes: Optional[tuple] = None) -> str:
     if device_type != "cuda":
         return "reference"
     candidates = ("cuda", "triton", "sdpa") if op == "attention" else ("cuda", "triton")
     for name in candidates:
-        if unavailable_reason(op, name, device_type, dtype, head_dim) is None:
+        if unavailable_reason(op, name, device_type, dtype, head_dim, kernel_sizes) is None:
             return name
     return "reference"
 
 
-def _tensor_facts(op: str, tensors: tuple) -> tuple[str, Optional[torch.dtype], Optional[int]]:
+def _tensor_facts(op: str, tensors: tuple) -> tuple:
+    """(device type, dtype, head_dim, kernel_sizes) of an op's inputs, as far as they are given:
+    attention (q, k, v) gives q's head size, conv_proj (x, wq, wk, wv) the kernel sizes."""
     if not tensors:
-        return "cpu", None, None
+        return "cpu", None, None, None
     first = tensors[0]
     head_dim = int(first.shape[-1]) if op == "attention" and first.dim() > 0 else None
-    return first.device.type, first.dtype, head_dim
+    kernel_sizes = None
+    if op == "conv_proj" and len(tensors) >= 4 and all(w.dim() == 4 for w in tensors[1:4]):
+        kernel_sizes = tuple(int(w.shape[-1]) for w in tensors[1:4])
+    return first.device.type, first.dtype, head_dim, kernel_sizes
 
 
 def resolve_backend(op: str, requested: Optional[str], *tensors: torch.Tensor) -> str:
     """The concrete backend (never 'auto') that runs `op` on `tensors`.
 
     `requested` is the call's argument (None: the default from get_backend()). The first
-    tensor decides the device, dtype and (for attention: q) head size. Raises ValueError for
+    tensor decides the device and dtype; attention's q gives the head size, conv_proj's
+    (x, wq, wk, wv) the kernel sizes. Raises ValueError for
     unknown names and BackendUnavailableError when the backend cannot run here.
     """
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
     name = get_backend() if requested is None else _check_name(requested, "backend argument")
-    device_type, dtype, head_dim = _tensor_facts(op, tensors)
+    device_type, dtype, head_dim, kernel_sizes = _tensor_facts(op, tensors)
     if name == "auto":
-        return _auto(op, device_type, dtype, head_dim)
-    reason = unavailable_reason(op, name, device_type, dtype, head_dim)
+        return _auto(op, device_type, dtype, head_dim, kernel_sizes)
+    reason = unavailable_reason(op, name, device_type, dtype, head_dim, kernel_sizes)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run cvt_fast {op} on {device_type} "
                                       f"tensors: {reason}")
