@@ -11,6 +11,7 @@ Runs under torchrun too (the val set is split over the processes, counts summed)
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,8 +31,9 @@ def evaluate_config(cfg: Any, model_file: str | None = None) -> dict[str, float]
     from cvt_fast.training.logs import LOGGER_NAME
     from cvt_fast.training.loop import _amp_dtype, evaluate
 
-    import logging
     log = logging.getLogger(LOGGER_NAME)
+    if cfg.TEST.REAL_LABELS or cfg.TEST.VALID_LABELS:
+        raise ValueError("TEST.REAL_LABELS / TEST.VALID_LABELS are not supported; evaluate on the folder labels")
     info = dist_utils.init_distributed()
     path = model_file or str(cfg.TEST.MODEL_FILE)
     if not path:

@@ -1,5 +1,6 @@
 """Two CPU processes (gloo, DistributedDataParallel) train exactly like one process on the
-same global batch; both ranks end with identical weights; metrics are summed over ranks."""
+same global batch; both ranks end with identical weights (and EMA weights); metrics are
+summed over ranks."""
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ def _deterministic_opts(data, out, batch: int) -> list[str]:
     # how the global batch is split.
     return tiny_overrides(data, out, TRAIN__BATCH_SIZE_PER_GPU=batch, AUG__SCALE="[1.0, 1.0]",
                           AUG__RATIO="[1.0, 1.0]", TRAIN__SCALE_LR=False,
+                          TRAIN__EMA__ENABLED=True, TRAIN__EMA__DECAY=0.5,
                           MODEL__SPEC__QKV_PROJ_METHOD="['linear', 'linear', 'linear']")
 
 
@@ -37,7 +39,8 @@ def _rank_main(rank: int, world: int, port: int, opts: list[str], dump_dir: str)
         assert torch.distributed.get_backend() == "gloo"
         trainer = Trainer(cfg, os.path.join(cfg.OUTPUT_DIR, "ddp"), info)
         trainer.fit()
-        torch.save(trainer.model.state_dict(), os.path.join(dump_dir, f"rank{rank}.pt"))
+        torch.save({"model": trainer.model.state_dict(), "ema": trainer.ema.module.state_dict()},
+                   os.path.join(dump_dir, f"rank{rank}.pt"))
     finally:
         dist_utils.cleanup()
 
@@ -58,7 +61,8 @@ def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(tmp_path):
              nprocs=2, join=True)
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    assert state_dicts_max_diff(rank0, rank1) == 0.0
+    assert state_dicts_max_diff(rank0["model"], rank1["model"]) == 0.0
+    assert state_dicts_max_diff(rank0["ema"], rank1["ema"]) == 0.0
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -68,8 +72,8 @@ def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(tmp_path):
         single.fit()
     finally:
         torch.set_num_threads(threads)
-    ref = single.model.state_dict()
-    assert state_dicts_max_diff(rank0, ref) <= 1e-5
+    assert state_dicts_max_diff(rank0["model"], single.model.state_dict()) <= 1e-5
+    assert state_dicts_max_diff(rank0["ema"], single.ema.module.state_dict()) <= 1e-5
     # Only rank 0 wrote files, and its metrics are those of the whole global batch / val set.
     two = [json.loads(s) for s in (tmp_path / "two/ddp/metrics.jsonl").read_text().splitlines()]
     one = [json.loads(s) for s in (tmp_path / "one/ddp/metrics.jsonl").read_text().splitlines()]

@@ -153,3 +153,36 @@ def test_amp_steps_on_cpu_with_a_scaler_only_for_float16(tmp_path, dtype, one_th
     # Stopped mid-epoch by TRAIN.MAX_STEPS: the checkpoint stays mid-epoch.
     state = read_checkpoint(list_checkpoints(trainer.run_dir)[0])
     assert (state["epoch"], state["step_in_epoch"]) == (0, 1)
+
+
+def test_compile_channels_last_and_unsupported_official_keys_are_wired(tmp_path, monkeypatch, one_thread):
+    from cvt_fast.config import load_config
+
+    data = make_dataset(tmp_path / "data")
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(type(m).__name__) or m)
+    cfg = load_config(str(REPO / "experiments/digits/cvt-digits.yaml"),
+                      tiny_overrides(data, tmp_path / "out", TRAIN__COMPILE=True, AMP__MEMORY_FORMAT="nhwc"))
+    trainer = Trainer(cfg, tmp_path / "out" / "run", CPU)
+    assert len(compiled) == 2 and trainer.channels_last  # the training and the evaluation module
+    for key, value, match in (("FINETUNE.FINETUNE", "True", "MODEL.PRETRAINED"),
+                              ("DATASET.SAMPLER", "repeated_aug", "repeated_aug"),
+                              ("TRAIN.OPTIMIZER", "timm", "adamw")):
+        bad = load_config(str(REPO / "experiments/digits/cvt-digits.yaml"),
+                          tiny_overrides(data, tmp_path / "out") + [key, value])
+        with pytest.raises(ValueError, match=match):
+            Trainer(bad, tmp_path / "out" / "bad", CPU)
+
+
+def test_no_evaluation_before_eval_begin_epoch(tmp_path, one_thread):
+    from cvt_fast.config import load_config
+
+    data = make_dataset(tmp_path / "data")
+    cfg = load_config(str(REPO / "experiments/digits/cvt-digits.yaml"),
+                      tiny_overrides(data, tmp_path / "out", TRAIN__EVAL_BEGIN_EPOCH=1, TRAIN__SAVE_ALL_MODELS=True))
+    trainer = Trainer(cfg, tmp_path / "out" / "run", CPU)
+    trainer.fit()
+    records = [json.loads(s) for s in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["val_top1"] is None and records[1]["val_top1"] is not None
+    assert (trainer.run_dir / "model_0.pth").exists() and (trainer.run_dir / "model_1.pth").exists()
+    assert (trainer.run_dir / "model_best.pth").exists()

@@ -222,13 +222,13 @@ class EpochSampler(Sampler[int]):
 
 
 def _loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, workers: int, drop_last: bool,
-            seed: int) -> DataLoader:
+            seed: int, pin_memory: bool) -> DataLoader:
     # An explicit generator: the worker seeds never draw from the global RNG, so the
     # global RNG stream (saved in checkpoints) is the same whether workers are used or not.
     g = torch.Generator()
     g.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=drop_last, generator=g,
+                      pin_memory=pin_memory and torch.cuda.is_available(), drop_last=drop_last, generator=g,
                       persistent_workers=False)
 
 
@@ -243,7 +243,8 @@ def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1) -> DataLoad
         raise ValueError(
             f"batch size {batch} per process x {world_size} process(es) is larger than the "
             f"{len(dataset)} training images in {root}; lower TRAIN.BATCH_SIZE_PER_GPU")
-    return _loader(dataset, sampler, batch, int(cfg.WORKERS), True, int(cfg.SEED) * 1000 + rank)
+    return _loader(dataset, sampler, batch, int(cfg.WORKERS), True, int(cfg.SEED) * 1000 + rank,
+                   bool(cfg.PIN_MEMORY))
 
 
 def build_val_loader(cfg: Any, rank: int = 0, world_size: int = 1) -> DataLoader:
@@ -256,7 +257,7 @@ def build_val_loader(cfg: Any, rank: int = 0, world_size: int = 1) -> DataLoader
         raise ValueError(f"{len(dataset)} validation images in {root} for {world_size} processes")
     # No padding: every image counted exactly once; metrics are summed over ranks.
     sampler = EpochSampler(len(dataset), False, 0, rank, world_size, pad=False)
-    return _loader(dataset, sampler, batch, int(cfg.WORKERS), False, rank)
+    return _loader(dataset, sampler, batch, int(cfg.WORKERS), False, rank, bool(cfg.PIN_MEMORY))
 
 
 def set_loader_epoch(loader: DataLoader, seed: int, epoch: int, rank: int, start_batch: int = 0) -> None:

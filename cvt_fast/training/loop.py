@@ -139,6 +139,18 @@ def _load_pretrained(model: nn.Module, cfg: Any) -> None:
     log.info("=> initialised from %s", path)
 
 
+def check_supported(cfg: Any) -> None:
+    """Official keys whose features this trainer does not implement: an error, never ignored."""
+    if cfg.FINETUNE.FINETUNE:
+        raise ValueError("FINETUNE.FINETUNE True is not supported; fine-tune with MODEL.PRETRAINED <weights> "
+                         "(the head is re-initialised when MODEL.NUM_CLASSES != 1000) and the usual TRAIN.* keys")
+    if str(cfg.DATASET.SAMPLER) != "default":
+        raise ValueError(f"DATASET.SAMPLER={cfg.DATASET.SAMPLER!r} is not supported; expected 'default'")
+    if list(cfg.MODEL.PRETRAINED_LAYERS) != ["*"]:
+        raise ValueError(f"MODEL.PRETRAINED_LAYERS={list(cfg.MODEL.PRETRAINED_LAYERS)} is not supported; "
+                         "expected ['*'] (all layers)")
+
+
 class Trainer:
     """Holds the pieces of one training run; `fit()` runs it."""
 
@@ -150,8 +162,15 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = info.device
         self.amp_dtype = _amp_dtype(cfg)
-        self.channels_last = bool(cfg.TRAIN.CHANNELS_LAST)
-        dist_utils.seed_everything(int(cfg.SEED), info.rank)
+        # AMP.MEMORY_FORMAT 'nhwc' is the official spelling of channels-last.
+        self.channels_last = bool(cfg.TRAIN.CHANNELS_LAST) or str(cfg.AMP.MEMORY_FORMAT).lower() == "nhwc"
+        check_supported(cfg)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.enabled = bool(cfg.CUDNN.ENABLED)
+            torch.backends.cudnn.benchmark = bool(cfg.CUDNN.BENCHMARK)
+            torch.backends.cudnn.deterministic = bool(cfg.CUDNN.DETERMINISTIC)
+        # The same initial weights on every rank (so the EMA copies agree from the start) ...
+        dist_utils.seed_everything(int(cfg.SEED), 0)
 
         # Data first: a bad dataset path fails before any model is built.
         self.train_loader = build_train_loader(cfg, info.rank, info.world_size)
@@ -173,6 +192,8 @@ class Trainer:
         self.model = model  # the plain module: what checkpoints, EMA and evaluation see
         self.ema = ModelEma(model, float(cfg.TRAIN.EMA.DECAY)) if cfg.TRAIN.EMA.ENABLED else None
         self.optimizer = build_optimizer(cfg, model)
+        # ... and a different augmentation / dropout stream on each rank.
+        dist_utils.seed_everything(int(cfg.SEED) + 1, info.rank)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         use_scaler = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
@@ -183,7 +204,8 @@ class Trainer:
         if info.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.train_model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.train_model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                   find_unused_parameters=bool(cfg.DDP_FIND_UNUSED_PARAMETERS))
         self.eval_model: nn.Module = model
         if cfg.TRAIN.COMPILE:
             self.train_model = torch.compile(self.train_model)
@@ -314,9 +336,8 @@ class Trainer:
                     if clip > 0.0:
                         self.scaler.unscale_(self.optimizer)
                         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-                        if self.scaler.is_enabled():
-                            pass  # GradScaler skips the step itself when the unscaled grads overflow
-                        elif self._nonfinite(norm, f"{where} (gradient norm)"):
+                        # (with float16 the GradScaler itself skips steps whose gradients overflow)
+                        if not self.scaler.is_enabled() and self._nonfinite(norm, f"{where} (gradient norm)"):
                             skip = True
                             self.optimizer.zero_grad(set_to_none=True)
                     if not skip:
@@ -384,7 +405,8 @@ class Trainer:
         last: dict[str, Any] = {}
         stopped = 0 < max_steps <= self.pos.global_step
         while self.pos.epoch < end_epoch and not stopped:
-            stopped = self.train_epoch(end_epoch, max_steps)
+            with torch.autograd.set_detect_anomaly(bool(cfg.TRAIN.DETECT_ANOMALY)):
+                stopped = self.train_epoch(end_epoch, max_steps)
             last = self.end_epoch(partial=self.pos.step_in_epoch < self.steps_per_epoch)
         dist_utils.barrier()
         if info.is_main:
@@ -403,9 +425,13 @@ class Trainer:
         """Evaluate, record and checkpoint. `partial` (TRAIN.MAX_STEPS stopped mid-epoch): the
         checkpoint stays mid-epoch so a longer run continues it, and redoes this record."""
         cfg, pos = self.cfg, self.pos
-        result = evaluate(self.eval_model, self.val_loader, self.device, self.amp_dtype, self.channels_last)
+        last_epoch = pos.epoch + 1 >= int(cfg.TRAIN.END_EPOCH) or partial
+        if pos.epoch < int(cfg.TRAIN.EVAL_BEGIN_EPOCH) and not last_epoch:
+            result = {"loss": None, "top1": None, "top5": None}  # official: no evaluation before then
+        else:
+            result = evaluate(self.eval_model, self.val_loader, self.device, self.amp_dtype, self.channels_last)
         ema_result = None
-        if self.ema is not None:
+        if self.ema is not None and result["top1"] is not None:
             ema_result = evaluate(self.ema.module, self.val_loader, self.device, self.amp_dtype, self.channels_last)
         sums = pos.epoch_sums
         loss_sum, samples, skipped_images, skipped_steps = dist_utils.all_reduce_sum(
@@ -433,20 +459,26 @@ class Trainer:
                         pos.epoch + 1, int(skipped_images))
         if skipped_steps:
             record["skipped_steps"] = int(skipped_steps)
-        is_best = result["top1"] > pos.best_top1
-        pos.best_top1 = max(pos.best_top1, result["top1"])
+        evaluated = result["top1"] is not None
+        is_best = evaluated and result["top1"] > pos.best_top1
+        if is_best:
+            pos.best_top1 = result["top1"]
         if self.info.is_main:
-            log.info("=> epoch %d: train loss %.4f | val loss %.4f top-1 %.2f%% top-5 %.2f%% | %.0f img/s%s",
-                     pos.epoch + 1, record["train_loss"], record["val_loss"], record["val_top1"],
-                     record["val_top5"], record["images_per_s"],
-                     f" | EMA top-1 {ema_result['top1']:.2f}%" if ema_result else "")
+            val = (f"val loss {result['loss']:.4f} top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}%"
+                   if evaluated else f"not evaluated (TRAIN.EVAL_BEGIN_EPOCH {cfg.TRAIN.EVAL_BEGIN_EPOCH})")
+            ema_text = f" | EMA top-1 {ema_result['top1']:.2f}%" if ema_result else ""
+            log.info("=> epoch %d: train loss %.4f | %s | %.0f img/s%s", pos.epoch + 1, record["train_loss"], val,
+                     record["images_per_s"], ema_text)
             self.metrics.append(record)
             if self.tb is not None:
-                self.tb.scalars({"val/loss": result["loss"], "val/top1": result["top1"], "val/top5": result["top5"],
-                                 "train/epoch_loss": record["train_loss"], "train/images_per_s": record["images_per_s"]},
-                                pos.epoch + 1)
+                scalars = {"train/epoch_loss": record["train_loss"], "train/images_per_s": record["images_per_s"]}
+                if evaluated:
+                    scalars.update({"val/loss": result["loss"], "val/top1": result["top1"], "val/top5": result["top5"]})
+                self.tb.scalars(scalars, pos.epoch + 1)
             if is_best:
                 atomic_save(self.model.state_dict(), self.run_dir / "model_best.pth")
+            if cfg.TRAIN.SAVE_ALL_MODELS and not partial:
+                atomic_save(self.model.state_dict(), self.run_dir / f"model_{pos.epoch}.pth")
         if not partial:
             # The epoch is done: the checkpoint points at the start of the next one.
             pos.epoch += 1
