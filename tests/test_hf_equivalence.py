@@ -103,7 +103,23 @@ def test_converted_hf_model_matches_in_train_mode_including_batchnorm_statistics
     ours = make_ours_from(hf, spec, backend).train()
     before = {k: v.clone() for k, v in hf_to_official(hf.state_dict()).items()}
     x = torch.randn(3, 3, 56, 56)
-    assert_close(ours(x), hf_logits(hf, x))
+    ours_logits, theirs = ours(x), hf_logits(hf, x)
+    assert_close(ours_logits, theirs)
+    # The gradients agree too, parameter by parameter (matched through the key mapping).
+    target = torch.randn_like(theirs)
+    (ours_logits * target).sum().backward()
+    (theirs * target).sum().backward()
+    hf_params = dict(hf.named_parameters())
+    scale = max(p.grad.norm().item() for p in hf.parameters())
+    for name, param in ours.named_parameters():
+        expected = hf_params[official_to_hf({name: None}).popitem()[0]].grad
+        if expected.norm() < 1e-5 * scale:
+            # Exactly zero in exact arithmetic (a key bias shifts every score of a row alike,
+            # which softmax ignores): both sides hold rounding noise only.
+            assert param.grad.norm() < 1e-5 * scale, name
+        else:
+            # Gradients sum over many more terms than logits (measured worst: 1.1e-5).
+            assert_close(param.grad, expected, factor=10)
     ours_sd = ours.state_dict()
     converted = hf_to_official(hf.state_dict())
     bn_keys = [k for k in ours_sd if ".bn.running_" in k]
