@@ -39,8 +39,10 @@ Floor (per call), itemsize = bytes per element of q:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import struct
 from typing import Tuple
 
 import torch
@@ -59,7 +61,6 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 # Globals read inside kernels must be tl.constexpr instances (an annotation is not enough).
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-
 
 
 # --------------------------------------------------------------------------------------
@@ -383,7 +384,8 @@ _GPU_CONFIGS = {
         128: [_config(128, 64, 8, 2), _config(64, 64, 4, 3), _config(64, 32, 4, 3)],
     },
     "dkdv": {
-        64: [_config(32, 128, 8, 3), _config(64, 64, 4, 3), _config(32, 64, 4, 3)],
+        # 32-row K/V tiles give CvT stage 1 (Nkv=784, H=1) enough programs at small batch.
+        64: [_config(32, 128, 8, 3), _config(64, 64, 4, 3), _config(32, 64, 4, 3), _config(32, 32, 4, 3)],
         128: [_config(32, 64, 8, 3), _config(64, 64, 8, 2)],
     },
     "dq": {
@@ -484,8 +486,11 @@ def _validate_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 
 def _split_fp32(x: float) -> Tuple[float, float]:
     """x as hi + lo with both exactly representable in fp32 (Triton passes Python floats as fp32)."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
+    def to_fp32(value: float) -> float:
+        return struct.unpack("f", struct.pack("f", value))[0]
+
+    hi = to_fp32(x)
+    return hi, to_fp32(x - hi)
 
 
 def _dtype_flags(dtype: torch.dtype) -> dict:
@@ -504,7 +509,6 @@ def _device_guard(t: torch.Tensor):
     # Triton launches on the current CUDA device's stream; make it the tensors' device.
     if t.device.type == "cuda":
         return torch.cuda.device(t.device)
-    import contextlib
     return contextlib.nullcontext()
 
 
