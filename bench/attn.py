@@ -213,9 +213,10 @@ def measure(impl: AttentionImpl, shape: dict, mode: str, sets: list[tuple], devi
 
     grad_mode = contextlib.nullcontext() if grad else torch.no_grad()
     with impl.context(), grad_mode:
+        # The check runs first: it is also the first (warm-up) call of the implementation.
+        rel_err = check_against_reference(impl, sets[0], scale, grad)
         timing = common.time_calls(call, device, timing_config, rotation=len(sets))
         peak = common.measure_peak_memory(lambda: call(0), device)
-        rel_err = check_against_reference(impl, sets[0], scale, grad)
     flops, n_bytes = flops_and_bytes(shape, mode, torch.empty((), dtype=dtype).element_size())
     seconds = timing.median_ms * 1e-3
     return {"status": "ok", **timing.as_dict(), "tflops": flops / seconds / 1e12,
@@ -282,7 +283,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     common.prepare_triton_for(device.type)
     import torch
 
-    dtype = common.parse_dtype(args.dtype)
+    dtype = common.resolve_dtype(args, device)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in modes:
         if mode not in MODES:

@@ -75,8 +75,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--only", default=None,
                         help="comma-separated implementation names or glob patterns (e.g. 'cvt_fast-*,official')")
     parser.add_argument("--device", default=None, help="'cuda', 'cuda:1' or 'cpu' (default: cuda when available)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                        help="activation dtype")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="activation / autocast dtype (default: bfloat16 on CUDA, float32 on the CPU, "
+                             "where bf16 arithmetic is mostly emulated)")
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size for every shape (default: the official configs' 256 at 224, 128 at 384)")
     parser.add_argument("--warmup-ms", type=float, default=None, help="warm-up time per measurement (CUDA)")
@@ -102,6 +103,13 @@ def resolve_device(name: Optional[str]):
     elif device.type != "cpu":
         raise ValueError(f"--device must be 'cuda[:N]' or 'cpu', got {name!r}")
     return device
+
+
+def resolve_dtype(args: argparse.Namespace, device):
+    """--dtype, defaulting by device; writes the choice back to args for the records."""
+    if args.dtype is None:
+        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    return parse_dtype(args.dtype)
 
 
 def parse_dtype(name: str):
@@ -307,6 +315,7 @@ class TimingConfig:
     warmup_ms: float = 100.0      # CUDA: warm-up duration (at least `min_warmup` calls)
     rep_ms: float = 300.0         # CUDA: aim for this much timed work per measurement
     min_warmup: int = 3
+    probe: int = 5                # CUDA: calls timed together to choose the repetition count
     min_reps: int = 10
     max_reps: int = 500
     cpu_warmup: int = 1           # CPU (--quick): plain call counts
@@ -317,7 +326,8 @@ class TimingConfig:
         config = cls()
         if args.quick:
             config.warmup_ms, config.rep_ms, config.min_warmup, config.min_reps = 5.0, 20.0, 1, 3
-            config.cpu_reps = 2
+            # The benchmarks make one checked call before timing, which is the CPU warm-up.
+            config.cpu_warmup, config.cpu_reps = 0, 2
         if getattr(args, "warmup_ms", None) is not None:
             config.warmup_ms = args.warmup_ms
         if getattr(args, "rep_ms", None) is not None:
@@ -386,7 +396,7 @@ def time_calls(fn: Callable[[int], Any], device, config: TimingConfig, rotation:
 
     # Estimate one call to choose the repetition count.
     first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    probe = 5
+    probe = config.probe
     first.record()
     for i in range(probe):
         fn(calls + i)
@@ -480,6 +490,14 @@ def tiny_spec(base: Mapping[str, Any]) -> dict:
     spec["NUM_HEADS"] = [1, 2, 4]
     spec["DEPTH"] = [1, 2, 3]
     return spec
+
+
+def quick_skip_reason(name: str, args: argparse.Namespace) -> Optional[str]:
+    """--quick leaves out torch.compile variants unless --only asks for them: compiling takes
+    minutes on a busy CPU, and the smoke run must take seconds."""
+    if args.quick and "compile" in name and not args.only:
+        return "--quick leaves out torch.compile variants (slow to compile on a CPU); name them in --only"
+    return None
 
 
 def config_batch(image_size: int) -> int:
