@@ -14,7 +14,11 @@ from cvt_fast.kernels import attention as attn
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
-ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# float64 runs only under the interpreter (tl.dot has no fp64 path on the GPU); where a
+# test needs exact arithmetic it uses PRECISE, float32 on the GPU.
+PRECISE = torch.float32 if GPU else torch.float64
+fp64 = pytest.param(torch.float64, marks=pytest.mark.skipif(GPU, reason="float64 runs only under the interpreter"))
+ALL_DTYPES = [torch.float32, fp64, torch.float16, torch.bfloat16]
 
 
 def reference_attention(q, k, v, scale):
@@ -152,9 +156,12 @@ def test_backward_matches_autograd_of_reference(shape, dtype):
     grad_out = torch.randn(B, Nq, H * d, device=DEVICE).to(dtype)
     dq, dk, dv = attn.attention_backward(grad_out, q, k, v, out, lse, scale)
     ref_dq, ref_dk, ref_dv = reference_gradients(q, k, v, grad_out, scale)
+    # On the GPU, P and dS are rounded to fp16/bf16 before the tensor-core products (the
+    # interpreter keeps them in fp32), which costs a few units of the dtype's tolerance.
+    factor = 3.0 if GPU and dtype in (torch.float16, torch.bfloat16) else 1.0
     for got, ref, t in ((dq, ref_dq, q), (dk, ref_dk, k), (dv, ref_dv, v)):
         assert got.shape == t.shape and got.dtype == dtype
-        assert_close(got, ref, dtype=dtype)
+        assert_close(got, ref, dtype=dtype, factor=factor)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -184,29 +191,30 @@ def test_backward_at_d128():
 def test_backward_reads_strided_inputs_and_gradients():
     B, Nq, Nkv, H, d = 1, 37, 13, 2, 32
     C = H * d
-    q = torch.randn(B, Nq, 3, H, d, dtype=torch.float64, device=DEVICE)[:, :, 2]
-    kv = torch.randn(B, Nkv, 2 * C, dtype=torch.float64, device=DEVICE)
+    q = torch.randn(B, Nq, 3, H, d, dtype=PRECISE, device=DEVICE)[:, :, 2]
+    kv = torch.randn(B, Nkv, 2 * C, dtype=PRECISE, device=DEVICE)
     k = kv[..., :C].view(B, Nkv, H, d)
     v = kv[..., C:].view(B, Nkv, H, d)
     out, lse = attn.attention_forward(q, k, v, 0.25)
     # grad_out: a column slice of a wider tensor (row stride 2C); out: a strided copy.
-    grad_out = torch.randn(B, Nq, 2 * C, dtype=torch.float64, device=DEVICE)[..., C:]
-    out_strided = torch.empty(B, Nq, 2 * C, dtype=torch.float64, device=DEVICE)[..., :C].copy_(out)
+    grad_out = torch.randn(B, Nq, 2 * C, dtype=PRECISE, device=DEVICE)[..., C:]
+    out_strided = torch.empty(B, Nq, 2 * C, dtype=PRECISE, device=DEVICE)[..., :C].copy_(out)
     grads = attn.attention_backward(grad_out, q, k, v, out_strided, lse, 0.25)
     for got, ref in zip(grads, reference_gradients(q, k, v, grad_out, 0.25)):
         assert got.is_contiguous()
-        assert_close(got, ref, dtype=torch.float64)
+        assert_close(got, ref, dtype=PRECISE)
 
 
 def test_backward_accepts_expanded_gradient():
     # out.sum().backward() hands the backward a gradient with all strides 0.
-    q, k, v = (t.requires_grad_() for t in random_qkv(1, 20, 9, 1, 32, torch.float64))
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 20, 9, 1, 32, PRECISE))
     TritonAttention.apply(q, k, v, 0.2).sum().backward()
-    refs = reference_gradients(q, k, v, torch.ones(1, 20, 32, dtype=torch.float64, device=DEVICE), 0.2)
+    refs = reference_gradients(q, k, v, torch.ones(1, 20, 32, dtype=PRECISE, device=DEVICE), 0.2)
     for t, ref in zip((q, k, v), refs):
-        assert_close(t.grad, ref, dtype=torch.float64)
+        assert_close(t.grad, ref, dtype=PRECISE)
 
 
+@pytest.mark.skipif(GPU, reason="float64 runs only under the interpreter")
 def test_gradcheck_float64():
     # Tiny on purpose: every input element costs two interpreted forward passes.
     B, Nq, Nkv, H, d = 1, 5, 3, 1, 16
@@ -230,7 +238,7 @@ def _good(dtype=torch.float32):
         (lambda q, k, v: (q, k[:, :0], v[:, :0]), ValueError, "Nkv=0"),
         (lambda q, k, v: (q, k.double(), v), TypeError, "dtype"),
         (lambda q, k, v: (q.int(), k.int(), v.int()), TypeError, "int32"),
-        (lambda q, k, v: (q, torch.empty(*k.shape, 2)[..., 0].copy_(k), v), ValueError, "stride"),
+        (lambda q, k, v: (q, torch.empty(*k.shape, 2, device=k.device)[..., 0].copy_(k), v), ValueError, "stride"),
         (lambda q, k, v: (q.cpu().numpy(), k, v), TypeError, "torch.Tensor"),
         (lambda q, k, v: (q, k.to("meta"), v), ValueError, "device"),
     ],
