@@ -23,12 +23,14 @@
 #
 # Tiling, backward. Gather formulation (no atomics): a program owns a tile of x positions and
 # sums, for each tap, the output gradients that read that position. In the common case
-# (`_bwd_s1s2_kernel`) the x tile is again split into four parity sub-tiles, so every shifted
-# grad_q tile and every grad_k/grad_v tile is loaded once and feeds all parities that use it.
-# The same products x * grad_out, reduced over the tile's positions, give the weight gradient
-# of each tap; a program loops over a group of images, keeps its per-tap partial sums in a
-# [K*K (padded), BLOCK_C] fp32 register tile, and writes them to a small buffer that torch sums
-# (deterministic). `_bwd_generic_kernel` does the same for any strides, one tap at a time.
+# (`_bwd_s1s2_kernel`) the x tile is again split into four parity sub-tiles (2a+pi, 2b+pj):
+# registers hold the four x sub-tiles and four fp32 grad_x accumulators. The loop is tap-major:
+# for a q tap, the four parities' grad_q tiles are loaded (neighbouring taps re-read them from
+# L1/L2, not HBM), added into grad_x, and their products with x summed, so the weight gradient
+# of that tap costs one cross-thread reduction per image; a k/v tap reaches exactly one x
+# parity. A program loops over a group of images, keeps the per-tap weight-gradient partial sums
+# in [K*K (padded), BLOCK_C] fp32 register tiles, and writes them to a small buffer that torch
+# sums (deterministic). `_bwd_generic_kernel` does the same for any strides, one tap at a time.
 #
 # Bandwidth floor (the kernels are memory bound: 9 MACs per output element). Forward: read x
 # once, write q, k, v. CvT-13 stage 1 at B=256, bf16: x = 256*3136*64*2 B = 102.8 MB, q the
@@ -37,7 +39,6 @@
 # weight-gradient partial buffer is (images / group) * tiles * 3 * 9 * C fp32, a few MB.
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -47,14 +48,17 @@ import triton.language as tl
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 # Block choices. BLOCK_C = 64 channels: 128 contiguous bytes in bf16 per row (a full
-# transaction) and divides every CvT width (64, 192, 384, 768, 1024). The s1s2 tiles are 4 x 8
-# half-resolution positions = 32 k/v rows and 128 q rows per program: six fp32 accumulators
-# of 32 x 64 stay within 4 warps' registers (48 fp32 per thread each). Generic tiles cover 64
-# output positions. Under the interpreter every program is a Python-level step, so bigger
-# tiles there are only faster.
+# transaction) and divides every CvT width (64, 192, 384, 768, 1024). GPU tiles are 4 x 4
+# positions of the grid a program walks (for s1s2: the half-resolution grid, so 16 k/v rows and
+# 64 q rows) with 4 warps: compiled for sm_90 (ptxas, bf16, C % 16 == 0) every kernel then
+# fits in registers without spills (fwd s1s2 and bwd s1s2 about 250 registers per thread,
+# mostly loads the compiler issues early; generic 96 / 142), while 4 x 8 tiles spill in the
+# backward. Small tiles also keep enough programs for stage 3 (7 x 7 k/v grid). These are
+# first choices, not measured optima: time them with bench/conv_proj.py on the GPU. Under the
+# interpreter every program is a Python-level step, so bigger tiles there are only faster.
 _BLOCK_C_MAX = 64
-_TILE_S1S2 = (4, 8)
-_TILE_GENERIC = (8, 8)
+_TILE_S1S2 = (4, 4)
+_TILE_GENERIC = (4, 4)
 _TILE_INTERPRET = (8, 8)
 _NUM_WARPS = 4
 # Backward: each program loops over a group of images so that the weight-gradient partial
@@ -258,12 +262,43 @@ def _fwd_generic_kernel(
 
 
 @triton.jit
+def _pick4(PI: tl.constexpr, PJ: tl.constexpr, t00, t01, t10, t11):
+    """The parity sub-tile (PI, PJ) of four, chosen at compile time."""
+    if PI == 0:
+        if PJ == 0:
+            picked = t00
+        else:
+            picked = t01
+    else:
+        if PJ == 0:
+            picked = t10
+        else:
+            picked = t11
+    return picked
+
+
+@triton.jit
+def _add4(PI: tl.constexpr, PJ: tl.constexpr, t00, t01, t10, t11, delta):
+    """Add delta to the parity sub-tile (PI, PJ) of four, chosen at compile time."""
+    if PI == 0:
+        if PJ == 0:
+            t00 += delta
+        else:
+            t01 += delta
+    else:
+        if PJ == 0:
+            t10 += delta
+        else:
+            t11 += delta
+    return t00, t01, t10, t11
+
+
+@triton.jit
 def _bwd_s1s2_kernel(
     x_ptr, gq_ptr, gk_ptr, gv_ptr, wq_ptr, wk_ptr, wv_ptr, gx_ptr, gw_part_ptr,
     B, C, H, W, Hq, Wq, Hk, Wk, tiles_w, num_tiles, images_per_program,
     x_stride_b, x_stride_t,
     HAS_CLS: tl.constexpr, K: tl.constexpr, PQ: tl.constexpr, PKV: tl.constexpr,
-    RQ_OFF: tl.constexpr, NRQ: tl.constexpr, RK_OFF: tl.constexpr, NRK: tl.constexpr,
     HAS_GQ: tl.constexpr, HAS_GKV: tl.constexpr, HAS_GV: tl.constexpr,
     KK_PAD: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -276,6 +311,7 @@ def _bwd_s1s2_kernel(
     b = (pid_t % tiles_w) * TILE_W + p % TILE_W
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
+    m = cmask[None, :]
     kk = tl.arange(0, KK_PAD)
     tq = HAS_CLS + Hq * Wq
     tk = HAS_CLS + Hk * Wk
@@ -301,7 +337,6 @@ def _bwd_s1s2_kernel(
         if img < B:
             img64 = img.to(tl.int64)
             x_base = x_ptr + img64 * x_stride_b
-            m = cmask[None, :]
             x00 = tl.load(x_base + tok00[:, None] * x_stride_t + c[None, :], mask=ok00[:, None] & m, other=0.0).to(ACC)
             x01 = tl.load(x_base + tok01[:, None] * x_stride_t + c[None, :], mask=ok01[:, None] & m, other=0.0).to(ACC)
             x10 = tl.load(x_base + tok10[:, None] * x_stride_t + c[None, :], mask=ok10[:, None] & m, other=0.0).to(ACC)
@@ -311,54 +346,61 @@ def _bwd_s1s2_kernel(
             g10 = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
             g11 = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
 
+            # Tap-major order: the products x * grad of one tap are summed over the four
+            # parities first, so each tap costs one cross-thread reduction per image. The tap
+            # loops are runtime loops on purpose: fully unrolled, the compiler hoists every
+            # grad load of the image at once and runs out of registers.
             if HAS_GQ:
-                # x(2a+pi) is read by q(o) at tap dy when o = 2a+pi+PQ-dy: with o = 2a+ro the
-                # tap is dy = pi+PQ-ro. Each shifted grad_q tile is loaded once for all parities.
+                # q(o) reads x(o - PQ + dy): x(2a+pi) receives grad_q(2a+pi+PQ-dy) at tap dy.
                 gq_base = gq_ptr + img64 * tq * C
-                for ty in tl.static_range(NRQ):
-                    orow = 2 * a + (ty - RQ_OFF)
-                    row_ok = (orow >= 0) & (orow < Hq)
-                    for tx in tl.static_range(NRQ):
-                        ocol = 2 * b + (tx - RQ_OFF)
-                        ok = row_ok & (ocol >= 0) & (ocol < Wq)
-                        tok = (HAS_CLS + orow * Wq + ocol).to(tl.int64)
-                        g = tl.load(gq_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
-                                    other=0.0).to(ACC)
-                        g00, gwq = _tap_backward(g00, gwq, x00, g, wq_ptr, c, cmask, kk,
-                                                 PQ - (ty - RQ_OFF), PQ - (tx - RQ_OFF), K)
-                        g01, gwq = _tap_backward(g01, gwq, x01, g, wq_ptr, c, cmask, kk,
-                                                 PQ - (ty - RQ_OFF), 1 + PQ - (tx - RQ_OFF), K)
-                        g10, gwq = _tap_backward(g10, gwq, x10, g, wq_ptr, c, cmask, kk,
-                                                 1 + PQ - (ty - RQ_OFF), PQ - (tx - RQ_OFF), K)
-                        g11, gwq = _tap_backward(g11, gwq, x11, g, wq_ptr, c, cmask, kk,
-                                                 1 + PQ - (ty - RQ_OFF), 1 + PQ - (tx - RQ_OFF), K)
+                for tap in range(K * K):
+                    dy = tap // K
+                    dx = tap % K
+                    w = tl.load(wq_ptr + c * (K * K) + tap, mask=cmask, other=0.0).to(ACC)
+                    prod = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
+                    for pi in tl.static_range(2):
+                        orow = 2 * a + (pi + PQ - dy)
+                        row_ok = (orow >= 0) & (orow < Hq)
+                        for pj in tl.static_range(2):
+                            ocol = 2 * b + (pj + PQ - dx)
+                            ok = row_ok & (ocol >= 0) & (ocol < Wq)
+                            tok = (HAS_CLS + orow * Wq + ocol).to(tl.int64)
+                            g = tl.load(gq_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
+                                        other=0.0).to(ACC)
+                            g00, g01, g10, g11 = _add4(pi, pj, g00, g01, g10, g11, g * w[None, :])
+                            prod += _pick4(pi, pj, x00, x01, x10, x11) * g
+                    gwq += tl.where(kk[:, None] == tap, tl.sum(prod, axis=0)[None, :], 0.0)
 
             if HAS_GKV:
-                # k/v(o) reads x(2o-PKV+dy): with o = a+ko the tap for parity pi is pi+PKV-2*ko.
+                # k/v(o) reads x(2o - PKV + dy): x(2a+pi) receives grad_k/v(a+ko) at tap
+                # dy = pi + PKV - 2*ko, for the ko that put dy in [0, K).
                 gk_base = gk_ptr + img64 * tk * C
                 gv_base = gv_ptr + img64 * tk * C
-                for ty in tl.static_range(NRK):
-                    orow = a + (ty - RK_OFF)
-                    row_ok = (orow >= 0) & (orow < Hk)
-                    for tx in tl.static_range(NRK):
-                        ocol = b + (tx - RK_OFF)
-                        ok = row_ok & (ocol >= 0) & (ocol < Wk)
-                        tok = (HAS_CLS + orow * Wk + ocol).to(tl.int64)
-                        gk = tl.load(gk_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
-                                     other=0.0).to(ACC)
-                        dy0 = PKV - 2 * (ty - RK_OFF)
-                        dx0 = PKV - 2 * (tx - RK_OFF)
-                        g00, gwk = _tap_backward(g00, gwk, x00, gk, wk_ptr, c, cmask, kk, dy0, dx0, K)
-                        g01, gwk = _tap_backward(g01, gwk, x01, gk, wk_ptr, c, cmask, kk, dy0, dx0 + 1, K)
-                        g10, gwk = _tap_backward(g10, gwk, x10, gk, wk_ptr, c, cmask, kk, dy0 + 1, dx0, K)
-                        g11, gwk = _tap_backward(g11, gwk, x11, gk, wk_ptr, c, cmask, kk, dy0 + 1, dx0 + 1, K)
-                        if HAS_GV:
-                            gv = tl.load(gv_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
-                                         other=0.0).to(ACC)
-                            g00, gwv = _tap_backward(g00, gwv, x00, gv, wv_ptr, c, cmask, kk, dy0, dx0, K)
-                            g01, gwv = _tap_backward(g01, gwv, x01, gv, wv_ptr, c, cmask, kk, dy0, dx0 + 1, K)
-                            g10, gwv = _tap_backward(g10, gwv, x10, gv, wv_ptr, c, cmask, kk, dy0 + 1, dx0, K)
-                            g11, gwv = _tap_backward(g11, gwv, x11, gv, wv_ptr, c, cmask, kk, dy0 + 1, dx0 + 1, K)
+                for pi in tl.static_range(2):
+                    for pj in tl.static_range(2):
+                        xv = _pick4(pi, pj, x00, x01, x10, x11)
+                        delta = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
+                        for ko_r in range(-((K - 1 - pi - PKV) // 2), (pi + PKV) // 2 + 1):
+                            dy = pi + PKV - 2 * ko_r
+                            orow = a + ko_r
+                            row_ok = (orow >= 0) & (orow < Hk)
+                            for ko_c in range(-((K - 1 - pj - PKV) // 2), (pj + PKV) // 2 + 1):
+                                tap = dy * K + pj + PKV - 2 * ko_c
+                                ocol = b + ko_c
+                                ok = row_ok & (ocol >= 0) & (ocol < Wk)
+                                tok = (HAS_CLS + orow * Wk + ocol).to(tl.int64)
+                                gk = tl.load(gk_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
+                                             other=0.0).to(ACC)
+                                w = tl.load(wk_ptr + c * (K * K) + tap, mask=cmask, other=0.0).to(ACC)
+                                delta += gk * w[None, :]
+                                gwk += tl.where(kk[:, None] == tap, tl.sum(xv * gk, axis=0)[None, :], 0.0)
+                                if HAS_GV:
+                                    gv = tl.load(gv_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
+                                                 other=0.0).to(ACC)
+                                    w = tl.load(wv_ptr + c * (K * K) + tap, mask=cmask, other=0.0).to(ACC)
+                                    delta += gv * w[None, :]
+                                    gwv += tl.where(kk[:, None] == tap, tl.sum(xv * gv, axis=0)[None, :], 0.0)
+                        g00, g01, g10, g11 = _add4(pi, pj, g00, g01, g10, g11, delta)
 
             gx_base = gx_ptr + img64 * t_in * C
             tl.store(gx_base + tok00[:, None] * C + c[None, :], g00.to(gx_ty), mask=ok00[:, None] & m)
@@ -737,12 +779,7 @@ def conv_proj_backward(
                  TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS)
     grid = (num_tiles, c_blocks, groups)
     if fused:
-        # Offsets of the grad_q rows 2a+ro (ro = pi + PQ - dy) and grad_k/v rows a+ko
-        # (ko = (pi + PKV - dy) // 2) that the parity sub-tiles of x(2a+pi) gather from.
-        rq_off, nrq = _shift_range(padding_q - kernel + 1, 1 + padding_q)
-        rk_off, nrk = _shift_range((padding_kv - kernel + 1) // 2, (1 + padding_kv) // 2)
-        _bwd_s1s2_kernel[grid](*common, PQ=padding_q, PKV=padding_kv, RQ_OFF=rq_off, NRQ=nrq,
-                               RK_OFF=rk_off, NRK=nrk, **flags)
+        _bwd_s1s2_kernel[grid](*common, PQ=padding_q, PKV=padding_kv, **flags)
     else:
         _bwd_generic_kernel[grid](*common, SQ=stride_q, PQ=padding_q, SKV=stride_kv, PKV=padding_kv, **flags)
 

@@ -95,6 +95,18 @@ def test_conv_proj_forward_and_backward_match_reference(case, dtype):
         assert_close(actual, reference, dtype)
 
 
+@pytest.mark.parametrize("geometry", [(6, 7, True, 1, 2, 2, 2), (6, 7, False, 2, 1, 2, 1)], ids=["fused", "generic"])
+def test_conv_proj_matches_reference_with_kernel_size_5(geometry):
+    x, weights, bias = make_inputs(1, 6, 7, 8, geometry[2], torch.float64, kernel=5)
+    outputs = conv_proj.conv_proj_forward(x, *weights, *bias, *geometry)
+    grads = [torch.randn_like(t) for t in outputs]
+    expected, expected_grads = reference_outputs_and_grads(x, weights, bias, grads, geometry)
+    for actual, reference in zip(outputs, expected):
+        assert_close(actual, reference)
+    for actual, reference in zip(conv_proj.conv_proj_backward(*grads, x, *weights, *geometry), expected_grads):
+        assert_close(actual, reference)
+
+
 def test_conv_proj_cls_row_is_passed_through_unconvolved():
     x, weights, bias = make_inputs(2, 5, 5, 8, True, torch.float32)
     q, k, v = conv_proj.conv_proj_forward(x, *weights, *bias, 5, 5, True, 1, 2, 1, 1)
