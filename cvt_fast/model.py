@@ -47,10 +47,11 @@ class QuickGELU(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the input dtype, as the official code does."""
+    """LayerNorm computed in (at least) float32 whatever the input dtype, as the official code does."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        compute = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64
+        return super().forward(x.to(compute)).to(x.dtype)
 
 
 class DropPath(nn.Module):
@@ -270,7 +271,7 @@ class Stage(nn.Module):
         self.pos_drop = nn.Dropout(stage["DROP_RATE"])
         depth = stage["DEPTH"]
         # Stochastic depth ramps from 0 within each stage.
-        rates = [r.item() for r in torch.linspace(0, stage["DROP_PATH_RATE"], depth)]
+        rates = [r.item() for r in torch.linspace(0, stage["DROP_PATH_RATE"], depth, device="cpu")]
         self.blocks = nn.ModuleList(
             Block(dim, stage["NUM_HEADS"], stage["MLP_RATIO"], stage["DROP_RATE"],
                   stage["ATTN_DROP_RATE"], rates[j], act,

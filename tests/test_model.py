@@ -181,6 +181,20 @@ def test_model_from_every_config_file_builds():
 
 # -- the fused path (cvt_fast.ops, backend 'reference') equals the official path -------
 
+def _assert_same_gradients(fused, official):
+    fused_params = dict(fused.named_parameters())
+    names = [n for n, p in official.named_parameters() if p.grad is not None]
+    assert all(fused_params[n].grad is not None for n in names)
+    flat = lambda model_params: torch.cat([model_params[n].grad.flatten() for n in names])  # noqa: E731
+    assert_close(flat(fused_params), flat(dict(official.named_parameters())), factor=10)
+    # Per parameter too, except those whose gradient is zero up to rounding (the bias of
+    # k, for one: softmax is invariant to it), where a relative error means nothing.
+    total = flat(dict(official.named_parameters())).norm()
+    for name, p in official.named_parameters():
+        if p.grad is not None and p.grad.norm() > 1e-4 * total:
+            assert_close(fused_params[name].grad, p.grad, factor=10)
+
+
 def _paired_models(spec, **kw):
     official = build_model(spec, num_classes=6, backend="official", **kw)
     fused = copy.deepcopy(official).set_backend("reference")
@@ -195,9 +209,7 @@ def test_reference_backend_equals_official_path_in_train_mode(variant):
     assert_close(out_fused, out_official)
     out_official.square().sum().backward()
     out_fused.square().sum().backward()
-    fused_params = dict(fused.named_parameters())
-    for name, p in official.named_parameters():
-        assert_close(fused_params[name].grad, p.grad, factor=10)
+    _assert_same_gradients(fused, official)
     fused_buffers = dict(fused.named_buffers())
     for name, b in official.named_buffers():  # BatchNorm running statistics and counters
         if b.is_floating_point():
