@@ -308,8 +308,8 @@ class Trainer:
         # The context closes the bar on errors too, so a message is not glued to it.
         with bar:
             hit_limit = False
+            t0 = time.perf_counter()  # step time includes waiting for the data
             for x, y, skipped in self.train_loader:
-                t0 = time.perf_counter()
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
                 sums["skipped_images"] += float(skipped.sum())
@@ -360,7 +360,7 @@ class Trainer:
                 pos.global_step += 1
                 if self.step_delay:
                     time.sleep(self.step_delay)
-                dt = time.perf_counter() - t0
+                dt, t0 = time.perf_counter() - t0, time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_step / max(dt, 1e-9):.0f}")
                 bar.update(1)
@@ -377,7 +377,7 @@ class Trainer:
                     break
                 if every > 0 and pos.global_step % every == 0 and pos.step_in_epoch < self.steps_per_epoch:
                     self.save_checkpoint()
-                    start = time.perf_counter()
+                    start = t0 = time.perf_counter()  # checkpoint time is not training time
         return hit_limit
 
     # ---- the run -----------------------------------------------------------------
