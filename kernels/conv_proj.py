@@ -7,7 +7,8 @@
 # Outputs are written in token layout (B, has_cls + Ho*Wo, C); row 0 is x[:, 0] copied through
 # (no convolution, no bias) when has_cls. Backward: grad_x (transposed depthwise convolution,
 # summed over the three branches, plus the cls row) and grad_weight_{q,k,v}. Everything is
-# accumulated in fp32; inputs are cast to fp32 right after each load.
+# accumulated in fp32 (fp64 for fp64 inputs, which exist for gradcheck); inputs are cast right
+# after each load and outputs converted at the store.
 #
 # Tiling, forward, common CvT case (stride_q=1, stride_kv=2: `_fwd_s1s2_kernel`). One program
 # owns a TILE_H x TILE_W tile of the half-resolution grid (a, b) and BLOCK_C channels of one
@@ -37,8 +38,6 @@
 # same, k and v a quarter each (25.7 MB): 257 MB in all, about 77 us at 3.35 TB/s (H100 SXM).
 # Backward: read x, grad_q, grad_k, grad_v, write grad_x: 102.8*3 + 2*25.7 = 360 MB; the
 # weight-gradient partial buffer is (images / group) * tiles * 3 * 9 * C fp32, a few MB.
-from __future__ import annotations
-
 from typing import Optional, Tuple
 
 import torch
