@@ -138,6 +138,15 @@ def test_attention_only_backends_refuse_conv_proj(name):
         resolve_backend("conv_proj", name, torch.randn(1, 4, 2))
 
 
+@pytest.mark.parametrize("how", ["set_backend", "environment"])
+def test_default_attention_only_backend_leaves_conv_proj_on_auto(monkeypatch, how):
+    if how == "set_backend":
+        ops.set_backend("sdpa")
+    else:
+        monkeypatch.setenv("CVT_FAST_BACKEND", "xformers")
+    assert resolve_backend("conv_proj", None, torch.randn(1, 4, 2)) == "reference"
+
+
 def test_xformers_has_no_cpu_implementation():
     with pytest.raises(BackendUnavailableError, match="CUDA only"):
         resolve_backend("attention", "xformers", qkv()[0])

@@ -217,3 +217,41 @@ def test_unavailable_backend_raises_through_the_entry_points():
         ops.conv_proj(x, *weights, 5, 4, True, backend="sdpa")
     with pytest.raises(ValueError, match="unknown backend"):
         ops.attention(*qkv(), 0.25, backend="flash")
+
+
+# --------------------------------------------------------------------------- on a GPU (skipped without one)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_backends_pass_opcheck_and_match_reference(backend, dtype):
+    reason = ops.available_backends("attention", "cuda", dtype=dtype, head_dim=64)[backend]
+    if reason is not None:
+        pytest.skip(reason)
+    q, k, v = (t.cuda().requires_grad_() for t in qkv(batch=2, n_q=37, n_kv=10, heads=2, head_dim=64, dtype=dtype))
+    assert_opcheck_passes(torch.ops.cvt_fast.attention.default, (q, k, v, 0.125, backend))
+    x, weights, biases = conv_inputs(height=7, width=5, channels=40, dtype=dtype)
+    x, weights, biases = x.cuda().requires_grad_(), [w.cuda() for w in weights], [b.cuda() for b in biases]
+    assert_opcheck_passes(torch.ops.cvt_fast.conv_proj.default,
+                          (x, *weights, biases[0], None, biases[2], 7, 5, True, 1, 2, 1, 1, backend))
+
+    def outputs_and_grads(name):
+        out = ops.attention(q, k, v, 0.125, backend=name)
+        projected = ops.conv_proj(x, *weights, 7, 5, True, bias_q=biases[0], backend=name)
+        leaves = (q, k, v, x)
+        loss = out.float().square().sum() + sum(t.float().square().sum() for t in projected)
+        return (out, *projected, *torch.autograd.grad(loss, leaves))
+
+    for actual, expected in zip(outputs_and_grads(backend), outputs_and_grads("reference")):
+        assert_close(actual, expected, dtype, factor=2.0)
+
+
+@pytest.mark.gpu
+def test_auto_on_gpu_picks_the_cuda_extension_when_built():
+    from cvt_fast.extension import extension_status, load_extension
+
+    if load_extension() is None:
+        pytest.skip(f"cvt_fast._C: {extension_status()}")
+    q = qkv(head_dim=64, dtype=torch.float16)[0].cuda()
+    assert ops.resolve_backend("attention", "auto", q) == "cuda"
+    assert ops.resolve_backend("conv_proj", "auto", torch.randn(2, 5, 8, device="cuda")) == "cuda"

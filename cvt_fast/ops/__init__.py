@@ -77,7 +77,7 @@ def _check_same(what: str, names: tuple, values: tuple) -> None:
 
 def _check_last_dim_contiguous(**tensors: Tensor) -> None:
     for name, t in tensors.items():
-        if t.shape[-1] > 1 and t.stride(-1) != 1:
+        if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides "
                              f"{tuple(t.stride())}; call .contiguous() on it")
 

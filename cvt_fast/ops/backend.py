@@ -191,7 +191,8 @@ def _tensor_facts(op: str, tensors: tuple) -> tuple:
 def resolve_backend(op: str, requested: Optional[str], *tensors: torch.Tensor) -> str:
     """The concrete backend (never 'auto') that runs `op` on `tensors`.
 
-    `requested` is the call's argument (None: the default from get_backend()). The first
+    `requested` is the call's argument (None: the default from get_backend(); a default of
+    'sdpa' or 'xformers' means 'auto' for conv_proj). The first
     tensor decides the device and dtype; attention's q gives the head size, conv_proj's
     (x, wq, wk, wv) the kernel sizes. Raises ValueError for
     unknown names and BackendUnavailableError when the backend cannot run here.
@@ -199,6 +200,10 @@ def resolve_backend(op: str, requested: Optional[str], *tensors: torch.Tensor) -
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
     name = get_backend() if requested is None else _check_name(requested, "backend argument")
+    if requested is None and name in ATTENTION_ONLY and op != "attention":
+        # A process-wide 'sdpa'/'xformers' means "that library for attention"; the other op
+        # then takes the best of its own. Passed explicitly for conv_proj, it is an error.
+        name = "auto"
     device_type, dtype, head_dim, kernel_sizes = _tensor_facts(op, tensors)
     if name == "auto":
         return _auto(op, device_type, dtype, head_dim, kernel_sizes)
