@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from cvt_fast.training.resume import find_resume_checkpoint, list_checkpoints

@@ -11,7 +11,6 @@ metrics.jsonl record, TensorBoard scalars and an epoch checkpoint.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,9 +24,9 @@ from . import distributed as dist_utils
 from .data import build_train_loader, build_val_loader, set_loader_epoch
 from .ema import ModelEma
 from .logs import LOGGER_NAME, METRICS_FILE, MetricsWriter, TensorBoard
-from .optim import build_criterion, build_mixup, build_optimizer, build_scheduler, mixup_enabled
+from .optim import build_criterion, build_mixup, build_optimizer, build_scheduler
 from .resume import (FORMAT, atomic_save, capture_rng, checkpoint_path, find_resume_checkpoint,
-                     prune_checkpoints, restore_rng)
+                     prune_checkpoints, read_checkpoint, restore_rng)
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -248,7 +247,6 @@ class Trainer:
             return False
         state = found[1] if found else None
         if state is None:  # other ranks read the file rank 0 chose
-            from .resume import read_checkpoint
             state = read_checkpoint(path)
         if int(state["world_size"]) != self.info.world_size or int(state["steps_per_epoch"]) != self.steps_per_epoch:
             log.warning("resuming with %d process(es), %d steps per epoch, from a checkpoint of %d, %d: the "

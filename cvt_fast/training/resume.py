@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from cvt_fast.checkpoint import atomic_save  # temp file, fsync, os.replace
+from cvt_fast.checkpoint import atomic_save  # noqa: F401 (re-exported: temp file, fsync, os.replace)
 
 log = logging.getLogger("cvt_fast.train")
 
