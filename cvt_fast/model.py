@@ -194,16 +194,19 @@ class Attention(nn.Module):
             # Batch statistics must be computed from the convolution outputs, so the
             # BatchNorm runs after the op, on the grid rows only (cls rows are never
             # normalised).
-            outs = ops.conv_proj(x, *(c.conv.weight.to(x.dtype) for c in convs), height, width,
+            outs = ops.conv_proj(x, *(c.conv.weight for c in convs), height, width,
                                  has_cls, self.stride_q, self.stride_kv, self.padding_q,
-                                 self.padding_kv, backend=self.backend)
+                                 self.padding_kv, backend=self._conv_backend())
             return [_batch_norm_tokens(c.bn, t, has_cls) for c, t in zip(convs, outs)]
         # Eval: BatchNorm is an affine map per channel; fold it into the convolution.
         folded = [_fold_batch_norm(c.conv.weight, c.bn) for c in convs]
-        weights = [w.to(x.dtype) for w, _ in folded]
-        biases = [b.to(x.dtype) for _, b in folded]
-        return ops.conv_proj(x, *weights, height, width, has_cls, self.stride_q, self.stride_kv,
-                             self.padding_q, self.padding_kv, *biases, backend=self.backend)
+        return ops.conv_proj(x, *(w for w, _ in folded), height, width, has_cls, self.stride_q,
+                             self.stride_kv, self.padding_q, self.padding_kv, *(b for _, b in folded),
+                             backend=self._conv_backend())
+
+    def _conv_backend(self) -> str | None:
+        # sdpa and xformers are attention-only peers: the projection then uses the default.
+        return None if self.backend in ("sdpa", "xformers") else self.backend
 
     def _attend_fused(self, q, k, v):
         if self.attn_drop.p > 0 and self.training:
