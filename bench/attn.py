@@ -279,7 +279,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of fwd,fwd+bwd")
     args = parser.parse_args(argv)
 
-    device = common.resolve_device(args.device)
+    device = common.resolve_device(args.device, args.quick)
     common.prepare_triton_for(device.type)
     import torch
 

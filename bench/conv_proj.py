@@ -295,7 +295,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.modes is None:
         args.modes = "eval-fwd,train-fwd+bwd" if args.quick else ",".join(MODES)
 
-    device = common.resolve_device(args.device)
+    device = common.resolve_device(args.device, args.quick)
     common.prepare_triton_for(device.type)
     import torch
 

@@ -385,7 +385,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.max_batch_granularity is None:
         args.max_batch_granularity = 1 if args.quick else 8
 
-    device = common.resolve_device(args.device)
+    device = common.resolve_device(args.device, args.quick)
     common.prepare_triton_for(device.type)
     import torch
 
