@@ -289,6 +289,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", default=None,
                         help="comma-separated NAME@IMAGE_SIZE (default: cvt-13/21 at 224 and 384, cvt-w24 at 384)")
+    parser.add_argument("--stages", default=None, help="comma-separated stage numbers (default: all)")
     parser.add_argument("--modes", default=None,
                         help=f"comma-separated subset of {','.join(MODES)} (default: all; --quick: eval-fwd,train-fwd+bwd)")
     args = parser.parse_args(argv)
@@ -310,6 +311,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     default_pairs = [("cvt-13", 32)] if args.quick else common.DEFAULT_MODEL_SIZES
     pairs = common.parse_model_sizes(args.models, default_pairs)
     shapes = projection_shapes(pairs, args.batch, args.quick)
+    if args.stages:
+        wanted_stages = {int(s) for s in args.stages.split(",") if s.strip()}
+        shapes = [s for s in shapes if s["stage"] in wanted_stages]
+        if not shapes:
+            raise ValueError(f"--stages {args.stages!r} selects no stage of {[f'{m}@{s}' for m, s in pairs]}")
     timing_config = common.TimingConfig.from_args(args)
     deadline = common.Deadline(args.time_budget)
     # Each shape and mode compiles anew; the default limit (8) would fall back to eager.

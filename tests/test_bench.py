@@ -182,3 +182,14 @@ def test_selector_and_only_patterns():
     assert common.parse_model_sizes("cvt-13@224,cvt-w24@384", []) == [("cvt-13", 224), ("cvt-w24", 384)]
     with pytest.raises(ValueError, match="NAME@IMAGE_SIZE"):
         common.parse_model_sizes("cvt-13", [])
+
+
+def test_conv_proj_compiled_official_path_runs_on_the_cpu(tmp_path):
+    # torch.compile is left out of --quick by default; this runs it on two shapes (a static
+    # graph each: automatic dynamic shapes once broke inductor here).
+    out = tmp_path / "conv_proj.json"
+    payload, _ = run_script("conv_proj.py", out, "--only", "official-compile", "--modes", "eval-fwd",
+                            "--stages", "1,3")
+    rows = payload["results"]
+    assert [(r["stage"], r["status"]) for r in rows] == [(1, "ok"), (3, "ok")], rows
+    assert all(r["rel_err"] < 1e-4 for r in rows)
