@@ -94,3 +94,14 @@ def test_auto_resume_of_a_finished_run_does_nothing(tmp_path):
     _train_in_process(opts)
     assert state_dicts_max_diff(torch.load(final, weights_only=True), first) == 0.0
     assert "training already finished" in (tmp_path / "out/cvt-digits/train.log").read_text()
+
+
+def test_train_checkpoint_names_the_file_to_resume_from(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    _train_in_process(tiny_overrides(data, tmp_path / "a", TRAIN__END_EPOCH=1))
+    ckpt = list_checkpoints(tmp_path / "a/cvt-digits")[0]
+    _train_in_process(tiny_overrides(data, tmp_path / "b", TRAIN__CHECKPOINT=ckpt))
+    log = (tmp_path / "b/cvt-digits/train.log").read_text()
+    assert f"=> resumed from {ckpt}: epoch 1, step 0" in log
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "b/cvt-digits/metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1]

@@ -241,13 +241,26 @@ class Trainer:
                      self.pos.step_in_epoch, self.steps_per_epoch)
 
     def try_resume(self) -> bool:
-        found = find_resume_checkpoint(self.run_dir) if self.info.is_main else None
-        path = dist_utils.broadcast_object(str(found[0]) if found else None)
+        found, error = None, None
+        if self.info.is_main:
+            found = find_resume_checkpoint(self.run_dir)
+            explicit = str(self.cfg.TRAIN.CHECKPOINT)
+            # TRAIN.CHECKPOINT is where a run with no checkpoint of its own starts; once it has
+            # its own, those are newer, so a restarted run never goes back to the named file.
+            if found is None and explicit:
+                try:
+                    if not os.path.isfile(explicit):
+                        raise ValueError(f"TRAIN.CHECKPOINT {explicit} does not exist")
+                    found = (Path(explicit), read_checkpoint(explicit))
+                except ValueError as err:
+                    error = str(err)
+        # Every rank learns rank 0's choice (or its error), so none waits forever.
+        path, error = dist_utils.broadcast_object((str(found[0]) if found else None, error))
+        if error:
+            raise ValueError(error)
         if path is None:
             return False
-        state = found[1] if found else None
-        if state is None:  # other ranks read the file rank 0 chose
-            state = read_checkpoint(path)
+        state = found[1] if found else read_checkpoint(path)  # other ranks read the file rank 0 chose
         if int(state["world_size"]) != self.info.world_size or int(state["steps_per_epoch"]) != self.steps_per_epoch:
             log.warning("resuming with %d process(es), %d steps per epoch, from a checkpoint of %d, %d: the "
                         "data order changes", self.info.world_size, self.steps_per_epoch,
@@ -381,7 +394,7 @@ class Trainer:
     # ---- the run -----------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg, info = self.cfg, self.info
-        resumed = bool(cfg.TRAIN.AUTO_RESUME) and self.try_resume()
+        resumed = bool(cfg.TRAIN.AUTO_RESUME or cfg.TRAIN.CHECKPOINT) and self.try_resume()
         if not resumed:
             self.pos.epoch = int(cfg.TRAIN.BEGIN_EPOCH)
             if self.pos.epoch:
