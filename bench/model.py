@@ -371,7 +371,8 @@ def tables(rows: list[dict], names: list[str]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", default=None,
-                        help="comma-separated NAME@IMAGE_SIZE (default: cvt-13/21 at 224 and 384, cvt-w24 at 384)")
+                        help="comma-separated NAME@IMAGE_SIZE (default: cvt-13/21 at 224 and 384, cvt-w24 at 384); "
+                             "--only also takes NAME (its default sizes) or NAME@IMAGE_SIZE entries")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of train,infer")
     parser.add_argument("--find-max-batch", action="store_true",
                         help="also search the largest batch that fits, per model, implementation and mode")
@@ -395,19 +396,30 @@ def main(argv: Optional[list[str]] = None) -> int:
         if mode not in MODES:
             raise ValueError(f"--modes entries must be in {MODES}, got {mode!r}")
     all_impls = build_implementations(device)
+    # --only may also name models ('cvt-w24' or 'cvt-13@384'), as a shorthand for --models.
+    specs = common.model_specs()
+    only_models = [t.strip() for t in (args.only or "").split(",")
+                   if t.strip() and (t.strip() in specs or "@" in t)]
+    args.only = ",".join(t.strip() for t in (args.only or "").split(",")
+                         if t.strip() and t.strip() not in only_models) or None
     common.check_only_patterns(args.only, [i.name for i in all_impls])
     # The others (cvt_fast-reference/-auto, hf-compile) run only when --only names them.
     wanted = common.selector(args.only) if args.only else (lambda name: name in IMPLEMENTATIONS)
     # --quick: a narrow CvT-13 (widths 32/64/128, depths 1/2/3, common.tiny_spec) on 32x32 images.
     default_pairs = [("cvt-13", 32)] if args.quick else common.DEFAULT_MODEL_SIZES
     pairs = common.parse_model_sizes(args.models, default_pairs)
-    specs = common.model_specs()
+    if only_models:
+        sized = common.parse_model_sizes(",".join(m for m in only_models if "@" in m), [])
+        pairs = [p for p in pairs if p[0] in only_models] + sized
+        pairs = list(dict.fromkeys(pairs))
+        if not pairs:
+            raise ValueError(f"--only names models {only_models}, but none of them is among the models to run")
     for name, _ in pairs:
         if name not in specs:
             raise ValueError(f"unknown model {name!r}; expected one of {sorted(specs)}")
 
     timing_config = common.TimingConfig.from_args(args)
-    # A step is long: fewer repetitions than for kernels, but never fewer than 10 on a GPU.
+    # A step is long: fewer repetitions than for kernels (at least 8 timed steps on a GPU).
     timing_config.min_warmup, timing_config.probe, timing_config.min_reps, timing_config.max_reps = 3, 2, 8, 50
     timing_config.rep_ms = args.rep_ms if args.rep_ms is not None else (20.0 if args.quick else 3000.0)
     if args.quick:
@@ -477,10 +489,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     for mode in modes:
         ok = [r for r in run.rows if r["mode"] == mode]
         groups = list(dict.fromkeys(f"{r['model']}@{r['image_size']}" for r in ok))
-        series = {n: [next((r.get("images_per_s") for r in ok if f"{r['model']}@{r['image_size']}" == g
+        # Relative to the fastest peer, so models of very different speeds share one linear axis
+        # (absolute images/s are in the table).
+        series = {n: [next((r.get("speedup_vs_best_peer") for r in ok if f"{r['model']}@{r['image_size']}" == g
                             and r["impl"] == n and r.get("status") == "ok"), None) for g in groups] for n in names}
-        panels.append({"title": f"{mode} images/s, {args.dtype} autocast", "ylabel": "images/s", "groups": groups,
-                       "series": {n: v for n, v in series.items() if any(x is not None for x in v)}, "log": True})
+        precision = f"{args.dtype} autocast" if args.dtype != "float32" else "float32"
+        panels.append({"title": f"{mode}: images/s relative to the fastest peer ({precision})",
+                       "ylabel": "x fastest peer (official, official-compile, hf)", "groups": groups,
+                       "series": {n: v for n, v in series.items() if any(x is not None for x in v)}})
     models = list(dict.fromkeys(r["model"] + str(r["image_size"]) for r in run.rows))
     mode_order = modes + [f"{m}-max-batch" for m in modes]
     ordered = sorted(run.rows, key=lambda r: (models.index(r["model"] + str(r["image_size"])),
