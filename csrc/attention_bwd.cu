@@ -20,9 +20,9 @@
 //      q, dO (fp32) and lse, delta sit in shared memory.
 //   Masks: rows past Nq / Nkv hold zeros, the inner loops stop at the last real row of a
 //   tile, and nothing is stored for rows that do not exist.
-// Floor: 2 x 2 (recomputed scores and dp, in both kernels) + 2 + 2 (dq, dk, dv: 3 products)
-// -> 8 (kernel 1 does 3 products, kernel 2 does 4) ~= 7 * 2*B*H*Nq*Nkv*D FLOPs on fp32 CUDA
-// cores; DRAM: q, k, v, dO, O, dq, dk, dv once each, plus lse and delta.
+// Floor: kernel 1 does 3 products per (i, j) pair (s, dp, dq) and kernel 2 does 4 (s, dv, dp,
+// dk): 7 * 2*B*H*Nq*Nkv*D FLOPs on the fp32 CUDA cores. DRAM: q, k, v, dO, O, dq, dk, dv once
+// each plus lse and delta (K/V and q/dO tiles are re-read from L2 once per block).
 
 #include "common.cuh"
 

@@ -3,10 +3,17 @@
 // instantiated, to keep the build short), and the argument checks the host wrappers use.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #ifdef CVT_FAST_HOST_EMULATION
 // csrc/emulate/: the kernels compiled by a host compiler, one OS thread per CUDA thread.
 #include "emulate/cuda_on_host.h"
 #else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
 // c10/cuda headers, not ATen/cuda/CUDAContext.h: that one also pulls cuSPARSE/cuBLAS headers,
 // which a bare CUDA toolkit lacks. c10::cuda::getCurrentCUDAStream is at::cuda's.
 #include <ATen/ATen.h>
@@ -14,8 +21,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <limits>

@@ -72,7 +72,7 @@ conv_proj_fwd_kernel(const scalar_t* __restrict__ x, int64_t x_sb, int64_t x_st,
       }
       continue;
     }
-    const ConvGeom& g = is_q ? gq : gkv;
+    const ConvGeom g = is_q ? gq : gkv;  // by value: a reference to a kernel parameter costs a stack copy
     const int o = static_cast<int>(t - cls);
     const int oh = o / g.out_w;
     const int ow = o % g.out_w;
@@ -116,7 +116,7 @@ conv_proj_fwd_kernel(const scalar_t* __restrict__ x, int64_t x_sb, int64_t x_st,
 // through tap (kh, kw) when oh*stride - padding + kh == ih (and the same for w).
 template <typename scalar_t>
 __device__ __forceinline__ float gather_grad(const scalar_t* __restrict__ grad_b, const float* __restrict__ w,
-                                             const ConvGeom& g, int cls, int channels, int c, int ih, int iw) {
+                                             const ConvGeom g, int cls, int channels, int c, int ih, int iw) {
   float acc = 0.0f;
   for (int kh = 0; kh < g.kernel; ++kh) {
     const int th = ih + g.padding - kh;
@@ -182,7 +182,7 @@ conv_proj_bwd_weight_kernel(const scalar_t* __restrict__ grad_q, const scalar_t*
   const int taps = gq.kernel * gq.kernel;
   const int conv = blockIdx.y / taps;  // 0: q, 1: k, 2: v
   const int tap = blockIdx.y % taps;
-  const ConvGeom& g = conv == 0 ? gq : gkv;
+  const ConvGeom g = conv == 0 ? gq : gkv;
   const int kh = tap / g.kernel;
   const int kw = tap % g.kernel;
   const scalar_t* grad = conv == 0 ? grad_q : (conv == 1 ? grad_k : grad_v);

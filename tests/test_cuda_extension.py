@@ -2,10 +2,13 @@
 
 On the CPU: the extension imports, registers the four torch.ops.cvt_fast.*_cuda ops with
 their schemas, gives the right shapes on meta and fake tensors, and refuses CPU tensors
-with a clear error. On a GPU (tests marked `gpu`): every op against a float64 plain-PyTorch
-reference written here, forward and backward (backward against autograd of the reference),
-for bfloat16, float16 and float32, at odd sizes (partial tiles, Nkv = 1), strided views,
-odd grids with and without a cls token, and the real CvT-13 stage shapes.
+with a clear error; and the kernels themselves, compiled by g++ from the same sources through
+csrc/emulate/ (one OS thread per CUDA thread, WMMA emulated at the API level), at tiny odd sizes.
+On a GPU (tests marked `gpu`): every op against a float64 plain-PyTorch reference written here,
+forward and backward (backward against autograd of the reference), for bfloat16, float16 and
+float32, head_dim 32/64/128, at odd sizes (partial tiles, Nkv = 1), strided views, odd grids
+with and without a cls token, the real CvT-13 stage shapes, and the 16-bit attention forward on
+both the tensor-core and the CUDA-core (CVT_FAST_CUDA_ATTENTION=simt) kernels.
 """
 import ctypes
 import pathlib
@@ -232,8 +235,9 @@ class EmulatedKernels:
 
     device = "cpu"
 
-    def __init__(self, lib):
+    def __init__(self, lib, tensor_cores=True):
         self.lib = lib
+        self.tensor_cores = tensor_cores  # as on sm_80+: float16/bfloat16 forward on WMMA
 
     def attention_forward(self, q, k, v, scale):
         batch, n_q, heads, head_dim = q.shape
@@ -241,7 +245,8 @@ class EmulatedKernels:
         lse = torch.empty(batch, heads, n_q)
         strides = (ctypes.c_int64 * 9)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
         self.lib.emu_attention_forward(DTYPE_CODE[q.dtype], head_dim, _ptr(q), _ptr(k), _ptr(v), _ptr(out),
-                                       _ptr(lse), batch, n_q, k.shape[1], heads, strides, ctypes.c_float(scale))
+                                       _ptr(lse), batch, n_q, k.shape[1], heads, strides, ctypes.c_float(scale),
+                                       int(self.tensor_cores))
         return out, lse
 
     def attention_backward(self, grad_out, q, k, v, out, lse, scale):
@@ -295,7 +300,7 @@ class EmulatedKernels:
 EMULATION_SOURCES = ["emulate_attention_fwd.cpp", "emulate_attention_bwd.cpp", "emulate_conv_proj.cpp"]
 I64, F32, INT, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 EMULATION_SIGNATURES = {
-    "emu_attention_forward": [INT, INT, PTR, PTR, PTR, PTR, PTR, INT, INT, INT, INT, ctypes.POINTER(I64), F32],
+    "emu_attention_forward": [INT, INT, PTR, PTR, PTR, PTR, PTR, INT, INT, INT, INT, ctypes.POINTER(I64), F32, INT],
     "emu_attention_backward": [INT, INT] + [PTR] * 10 + [INT] * 4 + [ctypes.POINTER(I64), F32],
     "emu_conv_proj_forward": [INT, PTR, I64, I64] + [PTR] * 9 + [INT] * 9,
     "emu_conv_proj_backward": [INT] + [PTR] * 7 + [I64, I64, PTR, PTR] + [INT] * 9,
@@ -421,6 +426,7 @@ CONV_CASES = [
 
 # ---------------------------------------------------------------- CPU: the kernels, emulated
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_emulated_attention_matches_reference_with_partial_tiles(emulated, dtype, head_dim):
@@ -429,12 +435,33 @@ def test_emulated_attention_matches_reference_with_partial_tiles(emulated, dtype
     check_attention(emulated, q, k, v, 0.7 * head_dim ** -0.5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_emulated_simt_attention_matches_reference_for_16_bit(emulated, dtype, head_dim):
+    # The fp32 CUDA-core forward that CVT_FAST_CUDA_ATTENTION=simt selects for 16-bit inputs.
+    q, k, v = random_qkv(1, 70, 37, 2, head_dim, dtype, "cpu", layout="strided")
+    check_attention(EmulatedKernels(emulated.lib, tensor_cores=False), q, k, v, 0.7 * head_dim ** -0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n_q,n_kv", [(5, 1), (1, 3), (13, 64)])
-def test_emulated_attention_matches_reference_at_edge_sizes(emulated, n_q, n_kv):
-    q, k, v = random_qkv(2, n_q, n_kv, 1, 32, torch.float32, "cpu")
+def test_emulated_attention_matches_reference_at_edge_sizes(emulated, dtype, n_q, n_kv):
+    q, k, v = random_qkv(2, n_q, n_kv, 1, 32, dtype, "cpu")
     check_attention(emulated, q, k, v, 0.3)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_attention_with_large_scores_stays_finite(emulated, dtype):
+    # Scores of a hundred and more: exp overflows unless the softmax subtracts the row max.
+    q, k, v = random_qkv(1, 20, 37, 1, 32, torch.float32, "cpu")
+    q, k, v = (t.to(dtype) for t in (q * 4, k * 4, v))
+    check_attention(emulated, q, k, v, 1.0, backward=False)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", [(2, 5, 7, 40, False, 3, 1, 2, 1, 1), (1, 6, 5, 33, True, 3, 1, 2, 1, 1),
                                   (1, 8, 9, 8, True, 5, 2, 3, 2, 0), (2, 1, 1, 3, True, 3, 1, 2, 1, 1)])
@@ -442,6 +469,7 @@ def test_emulated_conv_proj_matches_reference(emulated, dtype, case):
     check_conv_proj(emulated, case, dtype)
 
 
+@pytest.mark.slow
 def test_emulated_conv_proj_reads_strided_tokens_without_bias(emulated):
     check_conv_proj(emulated, (2, 5, 7, 40, True, 3, 1, 2, 1, 1), torch.bfloat16, weight_dtype=torch.bfloat16,
                     bias=False, strided=True)
@@ -478,10 +506,23 @@ def test_attention_matches_reference_at_cvt13_stage_shapes(cuda_kernels, dtype, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("n_q,n_kv", [(197, 50), (37, 1)])
+def test_simt_attention_matches_reference_for_16_bit(cuda_kernels, monkeypatch, dtype, head_dim, n_q, n_kv):
+    # CVT_FAST_CUDA_ATTENTION=simt: the fp32 CUDA-core forward instead of the tensor-core one.
+    monkeypatch.setenv("CVT_FAST_CUDA_ATTENTION", "simt")
+    q, k, v = random_qkv(2, n_q, n_kv, 3, head_dim, dtype, "cuda", layout="strided")
+    check_attention(cuda_kernels, q, k, v, head_dim ** -0.5)
+
+
+@pytest.mark.gpu
 def test_attention_with_large_scores_stays_finite(cuda_kernels):
     # Scores of a hundred and more: exp overflows unless the online softmax subtracts the running max.
     q, k, v = random_qkv(1, 70, 45, 2, 64, torch.float32, "cuda")
     check_attention(cuda_kernels, q * 4, k * 4, v, 1.0, backward=False)
+    q, k, v = (t.to(torch.bfloat16) for t in (q * 4, k * 4, v))
+    check_attention(cuda_kernels, q, k, v, 1.0, backward=False)
 
 
 @pytest.mark.gpu

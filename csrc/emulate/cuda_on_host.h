@@ -19,7 +19,11 @@
 #include <cstdint>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 struct dim3 {
   unsigned x, y, z;
@@ -109,7 +113,78 @@ inline float __shfl_xor_sync(unsigned /*mask*/, float value, int lane_mask) {
   return other;
 }
 
+inline void __syncwarp(unsigned /*mask*/ = 0xffffffffu) {
+  const int warp = cvt_emu::tl_linear_tid / cvt_emu::kWarpSize;
+  cvt_emu::tl_block->warp_barriers[warp]->arrive_and_wait();
+}
+
 inline float __expf(float x) { return std::exp(x); }
+
+// 16-bit types: the c10 ones hold the same bits and round the same way.
+using __half = c10::Half;
+using __nv_bfloat16 = c10::BFloat16;
+inline __half __float2half(float x) { return c10::Half(x); }
+inline __nv_bfloat16 __float2bfloat16(float x) { return c10::BFloat16(x); }
+
+// WMMA (m16n16k16 only). Every lane holds the whole 16 x 16 tile (row-major, in fp32), so the
+// emulation needs no fragment layout; the kernels never index fragments, only load, store, fill
+// and multiply them. Products of 16-bit values are exact in fp32, as on the tensor cores.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the emulation knows m16n16k16 only");
+  float x[16 * 16];
+};
+
+template <typename Use, typename T, typename Layout>
+inline void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, float value) {
+  for (float& e : f.x) e = value;
+}
+
+template <typename Use, typename T, typename Layout, typename Element>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const Element* ptr, unsigned ldm) {
+  static_assert(std::is_same_v<T, Element>, "fragment and memory element types differ");
+  for (int r = 0; r < 16; ++r) {
+    for (int c = 0; c < 16; ++c) {
+      const Element e = std::is_same_v<Layout, row_major> ? ptr[r * ldm + c] : ptr[c * ldm + r];
+      f.x[r * 16 + c] = static_cast<float>(e);
+    }
+  }
+}
+
+inline void store_matrix_sync(float* ptr, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t layout) {
+  for (int r = 0; r < 16; ++r) {
+    for (int c = 0; c < 16; ++c) {
+      ptr[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[r * 16 + c];
+    }
+  }
+}
+
+template <typename TA, typename LA, typename TB, typename LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, TB, LB>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+  float result[16 * 16];
+  for (int r = 0; r < 16; ++r) {
+    for (int n = 0; n < 16; ++n) {
+      float sum = c.x[r * 16 + n];
+      for (int kk = 0; kk < 16; ++kk) sum += a.x[r * 16 + kk] * b.x[kk * 16 + n];
+      result[r * 16 + n] = sum;
+    }
+  }
+  std::copy(result, result + 16 * 16, d.x);
+}
+}  // namespace wmma
+}  // namespace nvcuda
 
 using std::max;
 using std::min;
