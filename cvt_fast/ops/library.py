@@ -160,7 +160,15 @@ def conv_proj_backward(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, x: Tensor
     with _no_autocast(x):
         grads = backward(grad_q, grad_k, grad_v, x, wq, wk, wv, height, width, has_cls, stride_q, stride_kv,
                          padding_q, padding_kv)
-    return tuple(_fresh(g, t.dtype) for g, t in zip(grads, (x, wq, wk, wv)))
+    return tuple(_strided_like(_fresh(g, t.dtype), t) for g, t in zip(grads, (x, wq, wk, wv)))
+
+
+def _strided_like(g: Tensor, t: Tensor) -> Tensor:
+    # A (C, 1, k, k) gradient can be "contiguous" with another stride in its size-1 dim;
+    # DDP's gradient buckets compare strides exactly and warn (and copy) on a mismatch.
+    if g.stride() == t.stride() or not t.is_contiguous():
+        return g
+    return torch.empty_like(t, dtype=g.dtype).copy_(g)
 
 
 @conv_proj_backward.register_fake
