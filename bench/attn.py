@@ -199,7 +199,7 @@ def flops_and_bytes(shape: dict, mode: str, element_size: int) -> tuple[float, f
 
 
 def measure(impl: AttentionImpl, shape: dict, mode: str, sets: list[tuple], device, dtype,
-            timing_config: common.TimingConfig) -> dict:
+            timing_config: common.TimingConfig, cuda_graph: bool = False) -> dict:
     import torch
     scale = shape["scale"]
     grad = mode == "fwd+bwd"
@@ -215,7 +215,8 @@ def measure(impl: AttentionImpl, shape: dict, mode: str, sets: list[tuple], devi
     with impl.context(), grad_mode:
         # The check runs first: it is also the first (warm-up) call of the implementation.
         rel_err = check_against_reference(impl, sets[0], scale, grad)
-        timing = common.time_calls(call, device, timing_config, rotation=len(sets))
+        timing = common.time_calls(call, device, timing_config, rotation=len(sets),
+                                   graph=cuda_graph)
         peak = common.measure_peak_memory(lambda: call(0), device)
     flops, n_bytes = flops_and_bytes(shape, mode, torch.empty((), dtype=dtype).element_size())
     seconds = timing.median_ms * 1e-3
@@ -276,6 +277,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", default=None,
                         help="comma-separated NAME@IMAGE_SIZE (default: cvt-13/21 at 224 and 384, cvt-w24 at 384)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="time CUDA-graph replays (kernel time without host launch overhead) instead of eager calls")
     parser.add_argument("--stages", default=None, help="comma-separated stage numbers (default: all)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of fwd,fwd+bwd")
     args = parser.parse_args(argv)
@@ -300,11 +303,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not shapes:
             raise ValueError(f"--stages {args.stages!r} selects no stage of {[f'{m}@{s}' for m, s in pairs]}")
     timing_config = common.TimingConfig.from_args(args)
+    cuda_graph = bool(args.cuda_graph and device.type == "cuda")
     deadline = common.Deadline(args.time_budget)
 
     run = common.BenchRun("attn", args, device, settings={
         "dtype": args.dtype, "models": [f"{m}@{s}" for m, s in pairs], "modes": modes,
-        "quick": args.quick, "timing": vars(timing_config), "shapes": shapes,
+        "quick": args.quick, "cuda_graph": cuda_graph, "timing": vars(timing_config), "shapes": shapes,
     }, conventions=CONVENTIONS)
 
     impls = [i for i in build_implementations(device, dtype) if wanted(i.name)]
@@ -338,11 +342,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                             continue
                         sets = made["sets"]
                     result = common.run_guarded(
-                        lambda: measure(impl, shape, mode, sets, device, dtype, timing_config), device)
+                        lambda: measure(impl, shape, mode, sets, device, dtype, timing_config, cuda_graph), device)
                     run.add({**row, **result})
                     print(f"{shape['label']:>22} {mode:>7} {impl.name:>16}: "
                           f"{common.fmt(result.get('time_ms'))} ms {result.get('error', '')}", flush=True)
-                del sets
+                sets = None
                 common.free_memory(device)
         run.payload["complete"] = True
     except KeyboardInterrupt:

@@ -202,7 +202,7 @@ def traffic_bytes(stage: dict, mode: str, element_size: int) -> float:
 
 
 def measure(impl: ProjectionImpl, base_module, stage: dict, mode: str, sets: list, device, dtype,
-            timing_config: common.TimingConfig) -> dict:
+            timing_config: common.TimingConfig, cuda_graph: bool = False) -> dict:
     import torch
     module, fn, context = impl.make(base_module, stage)
     training, grad = mode.startswith("train"), mode.endswith("bwd")
@@ -220,7 +220,8 @@ def measure(impl: ProjectionImpl, base_module, stage: dict, mode: str, sets: lis
     with context(), autograd_mode:
         # First call: the outputs to check, and the warm-up (compilation for official-compile).
         got = [t.detach() for t in fn(module, sets[0][0])]
-        timing = common.time_calls(call, device, timing_config, rotation=len(sets))
+        timing = common.time_calls(call, device, timing_config, rotation=len(sets),
+                                   graph=cuda_graph)
         peak = common.measure_peak_memory(lambda: call(0), device)
     rel_err = compare_with_reference(base_module, stage, training, sets[0][0], got)
     n_bytes = traffic_bytes(stage, mode, torch.empty((), dtype=dtype).element_size())
@@ -289,6 +290,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", default=None,
                         help="comma-separated NAME@IMAGE_SIZE (default: cvt-13/21 at 224 and 384, cvt-w24 at 384)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="time CUDA-graph replays (kernel time without host launch overhead) instead of eager calls")
     parser.add_argument("--stages", default=None, help="comma-separated stage numbers (default: all)")
     parser.add_argument("--modes", default=None,
                         help=f"comma-separated subset of {','.join(MODES)} (default: all; --quick: eval-fwd,train-fwd+bwd)")
@@ -317,13 +320,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not shapes:
             raise ValueError(f"--stages {args.stages!r} selects no stage of {[f'{m}@{s}' for m, s in pairs]}")
     timing_config = common.TimingConfig.from_args(args)
+    cuda_graph = bool(args.cuda_graph and device.type == "cuda")
     deadline = common.Deadline(args.time_budget)
     # Each shape and mode compiles anew; the default limit (8) would fall back to eager.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
     run = common.BenchRun("conv_proj", args, device, settings={
         "dtype": args.dtype, "models": [f"{m}@{s}" for m, s in pairs], "modes": modes, "quick": args.quick,
-        "timing": vars(timing_config), "shapes": shapes,
+        "cuda_graph": cuda_graph, "timing": vars(timing_config), "shapes": shapes,
     }, conventions=CONVENTIONS)
     bandwidth = common.run_guarded(lambda: common.measure_copy_bandwidth(device, timing_config, args.quick),
                                    device)
@@ -373,15 +377,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                                 continue
                             sets = made["sets"]
                         result = common.run_guarded(lambda: measure(
-                            impl, module["module"], stage, mode, sets, device, dtype, timing_config), device)
+                            impl, module["module"], stage, mode, sets, device, dtype, timing_config, cuda_graph),
+                            device)
                         if result.get("gbps") and bandwidth.get("gbps"):
                             result["fraction_of_copy_bw"] = result["gbps"] / bandwidth["gbps"]
                         run.add({**row, **result})
                         print(f"{stage['label']:>22} {mode:>13} {impl.name:>22}: "
                               f"{common.fmt(result.get('time_ms'))} ms {result.get('error', '')}", flush=True)
-                    del sets
+                    sets = None
                     common.free_memory(device)
-                del module
+                module = None
                 common.free_memory(device)
         run.payload["complete"] = True
     except KeyboardInterrupt:

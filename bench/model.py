@@ -72,7 +72,7 @@ def build_implementations(device) -> list[ModelImpl]:
     ]
     try:
         import transformers
-        from transformers import CvtForImageClassification  # noqa: F401
+        transformers.CvtForImageClassification  # noqa: B018 - fails here if this version lacks CvT
         hf_reason = None
         hf_version = transformers.__version__
     except Exception as error:  # noqa: BLE001
@@ -173,7 +173,6 @@ def autocast_for(device, dtype):
 
 
 def train_step_fn(module, forward, optimizer, batches, device, dtype) -> Callable[[int], Any]:
-    import torch
     import torch.nn.functional as F
     module.train()
 
@@ -326,7 +325,6 @@ def measure_model(impl: ModelImpl, name: str, image_size: int, spec: dict, batch
                 row["note"] = f"reached --max-batch-limit {args.max_batch_limit}"
             rows.append(row)
 
-    del module, forward, optimizer, batches, built
     return rows
 
 
@@ -339,7 +337,6 @@ def reference_logits_for(spec: dict, image_size: int, device, dtype, seed: int, 
     module.eval()
     with torch.inference_mode(), autocast_for(device, dtype):
         logits = forward(images).float().cpu()
-    del module, forward
     return {"images": images.cpu(), "logits": logits}
 
 
@@ -475,7 +472,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         print(f"{name}@{image_size} {row['mode']:>16} {impl.name:>24}: "
                               f"{common.fmt(row.get('images_per_s'))} img/s {row.get('error', '')}", flush=True)
                     common.free_memory(device)
-                del reference
+                reference = None
                 common.free_memory(device)
         run.payload["complete"] = True
     except KeyboardInterrupt:

@@ -115,13 +115,13 @@ def test_model_quick_run_measures_train_and_inference(tmp_path):
     impls = {"official", "official-compile", "hf", "cvt_fast-triton", "cvt_fast-cuda", "cvt_fast-sdpa",
              "cvt_fast-xformers", "cvt_fast-triton-compile"}
     check_common(payload, stdout, out, "model", impls)
-    for impl in ("official", "hf", "cvt_fast-triton"):
+    for impl in ("official", "hf", "cvt_fast-triton", "cvt_fast-sdpa"):
         measured = ok_rows(payload, impl)
         assert {r["mode"] for r in measured} == {"train", "infer"}, (impl, payload["results"])
         for row in measured:
             assert row["images_per_s"] > 0 and row["first_step_s"] > 0
     # Same weights as the official backend: the fused path computes the same logits.
-    for row in ok_rows(payload, "cvt_fast-triton") + ok_rows(payload, "official"):
+    for row in ok_rows(payload, "cvt_fast-triton") + ok_rows(payload, "cvt_fast-sdpa") + ok_rows(payload, "official"):
         assert row["logits_rel_err_vs_official"] < 1e-4, row
 
 
