@@ -37,14 +37,14 @@ MODES = ("train", "infer")
 CONVENTIONS = {
     "images_per_s": "batch / median step time; steps timed with CUDA events after warm-up steps "
                     "(perf_counter on the CPU)",
-    "first_step_s": "wall time of the first step (includes compilation for *-compile; for infer the "
-                    "eval graph may already have been compiled by the logits check)",
+    "first_step_s": "wall time of the first step of the mode (includes compilation for *-compile)",
     "peak_mem_gib": "largest allocated memory during the timed steps (parameters, gradients, "
                     "optimizer state, activations)",
     "speedup_vs_best_peer": "this images/s / the fastest peer's (official, official-compile, hf) at the "
                             "same model and mode",
     "logits_rel_err_vs_official": "||logits - official logits|| / ||official logits||, eval mode, same "
-                                  "weights, first images of the batch (not for hf: other weights)",
+                                  "weights, first 8 images of the first batch, from the first inference "
+                                  "call (before any training step); not for hf (other weights)",
     "max_batch": "largest batch for which two steps ran without running out of memory; the search "
                  "doubles from the config batch, then bisects to --max-batch-granularity",
 }
@@ -272,23 +272,25 @@ def measure_model(impl: ModelImpl, name: str, image_size: int, spec: dict, batch
     batches = make_batches(batch, image_size, device, 2, args.seed)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.05) if "train" in modes else None
 
+    # Logits against the official model with the same weights, on the first images of the
+    # first batch (eval mode: each image's logits are independent of the others), before any
+    # training step changes the weights: inference runs first, and its first call is checked.
+    want = reference_logits.get("logits") if impl.kind == "cvt_fast" else None
     check: dict = {}
-    # Logits against the official model with the same weights (eval mode, a few images),
-    # before any training step changes the weights.
-    if impl.kind == "cvt_fast" and "logits" in reference_logits:
-        def compare() -> float:
-            images = reference_logits["images"].to(device)
-            module.eval()
-            with torch.inference_mode(), autocast_for(device, dtype):
-                got = forward(images).float().cpu()
-            want = reference_logits["logits"]
-            return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
-        checked = common.run_guarded(lambda: {"value": compare()}, device)
-        check = {"logits_rel_err_vs_official": checked.get("value")}
-        if "error" in checked:
-            check["logits_check_error"] = checked["error"]
 
-    for mode in modes:
+    def record_check(logits) -> None:
+        got = logits[: want.shape[0]].float().cpu()
+        check["logits_rel_err_vs_official"] = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+    if want is not None and "infer" not in modes:
+        def eval_forward() -> dict:
+            record_check(infer_step_fn(module, forward, batches, device, dtype)(0))
+            return {}
+        failed = common.run_guarded(eval_forward, device)
+        if "error" in failed:
+            check["logits_check_error"] = failed["error"]
+
+    for mode in sorted(modes, key=("infer", "train").index):
         def run_mode() -> dict:
             step = (train_step_fn(module, forward, optimizer, batches, device, dtype) if mode == "train"
                     else infer_step_fn(module, forward, batches, device, dtype))
@@ -296,9 +298,12 @@ def measure_model(impl: ModelImpl, name: str, image_size: int, spec: dict, batch
             if not torch.isfinite(result.float()).all():
                 raise FloatingPointError(f"{mode} step produced a non-finite "
                                          f"{'loss' if mode == 'train' else 'output'}")
-            row = {**timed(step, device, timing_config, batch, rotation=len(batches)), "first_step_s": first_s}
-            return row
-        rows.append({"mode": mode, **common.run_guarded(run_mode, device), **check})
+            if mode == "infer" and want is not None:
+                record_check(result)
+            return {**timed(step, device, timing_config, batch, rotation=len(batches)), "first_step_s": first_s}
+        rows.append({"mode": mode, **common.run_guarded(run_mode, device)})
+    for row in rows:
+        row.update(check)
 
     if args.find_max_batch:
         for mode in modes:
@@ -328,16 +333,17 @@ def measure_model(impl: ModelImpl, name: str, image_size: int, spec: dict, batch
     return rows
 
 
-def reference_logits_for(spec: dict, image_size: int, device, dtype, seed: int, n: int) -> dict:
-    """Eval-mode logits of the official-backend model on n images, for the logits check."""
+def reference_logits_for(spec: dict, image_size: int, batch: int, device, dtype, seed: int, n: int) -> dict:
+    """Eval-mode logits of the official-backend model on the first n images of the first
+    benchmark batch (make_batches with the same seed draws the same images)."""
     import torch
     official = ModelImpl("official", None, True, "", "cvt_fast", "official", False)
     module, forward = build_model(official, spec, device, seed)
-    images = make_batches(n, image_size, device, 1, seed + 1)[0][0]
+    images = make_batches(batch, image_size, device, 1, seed)[0][0][:n]
     module.eval()
     with torch.inference_mode(), autocast_for(device, dtype):
         logits = forward(images).float().cpu()
-    return {"images": images.cpu(), "logits": logits}
+    return {"logits": logits}
 
 
 def tables(rows: list[dict], names: list[str]) -> str:
@@ -463,7 +469,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     torch._dynamo.reset()
                     if reference is None:
                         reference = common.run_guarded(lambda: reference_logits_for(
-                            spec, image_size, device, dtype, args.seed, min(batch, 8)), device)
+                            spec, image_size, batch, device, dtype, args.seed, min(batch, 8)), device)
                         if "error" in reference:
                             run.payload.setdefault("reference_errors", []).append({**base, **reference})
                     for row in measure_model(impl, name, image_size, spec, batch, modes, device, dtype,
