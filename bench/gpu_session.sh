@@ -3,7 +3,8 @@
 # benchmarks. Run from anywhere inside the repository (through the device tool, $OUT is set):
 #
 #   STAGE=build,test bash bench/gpu_session.sh      # ~ build (1-3 min) + GPU tests
-#   STAGE=build,bench bash bench/gpu_session.sh     # the three benchmarks (default ~9 min)
+#   STAGE=bench bash bench/gpu_session.sh           # the three benchmarks (~9 min; with 'build'
+#                                                   # first, they get what the build leaves)
 #   STAGE=attn ATTN_ARGS="--models cvt-13@224" bash bench/gpu_session.sh
 #
 # STAGE: comma-separated steps among build, test, attn, conv_proj, model;
@@ -11,8 +12,10 @@
 #        10-minute command: split it). Without 'build', the extension already in the tree is
 #        used (e.g. a cvt_fast/_C*.so from an earlier session's $OUT, carried back).
 # Each step runs under `timeout` (BUILD_TIMEOUT, TEST_TIMEOUT, ATTN_TIMEOUT, CONV_TIMEOUT,
-# MODEL_TIMEOUT, seconds); benchmarks also get --time-budget a little shorter than their timeout,
-# so they stop starting measurements in time and still write their results; SIGINT comes next.
+# MODEL_TIMEOUT, seconds), cut to what is left of SESSION_LIMIT (default 570 s, inside the device
+# tool's 10-minute command limit; a step with under 30 s left is skipped). Benchmarks also get
+# --time-budget a little shorter than their timeout, so they stop starting measurements in time
+# and still write their results; SIGINT comes next, then SIGKILL.
 # Extra arguments per benchmark: ATTN_ARGS, CONV_ARGS, MODEL_ARGS.
 #
 # The machine: its own python3 with torch and triton, no yacs; Python wheels carried in .whl/ are
@@ -31,8 +34,9 @@ OUT=${OUT:-$REPO/.gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 STAGE=${STAGE:-all}
-BUILD_TIMEOUT=${BUILD_TIMEOUT:-420}
-TEST_TIMEOUT=${TEST_TIMEOUT:-420}
+SESSION_LIMIT=${SESSION_LIMIT:-570}
+BUILD_TIMEOUT=${BUILD_TIMEOUT:-300}
+TEST_TIMEOUT=${TEST_TIMEOUT:-300}
 ATTN_TIMEOUT=${ATTN_TIMEOUT:-150}
 CONV_TIMEOUT=${CONV_TIMEOUT:-170}
 MODEL_TIMEOUT=${MODEL_TIMEOUT:-230}
@@ -52,6 +56,12 @@ STAGE=${STAGE//bench/attn,conv_proj,model}
 has_stage() { [[ ",$STAGE," == *",$1,"* ]]; }
 started=$(date +%s)
 stamp() { echo "[gpu_session $(( $(date +%s) - started ))s] $*"; }
+# step_limit WANTED: WANTED seconds, or what is left of SESSION_LIMIT (minus a margin for the
+# packing at the end) if that is less.
+step_limit() {
+    local left=$(( SESSION_LIMIT - ($(date +%s) - started) - 15 ))
+    echo $(( $1 < left ? $1 : left ))
+}
 STAMP_FILE=$(mktemp)
 
 # --- environment -----------------------------------------------------------------------------
@@ -92,8 +102,9 @@ stamp "environment in env.txt"
 
 # --- build -----------------------------------------------------------------------------------
 if has_stage build; then
-    stamp "building the CUDA extension (timeout ${BUILD_TIMEOUT}s)"
-    TORCH_CUDA_ARCH_LIST=9.0 CVT_FAST_PTXAS_VERBOSE=1 timeout "$BUILD_TIMEOUT" \
+    limit=$(step_limit "$BUILD_TIMEOUT")
+    stamp "building the CUDA extension (timeout ${limit}s)"
+    TORCH_CUDA_ARCH_LIST=9.0 CVT_FAST_PTXAS_VERBOSE=1 timeout "$limit" \
         "$PY" -m pip install --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1
     status=$?
     echo "== pip install exit status: $status" >> "$OUT/build.log"
@@ -110,9 +121,13 @@ fi
 tail -1 "$OUT/build.log"
 
 # --- GPU tests -------------------------------------------------------------------------------
-if has_stage test; then
-    stamp "pytest -m gpu (timeout ${TEST_TIMEOUT}s)"
-    timeout -s INT -k 30 "$TEST_TIMEOUT" "$PY" -m pytest -q -m gpu tests/ --durations=25 -p no:cacheprovider \
+if has_stage test && [ "$(step_limit "$TEST_TIMEOUT")" -lt 30 ]; then
+    stamp "skipping the GPU tests: too little of SESSION_LIMIT=${SESSION_LIMIT}s left"
+    echo "skipped: too little of SESSION_LIMIT=${SESSION_LIMIT}s left" > "$OUT/gpu_tests.log"
+elif has_stage test; then
+    limit=$(step_limit "$TEST_TIMEOUT")
+    stamp "pytest -m gpu (timeout ${limit}s)"
+    timeout -s INT -k 20 "$limit" "$PY" -m pytest -q -m gpu tests/ --durations=25 -p no:cacheprovider \
         > "$OUT/gpu_tests.log" 2>&1
     status=$?
     echo "== pytest exit status: $status" >> "$OUT/gpu_tests.log"
@@ -122,12 +137,18 @@ fi
 
 # --- benchmarks ------------------------------------------------------------------------------
 run_bench() {  # name timeout extra-args...
-    local script=$1 limit=$2
+    local script=$1 limit
+    limit=$(step_limit "$2")
     shift 2
+    if [ "$limit" -lt 30 ]; then
+        stamp "skipping bench/$script.py: too little of SESSION_LIMIT=${SESSION_LIMIT}s left"
+        echo "== bench/$script.py skipped: too little of SESSION_LIMIT=${SESSION_LIMIT}s left" >> "$OUT/bench.log"
+        return
+    fi
     local budget=$(( limit > 90 ? limit - 40 : limit * 2 / 3 ))
     stamp "bench/$script.py (timeout ${limit}s, budget ${budget}s) $*"
     # shellcheck disable=SC2068
-    timeout -s INT -k 45 "$limit" "$PY" "bench/$script.py" --time-budget "$budget" $@ >> "$OUT/bench.log" 2>&1
+    timeout -s INT -k 20 "$limit" "$PY" "bench/$script.py" --time-budget "$budget" $@ >> "$OUT/bench.log" 2>&1
     local status=$?
     echo "== bench/$script.py exit status: $status" >> "$OUT/bench.log"
     stamp "bench/$script.py exit status $status"
