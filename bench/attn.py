@@ -329,8 +329,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     if impl.fn is None:
                         run.add({**row, "status": "unavailable", "reason": impl.reason})
                         continue
-                    if deadline.expired():
-                        run.add({**row, "status": "skipped", "reason": "time budget exhausted"})
+                    if deadline.skip_reason():
+                        run.add({**row, "status": "skipped", "reason": deadline.skip_reason()})
                         continue
                     if sets is None:
                         _, set_bytes = flops_and_bytes(shape, mode, element_size)
@@ -343,7 +343,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         sets = made["sets"]
                     result = common.run_guarded(
                         lambda: measure(impl, shape, mode, sets, device, dtype, timing_config, cuda_graph), device)
-                    run.add({**row, **result})
+                    deadline.note(run.add({**row, **result}))
                     print(f"{shape['label']:>22} {mode:>7} {impl.name:>16}: "
                           f"{common.fmt(result.get('time_ms'))} ms {result.get('error', '')}", flush=True)
                 sets = None

@@ -157,13 +157,28 @@ def parse_model_sizes(text: Optional[str], default: Sequence[tuple[str, int]]) -
 
 
 class Deadline:
-    """--time-budget: lets a long run end cleanly inside an outer time limit."""
+    """When to stop starting measurements: --time-budget spent (so a long run ends cleanly
+    inside an outer time limit), or the CUDA context lost to a kernel fault."""
 
     def __init__(self, seconds: Optional[float]):
         self.end = None if seconds is None else time.monotonic() + seconds
+        self.fatal: Optional[str] = None  # set once the CUDA context is lost
 
     def expired(self) -> bool:
         return self.end is not None and time.monotonic() >= self.end
+
+    def skip_reason(self) -> Optional[str]:
+        """Why no further measurement should start, or None."""
+        if self.fatal:
+            return f"not run: the CUDA context was lost earlier ({self.fatal})"
+        if self.expired():
+            return "time budget exhausted"
+        return None
+
+    def note(self, row: Mapping[str, Any]) -> None:
+        """Look at a finished row: a sticky CUDA error ends the measuring."""
+        if self.fatal is None and row.get("status") == "error" and is_sticky_cuda_error(row.get("error", "")):
+            self.fatal = f"{row.get('impl', '?')}: {row['error'][:200]}"
 
 
 # --------------------------------------------------------------------------- environment
@@ -272,6 +287,17 @@ def describe_error(error: BaseException, limit: int = 600) -> str:
     """One short line for the JSON: exception type and the first lines of its message."""
     text = " | ".join(line.strip() for line in str(error).strip().splitlines()[:4] if line.strip())
     return f"{type(error).__name__}: {text}"[:limit]
+
+
+# Errors after which the CUDA context is unusable: every later call fails too, so the run
+# stops measuring instead of recording the same failure for everything that follows.
+_STICKY_CUDA_ERRORS = ("illegal memory access", "device-side assert", "unspecified launch failure",
+                       "illegal instruction", "misaligned address", "cuda error: an illegal")
+
+
+def is_sticky_cuda_error(message: str) -> bool:
+    text = message.lower()
+    return any(marker in text for marker in _STICKY_CUDA_ERRORS)
 
 
 def is_out_of_memory(error: BaseException) -> bool:

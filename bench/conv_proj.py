@@ -365,8 +365,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         if "module" not in module:
                             run.add({**row, **module})
                             continue
-                        if deadline.expired():
-                            run.add({**row, "status": "skipped", "reason": "time budget exhausted"})
+                        if deadline.skip_reason():
+                            run.add({**row, "status": "skipped", "reason": deadline.skip_reason()})
                             continue
                         if sets is None:
                             count = common.rotation_count(int(traffic_bytes(stage, "fwd", 1) * 2), device)
@@ -381,7 +381,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                             device)
                         if result.get("gbps") and bandwidth.get("gbps"):
                             result["fraction_of_copy_bw"] = result["gbps"] / bandwidth["gbps"]
-                        run.add({**row, **result})
+                        deadline.note(run.add({**row, **result}))
                         print(f"{stage['label']:>22} {mode:>13} {impl.name:>22}: "
                               f"{common.fmt(result.get('time_ms'))} ms {result.get('error', '')}", flush=True)
                     sets = None

@@ -460,8 +460,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     skip = (None if impl.reason is None else ("unavailable", impl.reason))
                     if skip is None and common.quick_skip_reason(impl.name, args):
                         skip = ("skipped", common.quick_skip_reason(impl.name, args))
-                    if skip is None and deadline.expired():
-                        skip = ("skipped", "time budget exhausted")
+                    if skip is None and deadline.skip_reason():
+                        skip = ("skipped", deadline.skip_reason())
                     if skip is not None:
                         for mode in modes:
                             run.add({**rows_of, "mode": mode, "status": skip[0], "reason": skip[1]})
@@ -474,7 +474,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                             run.payload.setdefault("reference_errors", []).append({**base, **reference})
                     for row in measure_model(impl, name, image_size, spec, batch, modes, device, dtype,
                                              timing_config, args, reference):
-                        run.add({**rows_of, **row})
+                        deadline.note(run.add({**rows_of, **row}))
                         print(f"{name}@{image_size} {row['mode']:>16} {impl.name:>24}: "
                               f"{common.fmt(row.get('images_per_s'))} img/s {row.get('error', '')}", flush=True)
                     common.free_memory(device)

@@ -193,3 +193,14 @@ def test_conv_proj_compiled_official_path_runs_on_the_cpu(tmp_path):
     rows = payload["results"]
     assert [(r["stage"], r["status"]) for r in rows] == [(1, "ok"), (3, "ok")], rows
     assert all(r["rel_err"] < 1e-4 for r in rows)
+
+
+def test_deadline_stops_after_a_sticky_cuda_error_or_the_budget():
+    deadline = common.Deadline(None)
+    deadline.note({"impl": "a", "status": "error", "error": "RuntimeError: shapes differ"})
+    deadline.note({"impl": "b", "status": "oom", "error": "OutOfMemoryError: CUDA out of memory"})
+    assert deadline.skip_reason() is None
+    deadline.note({"impl": "c", "status": "error",
+                   "error": "AcceleratorError: CUDA error: an illegal memory access was encountered"})
+    assert "CUDA context was lost" in deadline.skip_reason() and "c:" in deadline.skip_reason()
+    assert common.Deadline(0.0).skip_reason() == "time budget exhausted"
