@@ -187,7 +187,8 @@ def projection_shapes(pairs, batch_override: Optional[int], quick: bool) -> list
             entry["models"].append(name)
     for entry in shapes.values():
         short = "/".join(m.replace("cvt-", "") for m in entry["models"])
-        entry["label"] = f"cvt-{short}@{entry['image_size']} s{entry['stage']}"
+        tiny = "(tiny)" if quick else ""
+        entry["label"] = f"cvt-{short}{tiny}@{entry['image_size']} s{entry['stage']}"
     return list(shapes.values())
 
 
