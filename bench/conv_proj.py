@@ -339,6 +339,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for impl in impls:
         run.add_implementation(impl.name, impl.make is not None, impl.reason, impl.description, impl.peer)
     peers = {i.name for i in impls if i.peer}
+    element_size = torch.empty((), dtype=dtype).element_size()
 
     # Eager implementations first at every shape, then the compiled ones: under a time budget,
     # compilation (seconds to minutes per shape and mode) must not crowd out the main figures.
@@ -370,7 +371,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                             run.add({**row, "status": "skipped", "reason": deadline.skip_reason()})
                             continue
                         if sets is None:
-                            count = common.rotation_count(int(traffic_bytes(stage, "fwd", 1) * 2), device)
+                            count = common.rotation_count(int(traffic_bytes(stage, mode, element_size)), device)
                             made = common.run_guarded(lambda: {"sets": make_inputs(
                                 stage, mode, device, dtype, count, args.seed)}, device)
                             if "sets" not in made:
