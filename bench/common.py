@@ -343,8 +343,8 @@ def measure_peak_memory(fn: Callable[[], Any], device) -> Optional[float]:
 
 @dataclass
 class TimingConfig:
-    warmup_ms: float = 100.0      # CUDA: warm-up duration (at least `min_warmup` calls)
-    rep_ms: float = 300.0         # CUDA: aim for this much timed work per measurement
+    warmup_ms: float = 50.0       # CUDA: warm-up duration (at least `min_warmup` calls)
+    rep_ms: float = 200.0         # CUDA: aim for this much timed work per measurement
     min_warmup: int = 3
     probe: int = 5                # CUDA: calls timed together to choose the repetition count
     min_reps: int = 10
