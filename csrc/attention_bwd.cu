@@ -234,12 +234,303 @@ attention_bwd_dkdv_kernel(const scalar_t* __restrict__ grad_out, const scalar_t*
   }
 }
 
+// ---------------------------------------------------------------- tensor-core variants (16-bit)
+//
+// For float16/bfloat16 on sm_80+ the seven products per (query, key) pair run on the tensor
+// cores through WMMA (m16n16k16, fp32 accumulation), with the same two-kernel structure as
+// above. The accumulator layout is opaque, so every element-wise step goes through shared
+// memory: a warp stores its 16 x 32 score / dp tiles (fp32), lanes l and l^1 take row l/2 of
+// them (16 columns each) to form p and ds, write them as 16-bit tiles, and the warp multiplies
+// those with the streamed tile. Blocks of 2 warps (32 rows) keep every buffer within the 48 KB
+// of static shared memory at D = 128 (45.5 KB and 45.8 KB). p and ds are rounded to 16 bits
+// before their products, as in FlashAttention.
+//   dq kernel:   rows = 32 queries (16 per warp, q and dO tiles resident), streams K/V tiles of
+//                32 keys; S = Q K^T, dP = dO V^T, ds = p (dp - delta), dQ += ds K; delta_i
+//                (dO_i . O_i) is computed here and written for the dk/dv kernel.
+//   dk/dv kernel: rows = 32 keys (16 per warp, K and V tiles resident), streams q/dO tiles of 32
+//                queries; S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q.
+// Floor: 7 * 2*B*H*Nq*Nkv*D tensor-core FLOPs, plus the element-wise exp per pair twice.
+
+constexpr int kTcBwdWarps = 2;
+constexpr int kTcBwdRows = 16 * kTcBwdWarps;  // rows a block owns
+constexpr int kTcBwdTile = 32;                // rows of the streamed operand per tile
+constexpr int kTcBwdThreads = 32 * kTcBwdWarps;
+
+// rows x D tile of 16-bit values copied bit for bit into shared memory (row pitch ld), zeros
+// for rows >= valid_rows. src points at row 0; rows are row_stride elements apart.
+template <typename T, int D>
+__device__ __forceinline__ void load_tile16(T* dst, int ld, const T* src, int64_t row_stride, int rows,
+                                            int valid_rows, T zero) {
+  for (int idx = threadIdx.x; idx < rows * D; idx += kTcBwdThreads) {
+    const int r = idx / D;
+    const int d = idx % D;
+    dst[r * ld + d] = r < valid_rows ? src[static_cast<int64_t>(r) * row_stride + d] : zero;
+  }
+}
+
+// out[16 x 32] (fp32, ld) = A_rows[16 x D] @ B_rows[32 x D]^T, A and B 16-bit row-major tiles.
+template <typename T, int D>
+__device__ __forceinline__ void tile_products_abt(float* out, int ld_out, const T* a_rows, const T* b_rows,
+                                                  int ld) {
+  namespace wmma = nvcuda::wmma;
+#pragma unroll
+  for (int nb = 0; nb < kTcBwdTile / 16; ++nb) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;  // row j of B = column j of B^T
+      wmma::load_matrix_sync(a, a_rows + kk * 16, ld);
+      wmma::load_matrix_sync(bt, b_rows + nb * 16 * ld + kk * 16, ld);
+      wmma::mma_sync(acc, a, bt, acc);
+    }
+    wmma::store_matrix_sync(out + nb * 16, acc, ld_out, wmma::mem_row_major);
+  }
+}
+
+// acc[dn] += P[16 x 32] @ B[32 x D] (P 16-bit, ld_p; B 16-bit row-major tile, ld).
+template <typename T, int D>
+__device__ __forceinline__ void tile_accumulate_pb(
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&acc)[D / 16], const T* p, int ld_p,
+    const T* b_rows, int ld) {
+  namespace wmma = nvcuda::wmma;
+#pragma unroll
+  for (int kb = 0; kb < kTcBwdTile / 16; ++kb) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+    wmma::load_matrix_sync(a, p + kb * 16, ld_p);
+#pragma unroll
+    for (int dn = 0; dn < D / 16; ++dn) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+      wmma::load_matrix_sync(b, b_rows + kb * 16 * ld + dn * 16, ld);
+      wmma::mma_sync(acc[dn], a, b, acc[dn]);
+    }
+  }
+}
+
+// Writes a warp's 16 x D accumulator (times factor) to rows row0.. of a contiguous (.., D) output
+// with row pitch row_pitch, through the warp's fp32 staging tile (16 x 16 blocks).
+template <typename scalar_t, int D>
+__device__ __forceinline__ void store_rows(
+    scalar_t* dst, int64_t row_pitch, int valid, const nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16,
+    float> (&acc)[D / 16], float factor, float* staging, int ld_staging) {
+  namespace wmma = nvcuda::wmma;
+  const int lane = threadIdx.x % 32;
+  const int r = lane / 2;
+  const int c0 = (lane % 2) * 8;
+#pragma unroll
+  for (int dn = 0; dn < D / 16; ++dn) {
+    wmma::store_matrix_sync(staging, acc[dn], ld_staging, wmma::mem_row_major);
+    __syncwarp();
+    if (r < valid) {
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        dst[r * row_pitch + dn * 16 + c0 + c] = from_float<scalar_t>(staging[r * ld_staging + c0 + c] * factor);
+      }
+    }
+    __syncwarp();
+  }
+}
+
+template <typename scalar_t, int D>
+__global__ void __launch_bounds__(kTcBwdThreads)
+attention_bwd_dq_tc_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ q,
+                           const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
+                           const scalar_t* __restrict__ out, const float* __restrict__ lse,
+                           float* __restrict__ delta, scalar_t* __restrict__ dq, int n_q, int n_kv, int n_heads,
+                           int64_t q_sb, int64_t q_sn, int64_t q_sh, int64_t k_sb, int64_t k_sn, int64_t k_sh,
+                           int64_t v_sb, int64_t v_sn, int64_t v_sh, float scale) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // bf16 WMMA needs sm_80; the launcher checks
+  namespace wmma = nvcuda::wmma;
+  using T = typename TensorCoreType<scalar_t>::type;
+  constexpr int kLd = D + kTcPad16;
+  constexpr int kLdS = kTcBwdTile + kTcPad32;
+  constexpr int kLdP = kTcBwdTile + kTcPad16;
+
+  __shared__ __align__(32) T q_tile[kTcBwdRows * kLd];
+  __shared__ __align__(32) T do_tile[kTcBwdRows * kLd];
+  __shared__ __align__(32) T k_tile[kTcBwdTile * kLd];
+  __shared__ __align__(32) T v_tile[kTcBwdTile * kLd];
+  __shared__ __align__(32) float s_tile[kTcBwdWarps][16 * kLdS];
+  __shared__ __align__(32) float dp_tile[kTcBwdWarps][16 * kLdS];
+  __shared__ __align__(32) T ds_tile[kTcBwdWarps][16 * kLdP];
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int i0 = blockIdx.x * kTcBwdRows;
+  const T zero = TensorCoreType<scalar_t>::from(0.0f);
+  const int64_t o_pitch = static_cast<int64_t>(n_heads) * D;  // grad_out, out: contiguous (B, Nq, H*D)
+  const int64_t o_head = static_cast<int64_t>(b) * n_q * o_pitch + static_cast<int64_t>(h) * D;
+
+  load_tile16<T, D>(q_tile, kLd, reinterpret_cast<const T*>(q) + b * q_sb + h * q_sh + i0 * q_sn, q_sn, kTcBwdRows,
+                    n_q - i0, zero);
+  load_tile16<T, D>(do_tile, kLd, reinterpret_cast<const T*>(grad_out) + o_head + i0 * o_pitch, o_pitch,
+                    kTcBwdRows, n_q - i0, zero);
+
+  // Lanes l, l^1 own row r of the warp's 16 for all element-wise work.
+  const int r = lane / 2;
+  const int col0 = (lane % 2) * 16;
+  const int i = i0 + warp * 16 + r;
+  const bool row_valid = i < n_q;
+  float delta_i = 0.0f;
+  if (row_valid) {
+    const scalar_t* do_row = grad_out + o_head + i * o_pitch;
+    const scalar_t* o_row = out + o_head + i * o_pitch;
+    for (int d = (lane % 2) * (D / 2); d < (lane % 2 + 1) * (D / 2); ++d) delta_i += to_float(do_row[d]) * to_float(o_row[d]);
+  }
+  delta_i += __shfl_xor_sync(0xffffffffu, delta_i, 1);
+  const int64_t stat_index = (static_cast<int64_t>(b) * n_heads + h) * n_q + i;
+  if (row_valid && lane % 2 == 0) delta[stat_index] = delta_i;
+  const float lse_i = row_valid ? lse[stat_index] : 0.0f;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> dq_acc[D / 16];
+#pragma unroll
+  for (int dn = 0; dn < D / 16; ++dn) wmma::fill_fragment(dq_acc[dn], 0.0f);
+  float* s_w = s_tile[warp];
+  float* dp_w = dp_tile[warp];
+  T* ds_w = ds_tile[warp];
+  const T* q_w = q_tile + warp * 16 * kLd;
+  const T* do_w = do_tile + warp * 16 * kLd;
+  const T* k_head = reinterpret_cast<const T*>(k) + b * k_sb + h * k_sh;
+  const T* v_head = reinterpret_cast<const T*>(v) + b * v_sb + h * v_sh;
+
+  for (int n0 = 0; n0 < n_kv; n0 += kTcBwdTile) {
+    __syncthreads();  // every warp is done with the previous K/V tile (and q/dO are loaded)
+    load_tile16<T, D>(k_tile, kLd, k_head + n0 * k_sn, k_sn, kTcBwdTile, n_kv - n0, zero);
+    load_tile16<T, D>(v_tile, kLd, v_head + n0 * v_sn, v_sn, kTcBwdTile, n_kv - n0, zero);
+    __syncthreads();
+    tile_products_abt<T, D>(s_w, kLdS, q_w, k_tile, kLd);    // S = Q K^T
+    tile_products_abt<T, D>(dp_w, kLdS, do_w, v_tile, kLd);  // dP = dO V^T
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < 16; ++c) {
+      const int col = col0 + c;
+      float ds = 0.0f;
+      if (n0 + col < n_kv) {
+        const float p = __expf(s_w[r * kLdS + col] * scale - lse_i);
+        ds = p * (dp_w[r * kLdS + col] - delta_i);
+      }
+      ds_w[r * kLdP + col] = TensorCoreType<scalar_t>::from(ds);
+    }
+    __syncwarp();
+    tile_accumulate_pb<T, D>(dq_acc, ds_w, kLdP, k_tile, kLd);  // dQ += dS K
+    __syncwarp();
+  }
+  store_rows<scalar_t, D>(dq + ((static_cast<int64_t>(b) * n_q + i0 + warp * 16) * n_heads + h) * D,
+                          static_cast<int64_t>(n_heads) * D, n_q - (i0 + warp * 16), dq_acc, scale, s_w, kLdS);
+#endif
+}
+
+template <typename scalar_t, int D>
+__global__ void __launch_bounds__(kTcBwdThreads)
+attention_bwd_dkdv_tc_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ q,
+                             const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
+                             const float* __restrict__ lse, const float* __restrict__ delta,
+                             scalar_t* __restrict__ dk, scalar_t* __restrict__ dv, int n_q, int n_kv, int n_heads,
+                             int64_t q_sb, int64_t q_sn, int64_t q_sh, int64_t k_sb, int64_t k_sn, int64_t k_sh,
+                             int64_t v_sb, int64_t v_sn, int64_t v_sh, float scale) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // bf16 WMMA needs sm_80; the launcher checks
+  namespace wmma = nvcuda::wmma;
+  using T = typename TensorCoreType<scalar_t>::type;
+  constexpr int kLd = D + kTcPad16;
+  constexpr int kLdS = kTcBwdTile + kTcPad32;
+  constexpr int kLdP = kTcBwdTile + kTcPad16;
+
+  __shared__ __align__(32) T k_tile[kTcBwdRows * kLd];
+  __shared__ __align__(32) T v_tile[kTcBwdRows * kLd];
+  __shared__ __align__(32) T q_tile[kTcBwdTile * kLd];
+  __shared__ __align__(32) T do_tile[kTcBwdTile * kLd];
+  __shared__ __align__(32) float s_tile[kTcBwdWarps][16 * kLdS];
+  __shared__ __align__(32) float dp_tile[kTcBwdWarps][16 * kLdS];
+  __shared__ __align__(32) T p_tile[kTcBwdWarps][16 * kLdP];
+  __shared__ float lse_tile[kTcBwdTile];
+  __shared__ float delta_tile[kTcBwdTile];
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int j0 = blockIdx.x * kTcBwdRows;
+  const T zero = TensorCoreType<scalar_t>::from(0.0f);
+  const int64_t o_pitch = static_cast<int64_t>(n_heads) * D;  // grad_out: contiguous (B, Nq, H*D)
+  const T* q_head = reinterpret_cast<const T*>(q) + b * q_sb + h * q_sh;
+  const T* do_head =
+      reinterpret_cast<const T*>(grad_out) + static_cast<int64_t>(b) * n_q * o_pitch + static_cast<int64_t>(h) * D;
+  const int64_t stat_head = (static_cast<int64_t>(b) * n_heads + h) * n_q;
+
+  load_tile16<T, D>(k_tile, kLd, reinterpret_cast<const T*>(k) + b * k_sb + h * k_sh + j0 * k_sn, k_sn, kTcBwdRows,
+                    n_kv - j0, zero);
+  load_tile16<T, D>(v_tile, kLd, reinterpret_cast<const T*>(v) + b * v_sb + h * v_sh + j0 * v_sn, v_sn, kTcBwdRows,
+                    n_kv - j0, zero);
+
+  // Lanes l, l^1 own key row r of the warp's 16; columns are queries of the streamed tile.
+  const int r = lane / 2;
+  const int col0 = (lane % 2) * 16;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> dk_acc[D / 16];
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> dv_acc[D / 16];
+#pragma unroll
+  for (int dn = 0; dn < D / 16; ++dn) {
+    wmma::fill_fragment(dk_acc[dn], 0.0f);
+    wmma::fill_fragment(dv_acc[dn], 0.0f);
+  }
+  float* s_w = s_tile[warp];
+  float* dp_w = dp_tile[warp];
+  T* p_w = p_tile[warp];
+  const T* k_w = k_tile + warp * 16 * kLd;
+  const T* v_w = v_tile + warp * 16 * kLd;
+
+  for (int m0 = 0; m0 < n_q; m0 += kTcBwdTile) {
+    __syncthreads();  // every warp is done with the previous q/dO tile (and K/V are loaded)
+    load_tile16<T, D>(q_tile, kLd, q_head + m0 * q_sn, q_sn, kTcBwdTile, n_q - m0, zero);
+    load_tile16<T, D>(do_tile, kLd, do_head + m0 * o_pitch, o_pitch, kTcBwdTile, n_q - m0, zero);
+    for (int t = threadIdx.x; t < kTcBwdTile; t += kTcBwdThreads) {
+      lse_tile[t] = m0 + t < n_q ? lse[stat_head + m0 + t] : 0.0f;
+      delta_tile[t] = m0 + t < n_q ? delta[stat_head + m0 + t] : 0.0f;
+    }
+    __syncthreads();
+    tile_products_abt<T, D>(s_w, kLdS, k_w, q_tile, kLd);    // S^T = K Q^T
+    tile_products_abt<T, D>(dp_w, kLdS, v_w, do_tile, kLd);  // dP^T = V dO^T
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < 16; ++c) {
+      const int col = col0 + c;
+      float p = 0.0f;
+      float ds = 0.0f;
+      if (m0 + col < n_q) {
+        p = __expf(s_w[r * kLdS + col] * scale - lse_tile[col]);
+        ds = p * (dp_w[r * kLdS + col] - delta_tile[col]);
+      }
+      p_w[r * kLdP + col] = TensorCoreType<scalar_t>::from(p);
+      s_w[r * kLdS + col] = ds;  // dS^T waits in fp32 until P^T has been used
+    }
+    __syncwarp();
+    tile_accumulate_pb<T, D>(dv_acc, p_w, kLdP, do_tile, kLd);  // dV += P^T dO
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < 16; ++c) {
+      const int col = col0 + c;
+      p_w[r * kLdP + col] = TensorCoreType<scalar_t>::from(s_w[r * kLdS + col]);
+    }
+    __syncwarp();
+    tile_accumulate_pb<T, D>(dk_acc, p_w, kLdP, q_tile, kLd);  // dK += dS^T Q
+    __syncwarp();
+  }
+  const int64_t offset = ((static_cast<int64_t>(b) * n_kv + j0 + warp * 16) * n_heads + h) * D;
+  const int valid = n_kv - (j0 + warp * 16);
+  store_rows<scalar_t, D>(dk + offset, static_cast<int64_t>(n_heads) * D, valid, dk_acc, scale, s_w, kLdS);
+  store_rows<scalar_t, D>(dv + offset, static_cast<int64_t>(n_heads) * D, valid, dv_acc, 1.0f, s_w, kLdS);
+#endif
+}
+
 }  // namespace
 }  // namespace cvt_fast
 
 // ---------------------------------------------------------------- host side (launch, checks)
 // Left out when csrc/emulate/ compiles the kernels above for a CPU emulation of the GPU.
 #ifndef CVT_FAST_HOST_EMULATION
+#include <type_traits>
 #include <vector>
 
 #include "ops.h"
@@ -250,13 +541,32 @@ namespace {
 template <typename scalar_t, int D>
 void launch_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& delta,
-                          at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, float scale) {
+                          at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, float scale, bool tensor_cores) {
   const int batch = static_cast<int>(q.size(0));
   const int n_q = static_cast<int>(q.size(1));
   const int n_heads = static_cast<int>(q.size(2));
   const int n_kv = static_cast<int>(k.size(1));
-  const dim3 block(RowSplit<D>::kThreads);
   auto stream = c10::cuda::getCurrentCUDAStream();
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    if (tensor_cores) {
+      const dim3 grid_q(static_cast<unsigned>(ceil_div(n_q, kTcBwdRows)), n_heads, batch);
+      attention_bwd_dq_tc_kernel<scalar_t, D><<<grid_q, kTcBwdThreads, 0, stream>>>(
+          grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+          out.data_ptr<scalar_t>(), lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<scalar_t>(), n_q,
+          n_kv, n_heads, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+          v.stride(1), v.stride(2), scale);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const dim3 grid_kv(static_cast<unsigned>(ceil_div(n_kv, kTcBwdRows)), n_heads, batch);
+      attention_bwd_dkdv_tc_kernel<scalar_t, D><<<grid_kv, kTcBwdThreads, 0, stream>>>(
+          grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+          lse.data_ptr<float>(), delta.data_ptr<float>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), n_q,
+          n_kv, n_heads, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+          v.stride(1), v.stride(2), scale);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+  const dim3 block(RowSplit<D>::kThreads);
 
   const dim3 grid_q(static_cast<unsigned>(ceil_div(n_q, kRowsPerBlock)), n_heads, batch);
   attention_bwd_dq_kernel<scalar_t, D><<<grid_q, block, 0, stream>>>(
@@ -312,12 +622,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   const auto out_c = out.contiguous();
   const auto lse_c = lse.contiguous();
   auto delta = at::empty({batch, n_heads, n_q}, q.options().dtype(at::kFloat));
+  const bool tc = attention_use_tensor_cores(q.scalar_type(), q.device());
   CVT_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), kOp, [&] {
     const float s = static_cast<float>(scale);
     switch (head_dim) {
-      case 32: launch_attention_bwd<scalar_t, 32>(grad_out_c, q, k, v, out_c, lse_c, delta, dq, dk, dv, s); break;
-      case 64: launch_attention_bwd<scalar_t, 64>(grad_out_c, q, k, v, out_c, lse_c, delta, dq, dk, dv, s); break;
-      case 128: launch_attention_bwd<scalar_t, 128>(grad_out_c, q, k, v, out_c, lse_c, delta, dq, dk, dv, s); break;
+      case 32: launch_attention_bwd<scalar_t, 32>(grad_out_c, q, k, v, out_c, lse_c, delta, dq, dk, dv, s, tc); break;
+      case 64: launch_attention_bwd<scalar_t, 64>(grad_out_c, q, k, v, out_c, lse_c, delta, dq, dk, dv, s, tc); break;
+      case 128: launch_attention_bwd<scalar_t, 128>(grad_out_c, q, k, v, out_c, lse_c, delta, dq, dk, dv, s, tc); break;
       default: TORCH_CHECK_VALUE(false, kOp, ": head_dim ", head_dim, " is not supported");
     }
   });

@@ -182,22 +182,6 @@ constexpr int kTcWarps = 4;
 constexpr int kTcBlockM = 16 * kTcWarps;  // query rows per block
 constexpr int kTcBlockN = 32;             // keys per K/V tile
 constexpr int kTcThreads = 32 * kTcWarps;
-constexpr int kTcPad16 = 8;  // 16-bit rows: keeps ldm a multiple of 8 elements and staggers banks
-constexpr int kTcPad32 = 4;  // fp32 rows: ldm a multiple of 4 elements
-
-template <typename scalar_t>
-struct TensorCoreType;
-template <>
-struct TensorCoreType<c10::Half> {
-  using type = __half;
-  static __device__ __forceinline__ type from(float x) { return __float2half(x); }
-};
-template <>
-struct TensorCoreType<c10::BFloat16> {
-  using type = __nv_bfloat16;
-  static __device__ __forceinline__ type from(float x) { return __float2bfloat16(x); }
-};
-
 template <typename scalar_t, int D>
 __global__ void __launch_bounds__(kTcThreads)
 attention_fwd_tc_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
@@ -377,18 +361,6 @@ attention_fwd_tc_kernel(const scalar_t* __restrict__ q, const scalar_t* __restri
 namespace cvt_fast {
 namespace {
 
-// The tensor-core kernel serves float16/bfloat16 on sm_80 and newer, unless the environment
-// variable CVT_FAST_CUDA_ATTENTION=simt asks for the fp32 CUDA-core kernel (a fallback and a
-// second opinion when a result looks wrong).
-bool use_tensor_cores(at::ScalarType dtype, const at::Device& device) {
-  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
-  const char* choice = std::getenv("CVT_FAST_CUDA_ATTENTION");
-  if (choice != nullptr && std::strcmp(choice, "simt") == 0) return false;
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()));
-  return major >= 8;
-}
-
 template <typename scalar_t, int D>
 void launch_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           at::Tensor& out, at::Tensor& lse, float scale, bool tensor_cores) {
@@ -418,6 +390,18 @@ void launch_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Te
 }
 
 }  // namespace
+
+// The tensor-core kernels serve float16/bfloat16 on sm_80 and newer, unless the environment
+// variable CVT_FAST_CUDA_ATTENTION=simt asks for the fp32 CUDA-core kernels (a fallback and a
+// second opinion when a result looks wrong). Read per call, so tests can switch it.
+bool attention_use_tensor_cores(at::ScalarType dtype, const at::Device& device) {
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
+  const char* choice = std::getenv("CVT_FAST_CUDA_ATTENTION");
+  if (choice != nullptr && std::strcmp(choice, "simt") == 0) return false;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()));
+  return major >= 8;
+}
 
 void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             double scale) {
@@ -458,7 +442,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
   if (out.numel() == 0) return {out, lse};
 
   const c10::cuda::OptionalCUDAGuard guard(q.device());
-  const bool tensor_cores = use_tensor_cores(q.scalar_type(), q.device());
+  const bool tensor_cores = attention_use_tensor_cores(q.scalar_type(), q.device());
   CVT_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), kOp, [&] {
     const float s = static_cast<float>(scale);
     switch (head_dim) {

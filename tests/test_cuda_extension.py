@@ -237,7 +237,7 @@ class EmulatedKernels:
 
     def __init__(self, lib, tensor_cores=True):
         self.lib = lib
-        self.tensor_cores = tensor_cores  # as on sm_80+: float16/bfloat16 forward on WMMA
+        self.tensor_cores = tensor_cores  # as on sm_80+: float16/bfloat16 attention on WMMA
 
     def attention_forward(self, q, k, v, scale):
         batch, n_q, heads, head_dim = q.shape
@@ -257,7 +257,8 @@ class EmulatedKernels:
         strides = (ctypes.c_int64 * 9)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
         self.lib.emu_attention_backward(DTYPE_CODE[q.dtype], head_dim, _ptr(grad_out), _ptr(q), _ptr(k), _ptr(v),
                                         _ptr(out), _ptr(lse), _ptr(delta), _ptr(dq), _ptr(dk), _ptr(dv), batch,
-                                        n_q, k.shape[1], heads, strides, ctypes.c_float(scale))
+                                        n_q, k.shape[1], heads, strides, ctypes.c_float(scale),
+                                        int(self.tensor_cores))
         return dq, dk, dv
 
     @staticmethod
@@ -301,7 +302,7 @@ EMULATION_SOURCES = ["emulate_attention_fwd.cpp", "emulate_attention_bwd.cpp", "
 I64, F32, INT, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 EMULATION_SIGNATURES = {
     "emu_attention_forward": [INT, INT, PTR, PTR, PTR, PTR, PTR, INT, INT, INT, INT, ctypes.POINTER(I64), F32, INT],
-    "emu_attention_backward": [INT, INT] + [PTR] * 10 + [INT] * 4 + [ctypes.POINTER(I64), F32],
+    "emu_attention_backward": [INT, INT] + [PTR] * 10 + [INT] * 4 + [ctypes.POINTER(I64), F32, INT],
     "emu_conv_proj_forward": [INT, PTR, I64, I64] + [PTR] * 9 + [INT] * 9,
     "emu_conv_proj_backward": [INT] + [PTR] * 7 + [I64, I64, PTR, PTR] + [INT] * 9,
 }
@@ -439,7 +440,7 @@ def test_emulated_attention_matches_reference_with_partial_tiles(emulated, dtype
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [32, 128])
 def test_emulated_simt_attention_matches_reference_for_16_bit(emulated, dtype, head_dim):
-    # The fp32 CUDA-core forward that CVT_FAST_CUDA_ATTENTION=simt selects for 16-bit inputs.
+    # The fp32 CUDA-core kernels that CVT_FAST_CUDA_ATTENTION=simt selects for 16-bit inputs.
     q, k, v = random_qkv(1, 70, 37, 2, head_dim, dtype, "cpu", layout="strided")
     check_attention(EmulatedKernels(emulated.lib, tensor_cores=False), q, k, v, 0.7 * head_dim ** -0.5)
 
@@ -510,7 +511,7 @@ def test_attention_matches_reference_at_cvt13_stage_shapes(cuda_kernels, dtype, 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("n_q,n_kv", [(197, 50), (37, 1)])
 def test_simt_attention_matches_reference_for_16_bit(cuda_kernels, monkeypatch, dtype, head_dim, n_q, n_kv):
-    # CVT_FAST_CUDA_ATTENTION=simt: the fp32 CUDA-core forward instead of the tensor-core one.
+    # CVT_FAST_CUDA_ATTENTION=simt: the fp32 CUDA-core kernels instead of the tensor-core ones.
     monkeypatch.setenv("CVT_FAST_CUDA_ATTENTION", "simt")
     q, k, v = random_qkv(2, n_q, n_kv, 3, head_dim, dtype, "cuda", layout="strided")
     check_attention(cuda_kernels, q, k, v, head_dim ** -0.5)
