@@ -82,6 +82,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                         help="batch size for every shape (default: the official configs' 256 at 224, 128 at 384)")
     parser.add_argument("--warmup-ms", type=float, default=None, help="warm-up time per measurement (CUDA)")
     parser.add_argument("--rep-ms", type=float, default=None, help="target timed duration per measurement (CUDA)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="timed blocks per measurement (CUDA); >1 records each block's median and their "
+                             "spread, the noise level below which differences mean nothing")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds; measurements not started by then are recorded as skipped")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
@@ -347,6 +350,7 @@ class TimingConfig:
     rep_ms: float = 200.0         # CUDA: aim for this much timed work per measurement
     min_warmup: int = 3
     probe: int = 5                # CUDA: calls timed together to choose the repetition count
+    repeat: int = 1               # CUDA: timed blocks per measurement (--repeat; spread = noise)
     min_reps: int = 10
     max_reps: int = 500
     cpu_warmup: int = 1           # CPU (--quick): plain call counts
@@ -363,6 +367,7 @@ class TimingConfig:
             config.warmup_ms = args.warmup_ms
         if getattr(args, "rep_ms", None) is not None:
             config.rep_ms = args.rep_ms
+        config.repeat = max(1, getattr(args, "repeat", 1) or 1)
         return config
 
 
@@ -376,13 +381,19 @@ class Timing:
     reps: int
     warmup_calls: int
     rotation: int
+    block_medians_ms: Optional[list] = None  # --repeat: the median of each timed block
 
     def as_dict(self) -> dict:
-        return {
+        result = {
             "time_ms": self.median_ms, "time_ms_min": self.min_ms, "time_ms_q1": self.q1_ms,
             "time_ms_q3": self.q3_ms, "time_ms_mean": self.mean_ms, "reps": self.reps,
             "warmup_calls": self.warmup_calls, "input_sets": self.rotation,
         }
+        if self.block_medians_ms and len(self.block_medians_ms) > 1:
+            # Run-to-run spread of the same measurement: differences below it are noise.
+            result["block_medians_ms"] = self.block_medians_ms
+            result["repeat_spread"] = (max(self.block_medians_ms) - min(self.block_medians_ms)) / self.median_ms
+        return result
 
 
 def _summarise(times_ms: Sequence[float], warmup: int, rotation: int) -> Timing:
@@ -463,14 +474,22 @@ def time_calls(fn: Callable[[int], Any], device, config: TimingConfig, rotation:
     estimate = max(first.elapsed_time(last) / probe, 1e-3)
     reps = int(min(config.max_reps, max(config.min_reps, config.rep_ms / estimate)))
 
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        starts[i].record()
-        fn(i)
-        ends[i].record()
-    synchronize(device)
-    return _summarise([s.elapsed_time(e) for s, e in zip(starts, ends)], calls + probe, rotation)
+    times: list[float] = []
+    block_medians = []
+    for _ in range(max(1, config.repeat)):
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for i in range(reps):
+            starts[i].record()
+            fn(i)
+            ends[i].record()
+        synchronize(device)
+        block = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        block_medians.append(statistics.median(block))
+        times.extend(block)
+    timing = _summarise(times, calls + probe, rotation)
+    timing.block_medians_ms = block_medians
+    return timing
 
 
 def measure_copy_bandwidth(device, config: TimingConfig, quick: bool = False) -> dict:
