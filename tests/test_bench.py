@@ -204,3 +204,20 @@ def test_deadline_stops_after_a_sticky_cuda_error_or_the_budget():
                    "error": "AcceleratorError: CUDA error: an illegal memory access was encountered"})
     assert "CUDA context was lost" in deadline.skip_reason() and "c:" in deadline.skip_reason()
     assert common.Deadline(0.0).skip_reason() == "time budget exhausted"
+
+
+def test_run_guarded_records_errors_and_out_of_memory():
+    import torch
+
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def broken():
+        raise ValueError("head_dim 48 is not supported\nsecond line")
+
+    device = torch.device("cpu")
+    assert common.run_guarded(oom, device) == {
+        "status": "oom", "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    assert common.run_guarded(broken, device) == {
+        "status": "error", "error": "ValueError: head_dim 48 is not supported | second line"}
+    assert common.run_guarded(lambda: {"status": "ok"}, device) == {"status": "ok"}
