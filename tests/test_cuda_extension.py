@@ -23,7 +23,6 @@ from tolerances import RELATIVE_TOLERANCE, assert_close
 
 from cvt_fast.extension import extension_status, load_extension
 
-GPU = torch.cuda.is_available()
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 HEAD_DIMS = [32, 64, 128]
 
