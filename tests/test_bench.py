@@ -24,10 +24,15 @@ from bench.model import search_max_batch  # noqa: E402
 ENVIRONMENT_FIELDS = ("device", "date_utc", "command", "torch", "torch_cuda", "triton", "driver", "python")
 
 
-def run_script(script: str, out: Path, *extra: str, timeout: float = 600) -> tuple[dict, str]:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    done = subprocess.run([sys.executable, str(REPO / "bench" / script), "--quick", "--device", "cpu",
-                           "--out", str(out), *extra],
+def run_script(script: str, out: Path, *extra: str, timeout: float = 600, device: str = "cpu",
+               quick: bool = True) -> tuple[dict, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)  # the interpreter would run the kernels on the host
+    done = subprocess.run([sys.executable, str(REPO / "bench" / script), *(["--quick"] if quick else []),
+                           "--device", device, "--out", str(out), *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{script} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert out.exists(), f"{script} wrote no {out}"
@@ -221,3 +226,64 @@ def test_run_guarded_records_errors_and_out_of_memory():
     assert common.run_guarded(broken, device) == {
         "status": "error", "error": "ValueError: head_dim 48 is not supported | second line"}
     assert common.run_guarded(lambda: {"status": "ok"}, device) == {"status": "ok"}
+
+
+# --------------------------------------------------------------------------- on a GPU
+# Small versions of the real runs, so a GPU test session also checks the CUDA side of the
+# scripts (events, CUDA graphs, peak memory, the environment) before a long benchmark run.
+
+def check_gpu_payload(payload: dict) -> None:
+    env = payload["environment"]
+    assert env["device_type"] == "cuda" and env["driver"] and env["multiprocessors"] > 0
+    assert payload["complete"] is True
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "cuda_graph"])
+def test_attention_bench_on_the_gpu(tmp_path, cuda_graph):
+    out = tmp_path / "attn.json"
+    extra = ["--cuda-graph", "--only", "cvt_fast-*,sdpa-flash"] if cuda_graph else []
+    payload, stdout = run_script("attn.py", out, "--models", "cvt-13@224", "--stages", "3", "--batch", "8",
+                                 "--warmup-ms", "5", "--rep-ms", "20", *extra, device="cuda", quick=False)
+    check_gpu_payload(payload)
+    assert payload["settings"]["cuda_graph"] is cuda_graph
+    # Under CUDA graphs only the peer is required to capture; cvt_fast's rows say whether its ops do.
+    for impl in ["sdpa-flash"] + ([] if cuda_graph else ["cvt_fast-triton", "official", "sdpa-math"]):
+        rows = ok_rows(payload, impl)
+        assert len(rows) == 2, (impl, [r for r in payload["results"] if r["impl"] == impl])
+        for row in rows:
+            assert row["rel_err"] < 2e-2 and row["peak_mem_mib"] is not None and row["tflops"] > 0, row
+    assert "| implementation |" in stdout
+
+
+@pytest.mark.gpu
+def test_conv_proj_bench_on_the_gpu(tmp_path):
+    out = tmp_path / "conv_proj.json"
+    payload, _ = run_script("conv_proj.py", out, "--models", "cvt-13@224", "--stages", "1,3", "--batch", "8",
+                            "--modes", "eval-fwd,train-fwd+bwd", "--only", "cvt_fast-*,official,official-nchw",
+                            "--warmup-ms", "5", "--rep-ms", "20", device="cuda", quick=False)
+    check_gpu_payload(payload)
+    assert payload["copy_bandwidth"]["gbps"] > 100
+    for impl in ("cvt_fast-triton", "official", "official-nchw"):
+        rows = ok_rows(payload, impl)
+        assert len(rows) == 4, (impl, [r for r in payload["results"] if r["impl"] == impl])
+        for row in rows:
+            assert row["rel_err"] < 2e-2 and row["fraction_of_copy_bw"] > 0, row
+
+
+@pytest.mark.gpu
+def test_model_bench_on_the_gpu(tmp_path):
+    out = tmp_path / "model.json"
+    payload, _ = run_script("model.py", out, "--only", "official,hf,cvt_fast-triton", "--find-max-batch",
+                            "--max-batch-limit", "4", device="cuda")
+    check_gpu_payload(payload)
+    for impl in ("official", "hf", "cvt_fast-triton"):
+        rows = ok_rows(payload, impl)
+        assert {r["mode"] for r in rows} == {"train", "infer", "train-max-batch", "infer-max-batch"}, \
+            [r for r in payload["results"] if r["impl"] == impl]
+        for row in rows:
+            if "max-batch" in row["mode"]:
+                assert row["max_batch"] == 4
+            else:
+                assert row["images_per_s"] > 0 and row["peak_mem_gib"] > 0
+    assert all(r["logits_rel_err_vs_official"] < 2e-2 for r in ok_rows(payload, "cvt_fast-triton"))
