@@ -14,6 +14,7 @@ import ctypes
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -347,7 +348,9 @@ def random_qkv(batch, n_q, n_kv, heads, head_dim, dtype, device, layout="contigu
     q = torch.randn(batch, n_q, 3, heads, head_dim, device=device).to(dtype)[:, :, 1]
     k = torch.randn(batch, heads, n_kv, head_dim, device=device).to(dtype).transpose(1, 2)
     v = torch.randn(batch, heads, n_kv + 3, head_dim, device=device).to(dtype)[:, :, 2:n_kv + 2].transpose(1, 2)
-    assert not q.is_contiguous() and not k.is_contiguous() and not v.is_contiguous()
+    # The strides the kernels must honour (is_contiguous() would call some of these views
+    # contiguous when heads or tokens are 1, where the stride of a size-1 dimension is moot).
+    assert q.stride(1) == 3 * heads * head_dim and k.stride(1) == head_dim and v.stride(2) == (n_kv + 3) * head_dim
     return q, k, v
 
 
@@ -525,19 +528,65 @@ def test_attention_with_large_scores_stays_finite(cuda_kernels):
     check_attention(cuda_kernels, q, k, v, 1.0, backward=False)
 
 
+# Each bad call runs in its own interpreter: the error path is host code, and a crash there (a
+# segfault once seen on an H100, before these cases were split) must fail its own case with its
+# signal, not take the test worker and the cases after it down.
+BAD_CALL_PRELUDE = """
+import sys, torch
+from cvt_fast.extension import load_extension
+assert load_extension() is not None
+ops = torch.ops.cvt_fast
+def qkv(head_dim, dtype=torch.float16, n_q=8, n_kv=4):
+    return [torch.randn(1, n, 1, head_dim, device="cuda").to(dtype) for n in (n_q, n_kv, n_kv)]
+x = torch.randn(2, 26, 8, device="cuda")
+w = torch.randn(8, 1, 3, 3, device="cuda")
+try:
+    {call}
+except Exception as error:
+    print(type(error).__name__ + ": " + str(error).splitlines()[0])
+    sys.exit(0)
+print("no error raised")
+sys.exit(3)
+"""
+
+BAD_ATTENTION_CALLS = {
+    "head_dim_48": ("q, k, v = qkv(48); ops.attention_forward_cuda(q, k, v, 0.1)", "ValueError", "head_dim 48"),
+    "mixed_dtypes": ("q, k, v = qkv(64); ops.attention_forward_cuda(q, k.float(), v, 0.1)", "TypeError", "dtype"),
+    "strided_last_dim": ("q, k, v = qkv(64); ops.attention_forward_cuda("
+                         "torch.randn(1, 8, 1, 128, device='cuda').half()[..., ::2], k, v, 0.1)",
+                         "ValueError", "contiguous"),
+    "float64": ("q, k, v = qkv(64, torch.float64); ops.attention_forward_cuda(q, k, v, 0.1)",
+                "TypeError", "unsupported dtype"),
+    "heads_mismatch": ("q, k, v = qkv(64); ops.attention_forward_cuda(q, k.expand(1, 4, 2, 64), "
+                       "v.expand(1, 4, 2, 64), 0.1)", "ValueError", "must agree"),
+    "k_on_cpu": ("q, k, v = qkv(64); ops.attention_forward_cuda(q, k.cpu(), v, 0.1)", "ValueError", "k is on"),
+}
+
+BAD_CONV_PROJ_CALLS = {
+    "token_count": ("ops.conv_proj_forward_cuda(x, w, w, w, None, None, None, 5, 5, False, 1, 2, 1, 1)",
+                    "ValueError", "tokens"),
+    "channels": ("ops.conv_proj_forward_cuda(x, w[:4], w[:4], w[:4], None, None, None, 5, 5, True, 1, 2, 1, 1)",
+                 "ValueError", "channels"),
+    "strided_channels": ("ops.conv_proj_forward_cuda(x.transpose(0, 2).contiguous().transpose(0, 2), w, w, w, "
+                         "None, None, None, 5, 5, True, 1, 2, 1, 1)", "ValueError", "contiguous"),
+    "bias_size": ("ops.conv_proj_forward_cuda(x, w, w, w, torch.randn(3, device='cuda'), None, None, "
+                  "5, 5, True, 1, 2, 1, 1)", "ValueError", "bq"),
+}
+
+
+def run_bad_call(call: str, error_type: str, message: str) -> None:
+    script = BAD_CALL_PRELUDE.format(call=call)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (f"exit status {done.returncode} (negative: killed by that signal)\n"
+                                  f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    first_line = done.stdout.strip().splitlines()[-1]
+    assert first_line.startswith(error_type + ":") and message in first_line, first_line
+
+
 @pytest.mark.gpu
-def test_attention_rejects_bad_inputs_on_gpu(ops):
-    q, k, v = random_qkv(1, 8, 4, 1, 48, torch.float16, "cuda")
-    with pytest.raises(ValueError, match="head_dim 48"):
-        ops.attention_forward_cuda(q, k, v, 0.1)
-    q, k, v = random_qkv(1, 8, 4, 1, 64, torch.float16, "cuda")
-    with pytest.raises(TypeError, match="dtype"):
-        ops.attention_forward_cuda(q, k.float(), v, 0.1)
-    every_other = torch.randn(1, 8, 1, 128, device="cuda").half()[..., ::2]  # head_dim 64, stride 2
-    with pytest.raises(ValueError, match="contiguous"):
-        ops.attention_forward_cuda(every_other, k, v, 0.1)
-    with pytest.raises(TypeError, match="unsupported dtype"):
-        ops.attention_forward_cuda(q.double(), k.double(), v.double(), 0.1)
+@pytest.mark.parametrize("case", sorted(BAD_ATTENTION_CALLS))
+def test_attention_rejects_bad_inputs_on_gpu(ops, case):
+    run_bad_call(*BAD_ATTENTION_CALLS[case])
 
 
 # ---------------------------------------------------------------- GPU: conv_proj
@@ -557,15 +606,6 @@ def test_conv_proj_reads_strided_tokens_without_bias(cuda_kernels, dtype):
 
 
 @pytest.mark.gpu
-def test_conv_proj_rejects_bad_inputs_on_gpu(ops):
-    x = torch.randn(2, 26, 8, device="cuda")
-    w = torch.randn(8, 1, 3, 3, device="cuda")
-    with pytest.raises(ValueError, match="tokens"):
-        ops.conv_proj_forward_cuda(x, w, w, w, None, None, None, 5, 5, False, 1, 2, 1, 1)
-    with pytest.raises(ValueError, match="channels"):
-        ops.conv_proj_forward_cuda(x, w[:4], w[:4], w[:4], None, None, None, 5, 5, True, 1, 2, 1, 1)
-    with pytest.raises(ValueError, match="contiguous"):
-        ops.conv_proj_forward_cuda(x.transpose(0, 2).contiguous().transpose(0, 2), w, w, w, None, None, None,
-                                   5, 5, True, 1, 2, 1, 1)
-    with pytest.raises(ValueError, match="bq"):
-        ops.conv_proj_forward_cuda(x, w, w, w, torch.randn(3, device="cuda"), None, None, 5, 5, True, 1, 2, 1, 1)
+@pytest.mark.parametrize("case", sorted(BAD_CONV_PROJ_CALLS))
+def test_conv_proj_rejects_bad_inputs_on_gpu(ops, case):
+    run_bad_call(*BAD_CONV_PROJ_CALLS[case])
