@@ -25,8 +25,18 @@ DEFAULT_CUDA_HOME = "/usr/local/cuda"
 DEFAULT_ARCH_LIST = "9.0"
 
 
+BUILD_NOTE = os.path.join(ROOT, "cvt_fast", "_extension_build.txt")
+
+
 def say(message: str) -> None:
+    """Print the build decision and keep it beside the package: pip hides a build's output
+    (always with -q), and cvt_fast.extension.extension_status() repeats this line."""
     print(f"cvt_fast setup: {message}", file=sys.stderr, flush=True)
+    try:
+        with open(BUILD_NOTE, "w") as note:
+            note.write(message + "\n")
+    except OSError:
+        pass  # a read-only source tree: the printed line has to do
 
 
 def find_target_torch() -> bool:

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+from pathlib import Path
 
 BUILD_HINT = ("build it with a CUDA toolkit and a CUDA build of torch present: "
               "`pip install -e . --no-build-isolation` (see README: Install)")
+# setup.py writes its last decision about the extension here (pip hides the build's output).
+BUILD_NOTE = Path(__file__).with_name("_extension_build.txt")
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,4 +39,9 @@ def extension_status() -> str:
     module, reason = _load()
     if module is not None:
         return "built"
-    return f"{reason}; {BUILD_HINT}"
+    try:
+        said = BUILD_NOTE.read_text().strip()
+    except OSError:
+        said = ""
+    setup_said = f" (setup.py: {said})" if said else ""
+    return f"{reason}{setup_said}; {BUILD_HINT}"
