@@ -125,10 +125,22 @@ if has_stage test && [ "$(step_limit "$TEST_TIMEOUT")" -lt 30 ]; then
     stamp "skipping the GPU tests: too little of SESSION_LIMIT=${SESSION_LIMIT}s left"
     echo "skipped: too little of SESSION_LIMIT=${SESSION_LIMIT}s left" > "$OUT/gpu_tests.log"
 elif has_stage test; then
+    # First the extension's host-side tests (registration, Meta shapes, C++ errors raised as
+    # Python exceptions) against the extension built here: seconds, and they tell an ABI or
+    # exception-translation problem of this build apart from a kernel problem.
+    stamp "pytest tests/test_cuda_extension.py, host side (timeout 60s)"
+    timeout -s INT -k 10 60 "$PY" -m pytest -q tests/test_cuda_extension.py -m "not gpu" -k "not emulated" \
+        -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+    echo "== host-side pytest exit status: $?" >> "$OUT/gpu_tests.log"
     limit=$(step_limit "$TEST_TIMEOUT")
-    stamp "pytest -m gpu (timeout ${limit}s)"
+    # With pytest-xdist (carry its wheel and execnet's in .whl/), one worker process: a test
+    # that crashes it (a segfault in a kernel launch) is reported by name and a new worker
+    # runs the rest, instead of the whole session ending there.
+    crash_safe=()
+    if "$PY" -c "import xdist" 2>/dev/null; then crash_safe=(-n 1 --max-worker-restart 20); fi
+    stamp "pytest -m gpu ${crash_safe[*]} (timeout ${limit}s)"
     timeout -s INT -k 20 "$limit" "$PY" -m pytest -q -m gpu tests/ --durations=25 -p no:cacheprovider \
-        > "$OUT/gpu_tests.log" 2>&1
+        "${crash_safe[@]}" >> "$OUT/gpu_tests.log" 2>&1
     status=$?
     echo "== pytest exit status: $status" >> "$OUT/gpu_tests.log"
     stamp "pytest exit status $status"
