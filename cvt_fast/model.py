@@ -9,7 +9,8 @@ Each attention module runs on one of two paths:
 - backend 'official': plain eager PyTorch, op for op like the official code
   (rearrange to NCHW, depthwise Conv2d, BatchNorm2d, einsum-softmax-einsum);
 - any other backend: the conv projection and the attention go through the fused ops
-  of `cvt_fast.ops` (the model does not know which implementation answers).
+  of `cvt_fast.ops` (the model does not know which implementation answers), and the
+  MLP's backward recomputes its activation instead of keeping it (`cvt_fast.lean_mlp`).
 Both paths use the same parameters and buffers, so checkpoints are interchangeable.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvt_fast.lean_mlp import act_then_linear, quick_gelu
 from cvt_fast.specs import get_spec
 
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -43,7 +45,7 @@ class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the activation of the official CvT MLP."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return quick_gelu(x)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -76,12 +78,23 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str, drop: float):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
+        self.act_name = act
         self.act = QuickGELU() if act == "quick_gelu" else nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
+        # Off on the 'official' backend (autograd keeps what the official code keeps); on the
+        # others the backward recomputes the activation instead of keeping it (lean_mlp.py).
+        self.recompute_activation = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        hidden = self.fc1(x)
+        # The lean step has no dropout between the activation and fc2: used when that
+        # dropout is off, and only when a backward can follow.
+        lean = (self.recompute_activation and torch.is_grad_enabled()
+                and (self.drop.p == 0.0 or not self.training))
+        if lean:
+            return self.drop(act_then_linear(hidden, self.fc2.weight, self.fc2.bias, self.act_name))
+        return self.drop(self.fc2(self.drop(self.act(hidden))))
 
 
 class ConvEmbed(nn.Module):
@@ -357,6 +370,8 @@ class ConvolutionalVisionTransformer(nn.Module):
         for m in self.modules():
             if isinstance(m, Attention):
                 m.backend = backend
+            elif isinstance(m, Mlp):
+                m.recompute_activation = backend != "official"
         return self
 
     def no_weight_decay(self) -> set[str]:
