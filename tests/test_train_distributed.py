@@ -69,11 +69,22 @@ def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(tmp_path):
     try:
         cfg = load_config(CFG, _deterministic_opts(data, tmp_path / "one", 16))
         single = Trainer(cfg, tmp_path / "one" / "ddp", dist_utils.DistInfo(0, 1, 0, torch.device("cpu")))
+        initial = {k: v.clone() for k, v in single.model.state_dict().items()}
         single.fit()
     finally:
         torch.set_num_threads(threads)
-    assert state_dicts_max_diff(rank0["model"], single.model.state_dict()) <= 1e-5
-    assert state_dicts_max_diff(rank0["ema"], single.ema.module.state_dict()) <= 1e-5
+    # Equal up to rounding (splitting the batch reorders the gradient sums), except proj_k's
+    # bias: it shifts every score of a row by the same amount, which the softmax ignores, so its
+    # true gradient is zero and AdamW turns the rounding noise in it into steps of up to lr.
+    # Those are bounded only by how far training moved the weights at all.
+    moved = state_dicts_max_diff(initial, single.model.state_dict())
+    for name, two_ranks, one in (("model", rank0["model"], single.model.state_dict()),
+                                 ("ema", rank0["ema"], single.ema.module.state_dict())):
+        noise_only = [k for k in one if k.endswith("attn.proj_k.bias")]
+        assert noise_only, "the model has no proj_k biases: update this test"
+        rest = [k for k in one if k not in noise_only]
+        assert state_dicts_max_diff(*({k: sd[k] for k in rest} for sd in (two_ranks, one))) <= 1e-5, name
+        assert state_dicts_max_diff(*({k: sd[k] for k in noise_only} for sd in (two_ranks, one))) <= moved, name
     # Only rank 0 wrote files, and its metrics are those of the whole global batch / val set.
     two = [json.loads(s) for s in (tmp_path / "two/ddp/metrics.jsonl").read_text().splitlines()]
     one = [json.loads(s) for s in (tmp_path / "one/ddp/metrics.jsonl").read_text().splitlines()]
