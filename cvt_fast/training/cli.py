@@ -7,6 +7,7 @@ to see the traceback anyway.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import traceback
@@ -58,6 +59,16 @@ def run_cli(main: Callable[[], int]) -> int:
     from cvt_fast.checkpoint import CheckpointError
 
     expected = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError)
+    try:
+        return _run_expecting(main, expected)
+    finally:
+        # A failed run's DataLoader iterators sit in reference cycles with the traceback's
+        # frames; collect them now, so their worker processes are shut down here and not at
+        # some later moment (a caller's KeyboardInterrupt, interpreter exit).
+        gc.collect()
+
+
+def _run_expecting(main: Callable[[], int], expected: tuple) -> int:
     try:
         return main()
     except expected as err:
