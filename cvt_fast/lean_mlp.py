@@ -5,8 +5,9 @@ In eager training the MLP is most of CvT's activation memory: the official
 backward (fc1's output, the sigmoid, and fc2's input). `act_then_linear` gives the same
 forward, op for op, but saves only fc1's output and recomputes the activation in the
 backward (one elementwise pass, next to two matrix products), so one hidden-width tensor
-per block stays alive instead of three. At CvT-13 that is a fifth of all saved activations
-(see tests/test_lean_mlp.py). torch.compile does this on its own (its partitioner recomputes
+per block stays alive instead of three. At CvT-13 (224x224, float32, batch 2) the fused
+backends' saved activations drop from 214.7 to 137.9 MiB, against 244.9 MiB for the official
+code (tests/test_lean_mlp.py). torch.compile does this on its own (its partitioner recomputes
 cheap elementwise ops); this is for the eager model.
 
 Autocast: the forward runs under whatever autocast the caller has, like any module. The
