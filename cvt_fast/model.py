@@ -10,7 +10,9 @@ Each attention module runs on one of two paths:
   (rearrange to NCHW, depthwise Conv2d, BatchNorm2d, einsum-softmax-einsum);
 - any other backend: the conv projection and the attention go through the fused ops
   of `cvt_fast.ops` (the model does not know which implementation answers), and the
-  MLP's backward recomputes its activation instead of keeping it (`cvt_fast.lean_mlp`).
+  MLP's backward recomputes its activation instead of keeping it (`cvt_fast.lean_mlp`)
+  and the LayerNorms keep 16-bit inputs rather than their float32 copies
+  (`cvt_fast.lean_layer_norm`).
 Both paths use the same parameters and buffers, so checkpoints are interchangeable.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvt_fast.lean_layer_norm import SIXTEEN_BIT, layer_norm_16bit
 from cvt_fast.lean_mlp import act_then_linear, quick_gelu
 from cvt_fast.specs import get_spec
 
@@ -51,7 +54,15 @@ class QuickGELU(nn.Module):
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in (at least) float32 whatever the input dtype, as the official code does."""
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # Off on the 'official' backend; on the others a 16-bit input is kept for the backward
+        # instead of its float32 copy (lean_layer_norm.py; same numbers, half the bytes).
+        self.keep_16bit_input = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.keep_16bit_input and x.dtype in SIXTEEN_BIT and torch.is_grad_enabled():
+            return layer_norm_16bit(x, self.weight, self.bias, self.eps)
         compute = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64
         return super().forward(x.to(compute)).to(x.dtype)
 
@@ -372,6 +383,8 @@ class ConvolutionalVisionTransformer(nn.Module):
                 m.backend = backend
             elif isinstance(m, Mlp):
                 m.recompute_activation = backend != "official"
+            elif isinstance(m, LayerNorm):
+                m.keep_16bit_input = backend != "official"
         return self
 
     def no_weight_decay(self) -> set[str]:
