@@ -763,6 +763,22 @@ def add_speedups(rows: list[dict], key_fields: Sequence[str], peer_names: set[st
             row["speedup_vs_best_peer"] = best[key] / row["time_ms"]
 
 
+def add_ratios_vs(rows: list[dict], key_fields: Sequence[str], baseline: str) -> None:
+    """speedup_vs_<baseline> = baseline's time / this row's time, and peak_mem_vs_<baseline> =
+    this row's peak memory / the baseline's, at the same key (the form the targets are stated in)."""
+    base: dict[tuple, dict] = {}
+    for row in rows:
+        if row.get("status") == "ok" and row["impl"] == baseline:
+            base[tuple(row.get(f) for f in key_fields)] = row
+    for row in rows:
+        ref = base.get(tuple(row.get(f) for f in key_fields))
+        if row.get("status") != "ok" or ref is None:
+            continue
+        row[f"speedup_vs_{baseline}"] = ref["time_ms"] / row["time_ms"]
+        if row.get("peak_mem_gib") and ref.get("peak_mem_gib"):
+            row[f"peak_mem_vs_{baseline}"] = row["peak_mem_gib"] / ref["peak_mem_gib"]
+
+
 def run_guarded(fn: Callable[[], dict], device) -> dict:
     """Call fn; an exception becomes {'status': 'error'|'oom', 'error': ...} and the memory it
     held is released, so the next implementation starts clean."""

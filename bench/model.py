@@ -42,6 +42,8 @@ CONVENTIONS = {
                     "optimizer state, activations)",
     "speedup_vs_best_peer": "this images/s / the fastest peer's (official, official-compile, hf) at the "
                             "same model and mode",
+    "speedup_vs_official": "the official eager model's step time / this one's, same model, mode and batch",
+    "peak_mem_vs_official": "this peak_mem_gib / the official eager model's, same model, mode and batch",
     "logits_rel_err_vs_official": "||logits - official logits|| / ||official logits||, eval mode, same "
                                   "weights, first 8 images of the first batch, from the first inference "
                                   "call (before any training step); not for hf (other weights)",
@@ -348,10 +350,11 @@ def reference_logits_for(spec: dict, image_size: int, batch: int, device, dtype,
 
 def tables(rows: list[dict], names: list[str]) -> str:
     detail = common.markdown_table(
-        ["model", "image", "B", "mode", "implementation", "images/s", "ms/step", "vs best peer", "peak GiB",
-         "first step s", "logits err", "max batch", "note"],
+        ["model", "image", "B", "mode", "implementation", "images/s", "ms/step", "vs best peer", "vs official",
+         "peak GiB", "mem vs official", "first step s", "logits err", "max batch", "note"],
         [[r["model"], r["image_size"], r["batch"], r["mode"], r["impl"], r.get("images_per_s"), r.get("time_ms"),
-          r.get("speedup_vs_best_peer"), r.get("peak_mem_gib"), r.get("first_step_s"),
+          r.get("speedup_vs_best_peer"), r.get("speedup_vs_official"), r.get("peak_mem_gib"),
+          r.get("peak_mem_vs_official"), r.get("first_step_s"),
           r.get("logits_rel_err_vs_official"), r.get("max_batch"), common.status_note(r) or r.get("note", "")]
          for r in rows])
     cells: dict[tuple, dict[str, str]] = {}
@@ -488,6 +491,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # Throughput speedups: best peer time / time (same model and mode) = images/s ratio.
     common.add_speedups([r for r in run.rows if r["mode"] in MODES], ("model", "image_size", "batch", "mode"), peers)
+    common.add_ratios_vs([r for r in run.rows if r["mode"] in MODES], ("model", "image_size", "batch", "mode"),
+                         "official")
     names = [i.name for i in impls]
     panels = []
     for mode in modes:

@@ -125,6 +125,9 @@ def test_model_quick_run_measures_train_and_inference(tmp_path):
         assert {r["mode"] for r in measured} == {"train", "infer"}, (impl, payload["results"])
         for row in measured:
             assert row["images_per_s"] > 0 and row["first_step_s"] > 0
+    for row in ok_rows(payload, "official"):
+        assert row["speedup_vs_official"] == 1.0
+    assert all(r["speedup_vs_official"] > 0 for r in ok_rows(payload, "cvt_fast-triton"))
     # Same weights as the official backend: the fused path computes the same logits.
     for row in ok_rows(payload, "cvt_fast-triton") + ok_rows(payload, "cvt_fast-sdpa") + ok_rows(payload, "official"):
         assert row["logits_rel_err_vs_official"] < 1e-4, row
@@ -285,5 +288,17 @@ def test_model_bench_on_the_gpu(tmp_path):
             if "max-batch" in row["mode"]:
                 assert row["max_batch"] == 4
             else:
-                assert row["images_per_s"] > 0 and row["peak_mem_gib"] > 0
+                assert row["images_per_s"] > 0 and row["peak_mem_gib"] > 0 and row["peak_mem_vs_official"] > 0
     assert all(r["logits_rel_err_vs_official"] < 2e-2 for r in ok_rows(payload, "cvt_fast-triton"))
+
+
+def test_ratios_against_the_official_model():
+    rows = [{"impl": "official", "status": "ok", "model": "m", "mode": "train", "time_ms": 30.0, "peak_mem_gib": 10.0},
+            {"impl": "cvt_fast-cuda", "status": "ok", "model": "m", "mode": "train", "time_ms": 10.0,
+             "peak_mem_gib": 5.0},
+            {"impl": "cvt_fast-cuda", "status": "ok", "model": "m", "mode": "infer", "time_ms": 4.0},
+            {"impl": "hf", "status": "oom", "model": "m", "mode": "train"}]
+    common.add_ratios_vs(rows, ("model", "mode"), "official")
+    assert rows[1]["speedup_vs_official"] == 3.0 and rows[1]["peak_mem_vs_official"] == 0.5
+    assert "speedup_vs_official" not in rows[2]  # no official row for that mode
+    assert "speedup_vs_official" not in rows[3]
