@@ -2,8 +2,8 @@
 
 On the CPU the kernels run under Triton's interpreter (conftest.py sets TRITON_INTERPRET=1
 before this module imports them), so the CPU shapes are tiny but odd: they leave partial
-query and key tiles (the interpreter blocks are 32 x 16) and cover Nkv=1. The CvT-13
-stage shapes run only on a GPU.
+query and key tiles (the interpreter blocks are 32 x 16) and cover Nkv=1; CvT-13's stage-3
+shape runs there for one image. All CvT-13 stage shapes at full batch run on a GPU.
 """
 import pytest
 import torch
@@ -162,6 +162,22 @@ def test_backward_matches_autograd_of_reference(shape, dtype):
     for got, ref, t in ((dq, ref_dq, q), (dk, ref_dk, k), (dv, ref_dv, v)):
         assert got.shape == t.shape and got.dtype == dtype
         assert_close(got, ref, dtype=dtype, factor=factor)
+
+
+@pytest.mark.skipif(GPU, reason="the GPU tests cover the real shapes at full batch")
+def test_forward_and_backward_at_the_real_cvt13_stage3_shape_under_the_interpreter():
+    # One image of CvT-13's last stage (197 queries, 50 keys, 6 heads of 64, the model's bf16):
+    # many partial and full tiles at the real sizes, within seconds of interpreter time.
+    q, k, v = random_qkv(1, 197, 50, 6, 64, torch.bfloat16)
+    scale = 384 ** -0.5
+    out, lse = attn.attention_forward(q, k, v, scale)
+    ref_out, ref_lse = reference_attention(q, k, v, scale)
+    assert_close(out, ref_out, dtype=torch.bfloat16)
+    assert_close(lse, ref_lse, dtype=torch.bfloat16)
+    grad_out = torch.randn_like(out)
+    for got, ref in zip(attn.attention_backward(grad_out, q, k, v, out, lse, scale),
+                        reference_gradients(q, k, v, grad_out, scale)):
+        assert_close(got, ref, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

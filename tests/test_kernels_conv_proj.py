@@ -1,7 +1,8 @@
 """Triton conv_proj kernels (kernels/conv_proj.py) against a plain-PyTorch reference.
 
 On the CPU the kernels run under Triton's interpreter (tests/conftest.py sets
-TRITON_INTERPRET=1), so shapes stay tiny; the CvT-13 shapes run only on a GPU.
+TRITON_INTERPRET=1), so shapes stay small (CvT-13's stage 3 for one image at most); all
+CvT-13 shapes at full batch run on a GPU.
 """
 import pytest
 import torch
@@ -93,6 +94,20 @@ def test_conv_proj_forward_and_backward_match_reference(case, dtype):
     for actual, reference, name in zip(actual_grads, expected_grads, ("x", "weight_q", "weight_k", "weight_v")):
         assert actual.dtype == dtype, name
         assert_close(actual, reference, dtype)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests cover the real shapes at full batch")
+def test_conv_proj_at_the_real_cvt13_stage3_shape_under_the_interpreter():
+    # One image of CvT-13's last stage: a 14x14 grid plus the cls row, 384 channels, bf16.
+    geometry = (14, 14, True, 1, 2, 1, 1)
+    x, weights, bias = make_inputs(1, 14, 14, 384, True, torch.bfloat16)
+    outputs = conv_proj.conv_proj_forward(x, *weights, *bias, *geometry)
+    grads = [torch.randn(t.shape).to(torch.bfloat16) for t in outputs]
+    expected, expected_grads = reference_outputs_and_grads(x, weights, bias, grads, geometry)
+    for actual, reference in zip(outputs, expected):
+        assert_close(actual, reference, torch.bfloat16)
+    for actual, reference in zip(conv_proj.conv_proj_backward(*grads, x, *weights, *geometry), expected_grads):
+        assert_close(actual, reference, torch.bfloat16)
 
 
 @pytest.mark.parametrize("geometry", [(6, 7, True, 1, 2, 2, 2), (6, 7, False, 2, 1, 2, 1)], ids=["fused", "generic"])
