@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,6 +71,16 @@ def find_target_torch() -> bool:
         return False
 
 
+def nvcc_release(nvcc: str):
+    """The CUDA release nvcc reports ('13.0'), or None when it cannot be asked."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else None
+
+
 def cuda_extension_or_reason():
     """Return (ext_modules, cmdclass) for the CUDA extension, or ([], {}) with a printed reason."""
     if os.environ.get("CVT_FAST_NO_CUDA", "0") == "1":
@@ -94,6 +105,14 @@ def cuda_extension_or_reason():
     if not nvcc or not os.path.exists(nvcc):
         say("skipping the CUDA extension cvt_fast._C: no CUDA toolkit found "
             "(set CUDA_HOME to a toolkit with bin/nvcc)")
+        return [], {}
+    toolkit, torch_cuda = nvcc_release(nvcc), torch.version.cuda
+    if toolkit is not None and toolkit.split(".")[0] != torch_cuda.split(".")[0]:
+        # torch.utils.cpp_extension refuses a major-version mismatch with an exception that
+        # would fail the whole install; the package works without the extension.
+        say(f"skipping the CUDA extension cvt_fast._C: nvcc is CUDA {toolkit} but torch {torch.__version__} "
+            f"was built for CUDA {torch_cuda}; point CUDA_HOME at a CUDA {torch_cuda.split('.')[0]}.x toolkit, "
+            f"or install a torch built for CUDA {toolkit.split('.')[0]}, then reinstall")
         return [], {}
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # Without a GPU and without this, torch.utils.cpp_extension raises IndexError.
