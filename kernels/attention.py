@@ -49,6 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .interpreter import float64_dot_problem
+
 # Triton decides at decoration time whether kernels are interpreted, so remember the
 # setting that was in force when this module (and its @triton.jit) was imported.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -480,6 +482,10 @@ def _validate_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     if q.device.type == "cuda" and q.dtype == torch.float64 and not _INTERPRET:
         raise TypeError("float64 is not supported by the Triton attention kernels on the GPU (tl.dot has no "
                         "fp64 path there); use bfloat16/float16/float32, or the reference backend for float64")
+    if _INTERPRET and q.dtype == torch.float64:
+        problem = float64_dot_problem()
+        if problem:
+            raise TypeError(problem)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite Python float, got {scale!r}")
 

@@ -84,6 +84,12 @@ def _triton_reason(op: str, device_type: str) -> Optional[str]:
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return ("the tensors are on the CPU and TRITON_INTERPRET is not 1: set TRITON_INTERPRET=1 "
                 "before importing triton to run the kernels on the CPU through the interpreter")
+    if device_type == "cpu":
+        from cvt_fast.kernels.interpreter import interpreter_problem
+
+        problem = interpreter_problem()
+        if problem:
+            return problem
     if device_type not in ("cpu", "cuda"):
         return f"Triton kernels run on CUDA tensors (or the CPU interpreter), not on {device_type!r}"
     return None
