@@ -10,10 +10,10 @@ backends' saved activations drop from 214.7 to 137.9 MiB, against 244.9 MiB for 
 code (tests/test_lean_mlp.py). torch.compile does this on its own (its partitioner recomputes
 cheap elementwise ops); this is for the eager model.
 
-Autocast: the forward runs under whatever autocast the caller has, like any module. The
-backward runs outside autocast, so it redoes by hand what autocast did to the Linear: the
-products in the dtype the forward's product had, the weight and bias gradients returned in
-the parameters' dtypes.
+Autocast: the forward computes the Linear in the autocast dtype, as autocast would, casting
+by hand (see _linear_as_autocast_would for why). The backward runs outside autocast, so it
+also redoes by hand what autocast did: the products in the dtype the forward's product had,
+the weight and bias gradients returned in the parameters' dtypes.
 """
 from __future__ import annotations
 
@@ -49,10 +49,23 @@ def _activation_backward(name: str, grad: Tensor, x: Tensor) -> Tensor:
     return torch.ops.aten.gelu_backward(grad.to(x.dtype), x)
 
 
+def _linear_as_autocast_would(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """F.linear in the autocast dtype when autocast is on, with the casts made here rather than
+    by autocast: its cast cache would otherwise keep the weight's copy made in this forward,
+    where grad is off, and a plain use of the same weight later in the same autocast region
+    would take that copy and silently get no gradient (seen with torch 2.6)."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return F.linear(hidden, weight, bias)
+    dtype = torch.get_autocast_dtype(device_type)
+    with torch.autocast(device_type, enabled=False):
+        return F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
 class _ActThenLinear(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str) -> Tensor:
-        return F.linear(_activation(act, x), weight, bias)
+        return _linear_as_autocast_would(_activation(act, x), weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
