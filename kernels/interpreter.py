@@ -8,10 +8,13 @@ depend on versions, found by running this project's kernel tests under torch 2.6
   inside the interpreter (it converts a one-element array to an int, which NumPy 2.4 refuses).
 - Triton < 3.8: tl.dot has no float64 path in the interpreter, so float64 attention (used for
   gradcheck) fails there.
-Each function returns None when all is well, else a sentence that names the fix.
+Each function returns None when all is well, else a sentence that names the fix. The
+answers are cached: the backend choice asks on every op call, and versions do not change
+within a process.
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Optional
 
@@ -31,6 +34,7 @@ def _triton_version() -> tuple[int, int]:
     return version_tuple(triton.__version__)
 
 
+@functools.lru_cache(maxsize=1)
 def interpreter_problem() -> Optional[str]:
     """Why the interpreter cannot run the kernels here, or None."""
     import numpy
@@ -43,6 +47,7 @@ def interpreter_problem() -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=1)
 def float64_dot_problem() -> Optional[str]:
     """Why float64 matrix products cannot run under the interpreter here, or None."""
     import triton

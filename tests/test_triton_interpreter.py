@@ -14,6 +14,16 @@ def test_version_tuple(text, expected):
     assert interpreter.version_tuple(text) == expected
 
 
+@pytest.fixture(autouse=True)
+def _fresh_answers():
+    """The answers are cached per process; faked versions need them asked again."""
+    interpreter.interpreter_problem.cache_clear()
+    interpreter.float64_dot_problem.cache_clear()
+    yield
+    interpreter.interpreter_problem.cache_clear()
+    interpreter.float64_dot_problem.cache_clear()
+
+
 def fake_versions(monkeypatch, triton_version, numpy_version):
     import sys
     monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__=triton_version))
