@@ -86,6 +86,12 @@ def stderr_of(child: subprocess.Popen) -> str:
     return path.read_text() if path is not None else ""
 
 
+def bar_reached(stderr: str, epoch: str, step: int, steps: int) -> bool:
+    """Whether the progress bar of `epoch` ('epoch 2/3') in a child's stderr shows `step` of `steps` done."""
+    at = stderr.find(epoch)
+    return at >= 0 and f" {step}/{steps} [" in stderr[at:]
+
+
 def wait_for(condition: Callable[[], bool], children: list[subprocess.Popen], timeout: float = 300) -> None:
     """Poll until `condition()`; fails early when a child exits first."""
     deadline = time.time() + timeout

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from cvt_fast.training.resume import list_checkpoints, read_checkpoint
 from cvt_fast.training.stop import EXIT_STOPPED
-from run_helpers import RUN, free_port, kill_all, rank_env, run_ranks, spawn_train, stderr_of, wait_for
+from run_helpers import RUN, bar_reached, free_port, kill_all, rank_env, run_ranks, spawn_train, stderr_of, wait_for
 from test_train_utils import make_dataset, state_dicts_max_diff, tiny_overrides
 
 
@@ -31,12 +31,6 @@ def _opts(data, out):
     return tiny_overrides(data, out, TRAIN__END_EPOCH=3, TRAIN__SCALE_LR=False, TRAIN__EMA__ENABLED=True,
                           TRAIN__EMA__DECAY=0.5, AUG__MIXUP=0.8, AUG__MIXCUT=1.0, AUG__MIXUP_PROB=1.0,
                           MODEL__SPEC__DROP_RATE="[0.1, 0.1, 0.1]")
-
-
-def _bar_reached(stderr: str, epoch: str, step: int, steps: int) -> bool:
-    """Whether rank 0's progress bar for `epoch` ('epoch 2/3') has shown `step` of `steps` done."""
-    at = stderr.find(epoch)
-    return at >= 0 and f" {step}/{steps} [" in stderr[at:]
 
 
 def _records(run):
@@ -54,7 +48,7 @@ def test_sigterm_to_one_rank_stops_both_and_the_resumed_run_equals_an_uninterrup
     ranks = [spawn_train(_opts(data, tmp_path / "stopped"), tmp_path, rank_env(r, 2, port), step_delay=0.3)
              for r in range(2)]
     try:
-        wait_for(lambda: _bar_reached(stderr_of(ranks[0]), "epoch 2/3", 1, 6), ranks)  # step 7 is done
+        wait_for(lambda: bar_reached(stderr_of(ranks[0]), "epoch 2/3", 1, 6), ranks)  # step 7 is done
         ranks[1].send_signal(signal.SIGTERM)  # rank 1 only
         codes = [r.wait(timeout=300) for r in ranks]
     finally:

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from cvt_fast.training.resume import list_checkpoints, read_checkpoint
 from cvt_fast.training.stop import EXIT_STOPPED, StopRequest, TrainingStopped
-from run_helpers import RUN, kill_all, spawn_train, stderr_of, train_in_process, wait_for
+from run_helpers import RUN, bar_reached, kill_all, spawn_train, stderr_of, train_in_process, wait_for
 from test_train_utils import make_dataset, one_thread, state_dicts_max_diff, tiny_overrides  # noqa: F401
 
 
@@ -37,8 +37,8 @@ def test_sigterm_writes_a_checkpoint_at_the_next_step_and_resuming_it_equals_an_
     run = tmp_path / "stopped" / RUN
     child = spawn_train(_opts(data, tmp_path / "stopped"), tmp_path, step_delay=0.3)
     try:
-        # Into the second epoch: the end-of-epoch checkpoint of the first is there.
-        wait_for(lambda: (run / "checkpoints" / "ckpt_00000006.pth").exists(), [child])
+        # Into the second epoch: its bar shows a step done.
+        wait_for(lambda: bar_reached(stderr_of(child), "epoch 2/2", 1, 6), [child])
         child.send_signal(signal.SIGTERM)
         code = child.wait(timeout=300)
     finally:
