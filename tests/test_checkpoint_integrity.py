@@ -22,7 +22,7 @@ import torch
 from cvt_fast.checkpoint import CHECKSUM_KEY, CheckpointError, load_checkpoint, tensor_digest
 from cvt_fast.training.resume import (FORMAT, checkpoint_path, list_checkpoints, read_checkpoint,
                                       save_checkpoint)
-from run_helpers import copy_run, finished_run, train_in_process, wait_for
+from training_runs import copy_run, finished_run, train_in_process, wait_for
 from test_train_utils import subprocess_env
 
 

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from cvt_fast.training.resume import list_checkpoints, read_checkpoint
 from cvt_fast.training.stop import EXIT_STOPPED
-from run_helpers import RUN, bar_reached, free_port, kill_all, rank_env, run_ranks, spawn_train, stderr_of, wait_for
+from training_runs import RUN, bar_reached, free_port, kill_all, rank_env, run_ranks, spawn_train, stderr_of, wait_for
 from test_train_utils import make_dataset, state_dicts_max_diff, tiny_overrides
 
 
@@ -77,7 +77,7 @@ def test_sigterm_to_one_rank_stops_both_and_the_resumed_run_equals_an_uninterrup
     # The logged validation loss is that of the saved weights, evaluated in one process.
     from cvt_fast.test import evaluate_config
     from cvt_fast.config import load_config
-    from run_helpers import CFG
+    from training_runs import CFG
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

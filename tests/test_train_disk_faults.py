@@ -23,7 +23,7 @@ import pytest
 
 from cvt_fast.training.logs import MetricsWriter, read_metrics
 from cvt_fast.training.resume import list_checkpoints, read_checkpoint
-from run_helpers import CFG, copy_run, error_line, finished_run, snapshot, train_in_process
+from training_runs import CFG, copy_run, error_line, finished_run, snapshot, train_in_process
 from test_train_utils import make_dataset, subprocess_env, tiny_overrides
 
 

@@ -20,7 +20,7 @@ from cvt_fast.training import distributed as dist_utils
 from cvt_fast.training.cli import parse_args
 from cvt_fast.training.loop import NonFiniteLossError, Trainer
 from cvt_fast.training.resume import read_checkpoint
-from run_helpers import RUN, train_in_process
+from training_runs import RUN, train_in_process
 from test_train_utils import load_tiny_config, make_dataset, one_thread, tiny_overrides  # noqa: F401
 
 CPU = dist_utils.DistInfo(0, 1, 0, torch.device("cpu"))

@@ -15,7 +15,7 @@ import torch
 
 from cvt_fast.training.resume import (FORMAT, checkpoint_path, list_checkpoints, prune_checkpoints, read_checkpoint,
                                       save_checkpoint)
-from run_helpers import copy_run, error_line, finished_run, snapshot, train_in_process
+from training_runs import copy_run, error_line, finished_run, snapshot, train_in_process
 
 
 @pytest.fixture(scope="module")

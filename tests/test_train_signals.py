@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from cvt_fast.training.resume import list_checkpoints, read_checkpoint
 from cvt_fast.training.stop import EXIT_STOPPED, StopRequest, TrainingStopped
-from run_helpers import RUN, bar_reached, kill_all, spawn_train, stderr_of, train_in_process, wait_for
+from training_runs import RUN, bar_reached, kill_all, spawn_train, stderr_of, train_in_process, wait_for
 from test_train_utils import make_dataset, one_thread, state_dicts_max_diff, tiny_overrides  # noqa: F401
 
 
@@ -79,7 +79,7 @@ def _trainer(data, out, stop, signal_at=(0, signal.SIGINT)):  # at=0: never (the
     from cvt_fast.model import build_model_from_config
     from cvt_fast.training import distributed as dist_utils
     from cvt_fast.training.loop import Trainer
-    from run_helpers import CFG
+    from training_runs import CFG
 
     cfg = load_config(CFG, _opts(data, out, TRAIN__CHECKPOINT_EVERY_STEPS=0))
     info = dist_utils.DistInfo(0, 1, 0, torch.device("cpu"))

@@ -1,4 +1,4 @@
-"""Helpers for the reliability tests (issue 11): a finished tiny run to damage, snapshots of
+"""Training runs for the reliability tests (issue 11): a finished tiny run to damage, snapshots of
 a run folder, the one error line of a failed command, runs of `python -m cvt_fast.train`
 as child processes."""
 from __future__ import annotations
