@@ -1,7 +1,11 @@
 """cvt_fast: a fast, faithful CvT (Convolutional vision Transformers) for PyTorch.
 
-Public API (imported lazily, so `import cvt_fast` stays cheap and never pulls in
-Triton or the CUDA extension until they are used):
+`import cvt_fast` registers the custom ops (`torch.ops.cvt_fast.*`), so a program saved
+with torch.export.save loads in a process that only imported cvt_fast. Registration
+declares schemas, fake kernels and autograd formulas; the Triton kernels and the CUDA
+extension are imported only when a backend that needs them runs.
+
+Public API (imported lazily):
 
     build_model(spec, num_classes=1000, act="quick_gelu", backend="auto")
     create_model(name, num_classes=1000, **kw)        # 'cvt-13', 'cvt-21', 'cvt-w24'
@@ -14,6 +18,8 @@ from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from cvt_fast import ops  # noqa: F401  (registers torch.ops.cvt_fast.*)
 
 __version__ = "0.1.0"
 

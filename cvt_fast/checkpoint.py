@@ -16,12 +16,21 @@ unreadable or truncated file, no state dict inside, or keys that do not fit the 
 (missing, unexpected, wrongly shaped, with the architecture the file looks like).
 
 Files are written with `atomic_save`: a temporary file in the same folder, flushed
-and fsynced, then renamed over the target, so a crash leaves the old file intact.
+and fsynced, then renamed over the target, so a crash leaves the old file intact. A
+write that fails (a full disk, a file size limit) raises the OSError that caused it,
+not torch's "unexpected pos".
+
+Training checkpoints carry a sha256 digest of their contents (`add_checksum`); loading
+one recomputes it, so a file damaged inside a still valid zip (flipped bytes in a
+tensor) is refused with a CheckpointError instead of loading corrupt weights. Files
+without a digest (official ones, older cvt_fast ones) load unverified.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+import re
 import secrets
 import struct
 from collections.abc import Callable, Mapping
@@ -46,6 +55,11 @@ _WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "module", "net")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Files tried, in order, when a directory (a Hugging Face model folder) is given.
 _DIRECTORY_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "checkpoint.pth")
+
+
+# The entry of a training checkpoint that holds the digest of everything else in it.
+CHECKSUM_KEY = "checksum"
+_CHECKSUM_ALGORITHM = "sha256"
 
 
 class CheckpointError(RuntimeError):
@@ -135,17 +149,37 @@ def read_checkpoint_file(path: str | os.PathLike[str], weights_only: bool = True
     try:
         return torch.load(file, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as exc:
-        if weights_only and "weights only" in str(exc).lower() and head[:2] in (b"PK", b"\x80\x02"):
-            # torch's message is a page long; its 'WeightsUnpickler error:' line names the object.
-            detail = next((line.split("error:", 1)[1].split(" was not")[0].strip()
-                           for line in str(exc).splitlines() if "WeightsUnpickler error:" in line),
-                          _first_line(exc))
+        refused = _refused_global(exc) if weights_only and head[:2] in (b"PK", b"\x80\x02") else None
+        if refused:
             raise CheckpointError(
                 f"checkpoint file '{file}' holds Python objects that safe loading (weights_only=True) "
-                f"refuses ({detail}); if you trust the file, pass weights_only=False") from exc
-        raise CheckpointError(_unreadable(file, size, head, exc)) from exc
+                f"refuses ({refused}); if you trust the file, pass weights_only=False") from exc
+        # Anything else the safe unpickler trips over (an unknown opcode, a truncated stream)
+        # is damage: torch's advice to retry with weights_only=False does not apply to it.
+        raise CheckpointError(_unreadable(file, size, head, _weights_only_detail(exc))) from exc
     except Exception as exc:  # torch.load raises RuntimeError, EOFError, ValueError, ... on bad files
         raise CheckpointError(_unreadable(file, size, head, exc)) from exc
+
+
+def _weights_only_detail(exc: BaseException) -> BaseException:
+    """The line of torch's weights-only error that says what went wrong (its message is a page
+    of advice around one 'WeightsUnpickler error:' line)."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            detail = line.split("error:", 1)[1].strip() or next((x for x in lines[i + 1:] if x), "")
+            return pickle.UnpicklingError(detail or "unreadable pickle data")
+    return exc
+
+
+def _refused_global(exc: BaseException) -> str | None:
+    """The Python object a weights-only load refused ('GLOBAL x.y was not an allowed global'),
+    or None when the error is not such a refusal."""
+    match = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+    if match:
+        return match.group(1)
+    match = re.search(r"Unsupported global: ([^\n]+?)(?: was not| \(|$)", str(exc), re.MULTILINE)
+    return match.group(1).strip() if match else None
 
 
 def _first_line(exc: BaseException, limit: int = 240) -> str:
@@ -303,6 +337,7 @@ def load_checkpoint(
     no position embedding. weights_only=False unpickles arbitrary objects: trusted files only.
     Hugging Face's hub weights (microsoft/cvt-*) were converted from the official zoo (QuickGELU);
     build the model with act="gelu" only to reproduce the Hugging Face port's own logits.
+    A file that carries a digest (cvt_fast training checkpoints) is verified against it first.
     Raises CheckpointError (a RuntimeError) naming the file and what is wrong.
     """
     if not isinstance(model, nn.Module):
@@ -317,6 +352,8 @@ def load_checkpoint(
         raise TypeError(f"path_or_state_dict is a {type(path_or_state_dict).__name__}; "
                         "expected a file path or a state dict (Mapping)")
 
+    if isinstance(obj, Mapping) and CHECKSUM_KEY in obj:
+        verify_checksum(obj, source)
     state_dict, wrapper = _extract_state_dict(obj, source)
     fmt = "official"
     if hf_convert.is_hf_state_dict(state_dict):
@@ -399,6 +436,61 @@ def _mismatch_message(source: str, model: nn.Module, state_dict: Mapping[str, to
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------- checksums
+
+
+def tensor_digest(obj: Any) -> str:
+    """sha256 (hex) of a checkpoint object: every tensor's dtype, shape and bytes, and every
+    other value's repr, each under its path in the nesting, mapping keys in sorted order.
+
+    Two objects with equal digests hold the same tensors at the same places, bit for bit;
+    a tensor saved and loaded back gives the digest it had (its storage layout and device
+    do not enter, only its values).
+    """
+    digest = hashlib.sha256()
+    _feed(digest, obj, "")
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, obj: Any, path: str) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        digest.update(f"{path}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(obj, Mapping):
+        for key in sorted(obj, key=repr):
+            _feed(digest, obj[key], f"{path}/{key!r}")
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"{path}:{type(obj).__name__}[{len(obj)}]\n".encode())
+        for i, value in enumerate(obj):
+            _feed(digest, value, f"{path}[{i}]")
+    else:
+        digest.update(f"{path}={obj!r}\n".encode())
+
+
+def add_checksum(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `state` (a dict with string keys) with its digest under CHECKSUM_KEY."""
+    body = {k: v for k, v in state.items() if k != CHECKSUM_KEY}
+    return {**body, CHECKSUM_KEY: {"algorithm": _CHECKSUM_ALGORITHM, "digest": tensor_digest(body)}}
+
+
+def verify_checksum(state: Mapping[str, Any], source: str) -> bool:
+    """True when `state` carries a digest and it matches; False when it carries none (an older
+    or foreign file). Raises CheckpointError naming `source` when the contents do not match."""
+    stored = state.get(CHECKSUM_KEY)
+    if stored is None:
+        return False
+    if not isinstance(stored, Mapping) or stored.get("algorithm") != _CHECKSUM_ALGORITHM:
+        raise CheckpointError(f"checkpoint {source} has a '{CHECKSUM_KEY}' entry this version cannot check "
+                              f"({stored!r:.80}); expected a {_CHECKSUM_ALGORITHM} digest")
+    actual = tensor_digest({k: v for k, v in state.items() if k != CHECKSUM_KEY})
+    if actual != stored.get("digest"):
+        raise CheckpointError(f"checkpoint {source} is corrupt: its contents do not match the {_CHECKSUM_ALGORITHM} "
+                              "digest stored in it (damaged on disk or in transfer)")
+    return True
+
+
 # ---------------------------------------------------------------------------- saving
 
 
@@ -416,16 +508,53 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+# `.<target name>.<pid>.<8 hex digits>.tmp`: what a write killed before its rename leaves.
+TEMPORARY_NAME = re.compile(r"^\.(?P<target>.+)\.\d+\.[0-9a-f]{8}\.tmp$")
+
+
+def temporary_path(target: Path) -> Path:
+    """A fresh temporary name beside `target` (matches TEMPORARY_NAME)."""
+    return target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+class _WriteRecorder:
+    """Passes writes through to a file and remembers the OSError of one that failed.
+
+    torch.save turns a failed write (no space left, a file size limit) into
+    RuntimeError('... unexpected pos ...'); the recorded error says what really happened.
+    """
+
+    def __init__(self, file: BinaryIO):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def _atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
     target = Path(path)
     directory = target.parent
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp = temporary_path(target)
     # os.open with mode 0o666 honours the umask, so the file ends up with the usual permissions.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            recorder = _WriteRecorder(f)
+            try:
+                write(recorder)  # type: ignore[arg-type]
+            except RuntimeError as err:
+                if recorder.error is not None:
+                    raise recorder.error from err
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -446,6 +575,11 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     A crash at any point leaves either the old file or the new one, never a partial file.
     """
     return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike[str]) -> Path:
+    """Write `data` to `path` atomically (as atomic_save does)."""
+    return _atomic_write(path, lambda f: f.write(data))
 
 
 def official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -469,13 +603,18 @@ def save_official_state_dict(model: nn.Module, path: str | os.PathLike[str]) -> 
 
 
 __all__ = [
+    "CHECKSUM_KEY",
     "CheckpointError",
     "LoadReport",
+    "add_checksum",
     "atomic_save",
+    "atomic_write_bytes",
     "describe_architecture",
     "guess_variant",
     "load_checkpoint",
     "official_state_dict",
     "read_checkpoint_file",
     "save_official_state_dict",
+    "tensor_digest",
+    "verify_checksum",
 ]

@@ -17,9 +17,13 @@ from yacs.config import CfgNode as CN
 
 from cvt_fast.specs import MODEL_SPECS
 
-# Sections where arbitrary keys are legitimate: they are passed through as keyword
-# arguments (timm's scheduler, the optimizer).
+# Sections whose keys are not fixed by the schema (the official code passes them on as
+# keyword arguments); check_values says which keys this trainer reads there.
 _OPEN_SECTIONS = ("TRAIN.LR_SCHEDULER.ARGS", "TRAIN.OPTIMIZER_ARGS")
+# The TRAIN.LR_SCHEDULER.ARGS keys of METHOD 'timm' that the trainer reads (the official
+# configs set all but 'epochs', which the official code sets from TRAIN.END_EPOCH).
+SCHEDULER_ARGS = ("sched", "epochs", "warmup_epochs", "warmup_lr", "min_lr", "cooldown_epochs", "decay_rate")
+AMP_DTYPES = ("bfloat16", "bf16", "float16", "fp16")
 
 
 def _official_defaults() -> CN:
@@ -174,6 +178,9 @@ def _add_cvt_fast_keys(c: CN) -> None:
     c.TRAIN.CHECKPOINT_EVERY_STEPS = 0   # 0: only at the end of each epoch
     c.TRAIN.SKIP_NONFINITE_LOSS = False
     c.TRAIN.MAX_STEPS = 0                # 0: no limit
+    # When no checkpoint of the run can be read: False stops with an error; True moves them
+    # (and the run's metrics and weights) to OUTPUT_DIR/<name>/previous-<time>/ and starts over.
+    c.TRAIN.START_OVER = False
     c.DATASET.SKIP_UNREADABLE = True
 
 
@@ -253,8 +260,36 @@ def merge_overrides(cfg: CN, overrides: Sequence[str]) -> None:
             cfg.merge_from_list([key, value])
 
 
+def check_values(cfg: CN) -> None:
+    """ValueError naming the key for a value this code cannot use, whether or not the feature
+    it belongs to is switched on (a wrong AMP.DTYPE is wrong with AMP off too)."""
+    from cvt_fast.model import ACTIVATIONS, MODEL_BACKENDS
+
+    checks = (("MODEL.BACKEND", cfg.MODEL.BACKEND, MODEL_BACKENDS), ("MODEL.ACT", cfg.MODEL.ACT, ACTIVATIONS),
+              ("AMP.DTYPE", cfg.AMP.DTYPE, AMP_DTYPES))
+    for key, value, allowed in checks:
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r}; expected one of {', '.join(allowed)}")
+    if str(cfg.TRAIN.LR_SCHEDULER.METHOD) == "timm":
+        args = cfg.TRAIN.LR_SCHEDULER.ARGS
+        for key in args:
+            if key not in SCHEDULER_ARGS:
+                close = difflib.get_close_matches(key, SCHEDULER_ARGS, n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                raise ValueError(f"unknown key TRAIN.LR_SCHEDULER.ARGS.{key}; {hint}the cosine schedule reads "
+                                 f"{', '.join(SCHEDULER_ARGS)}")
+        if "epochs" in args and int(args.epochs) != int(cfg.TRAIN.END_EPOCH):
+            raise ValueError(f"TRAIN.LR_SCHEDULER.ARGS.epochs={args.epochs} differs from TRAIN.END_EPOCH="
+                             f"{cfg.TRAIN.END_EPOCH}; the official code sets it from TRAIN.END_EPOCH: remove it "
+                             "or make the two equal")
+    for key in cfg.TRAIN.OPTIMIZER_ARGS:
+        raise ValueError(f"TRAIN.OPTIMIZER_ARGS.{key} is not read by this trainer: TRAIN.OPTIMIZER (adamW, adam, "
+                         "sgd) takes TRAIN.LR, TRAIN.WD, TRAIN.MOMENTUM and TRAIN.NESTEROV; remove it")
+
+
 def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> CN:
-    """Defaults, then the YAML file at `path` (if any), then `overrides`; returned frozen."""
+    """Defaults, then the YAML file at `path` (if any), then `overrides`, values checked
+    (check_values); returned frozen."""
     cfg = get_default_config()
     if path:
         data = _read_yaml(path)
@@ -262,5 +297,6 @@ def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> CN:
         cfg.merge_from_other_cfg(CN(data))
         cfg.NAME = cfg.NAME or os.path.splitext(os.path.basename(path))[0]
     merge_overrides(cfg, list(overrides))
+    check_values(cfg)
     cfg.freeze()
     return cfg

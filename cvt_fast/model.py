@@ -329,6 +329,8 @@ class ConvolutionalVisionTransformer(nn.Module):
                  backend: str | None = None, in_chans: int = 3):
         super().__init__()
         stages = normalize_spec(spec)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0: no classifier, features out), got {num_classes!r}")
         if act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
         self.spec = {k: v for k, v in dict(spec).items()}
@@ -393,6 +395,8 @@ class ConvolutionalVisionTransformer(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a freshly initialised one for `num_classes` classes."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0: no classifier, features out), got {num_classes!r}")
         self.num_classes = num_classes
         device = self.norm.weight.device
         self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
@@ -412,6 +416,12 @@ class ConvolutionalVisionTransformer(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"CvT expects a floating-point image batch, got {x.dtype}; "
                             "convert with x.float() and normalise it first")
+        if x.shape[0] == 0:
+            raise ValueError(f"CvT got an empty batch (shape {tuple(x.shape)}); pass at least one image")
+        weight_dtype = self.norm.weight.dtype
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"the image batch is {x.dtype} but the model's weights are {weight_dtype}; convert one "
+                            f"(x.to({weight_dtype}) or model.to({x.dtype})) or run under torch.autocast")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, num_features) pooled features after the final LayerNorm."""

@@ -61,9 +61,11 @@ def evaluate_config(cfg: Any, model_file: str | None = None) -> dict[str, float]
 
 
 def _test(cfg_path: str | None, opts: Sequence[str]) -> int:
+    from cvt_fast.checkpoint import atomic_write_bytes
     from cvt_fast.train import run_dir_of
     from cvt_fast.training import distributed as dist_utils
     from cvt_fast.training.logs import close_logging, setup_logging
+    from cvt_fast.training.outputs import writing
 
     cfg = load(cfg_path, opts)
     info = dist_utils.init_distributed()
@@ -74,7 +76,8 @@ def _test(cfg_path: str | None, opts: Sequence[str]) -> int:
         if info.is_main:
             print(f"top-1 {result['top1']:.3f}%  top-5 {result['top5']:.3f}%  loss {result['loss']:.4f}  "
                   f"({int(result['images'])} images, {result['model_file']})")
-            (run_dir / "test_results.json").write_text(json.dumps(result, indent=1) + "\n")
+            with writing(run_dir / "test_results.json"):
+                atomic_write_bytes((json.dumps(result, indent=1) + "\n").encode(), run_dir / "test_results.json")
         return 0
     finally:
         close_logging()

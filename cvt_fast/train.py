@@ -6,6 +6,8 @@ official config (experiments/imagenet/cvt/*.yaml) it runs the official recipe. M
 and multi-node through torchrun: `torchrun --nproc_per_node 8 -m cvt_fast.train --cfg ...`.
 Outputs go to OUTPUT_DIR/<config name>/: train.log, metrics.jsonl, curves.png,
 tensorboard/, checkpoints/ (resumable), model_best.pth and final_state.pth (weights).
+Rerunning the same command resumes from the newest readable checkpoint. SIGTERM or SIGINT
+stops at the next step with a checkpoint (exit code 75); errors are one line, exit code 2.
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ def _train(cfg_path: str | None, opts: Sequence[str]) -> int:
 
     from cvt_fast.training import distributed as dist_utils
     from cvt_fast.training.logs import close_logging, setup_logging
-    from cvt_fast.training.loop import train
+    from cvt_fast.training.loop import Trainer
+    from cvt_fast.training.stop import StopRequest
 
     cfg = load(cfg_path, opts)
     info = dist_utils.init_distributed()
@@ -57,13 +60,17 @@ def _train(cfg_path: str | None, opts: Sequence[str]) -> int:
         run_dir = run_dir_of(cfg)
         log = setup_logging(run_dir, info.is_main)
         if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(cfg.dump())
             log.info("=> config %s, outputs in %s", cfg_path or "(built-in digits)", run_dir)
             log.info("=> torch %s, %d process(es), device %s", torch.__version__, info.world_size, info.device)
         ensure_builtin_dataset(cfg, info.is_main)
         started = time.time()
-        last = train(cfg, run_dir, info)
+        stop = StopRequest()
+        # Builds everything and loads the starting state before the run folder is touched
+        # (config.yaml included): a refused invocation changes nothing there.
+        trainer = Trainer(cfg, run_dir, info, stop=stop)
+        trainer.restore()
+        with stop.handling_signals():
+            last = trainer.fit()
         if info.is_main:
             minutes = (time.time() - started) / 60
             if last:

@@ -45,9 +45,23 @@ def test_command_line_overrides_apply_and_typos_are_named():
         load_config(CONFIGS[0], ["TRAIN.LR"])
 
 
-def test_open_sections_accept_new_keys():
-    cfg = load_config(CONFIGS[0], ["TRAIN.LR_SCHEDULER.ARGS.t_in_epochs", "False"])
-    assert cfg.TRAIN.LR_SCHEDULER.ARGS.t_in_epochs is False
+def test_scheduler_args_take_the_keys_the_trainer_reads_and_name_any_other():
+    cfg = load_config(None, ["TRAIN.LR_SCHEDULER.ARGS.warmup_epochs", "3"])  # not in the defaults: still accepted
+    assert cfg.TRAIN.LR_SCHEDULER.ARGS.warmup_epochs == 3
+    with pytest.raises(ValueError, match=r"unknown key TRAIN\.LR_SCHEDULER\.ARGS\.t_in_epochs;.* the cosine "
+                                         r"schedule reads sched, epochs, warmup_epochs"):
+        load_config(CONFIGS[0], ["TRAIN.LR_SCHEDULER.ARGS.t_in_epochs", "False"])
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("MODEL.BACKEND", "bogus", r"MODEL\.BACKEND='bogus'; expected one of official, auto, reference"),
+    ("MODEL.ACT", "relu", r"MODEL\.ACT='relu'; expected one of quick_gelu, gelu"),
+    ("AMP.DTYPE", "fp8", r"AMP\.DTYPE='fp8'; expected one of bfloat16"),  # with AMP.ENABLED False too
+])
+def test_bad_values_are_named_by_their_key_even_when_the_feature_is_off(key, value, message):
+    assert load_config(CONFIGS[0], ["AMP.ENABLED", "False"]).AMP.ENABLED is False
+    with pytest.raises(ValueError, match=message):
+        load_config(CONFIGS[0], ["AMP.ENABLED", "False", key, value])
 
 
 def test_typo_in_a_yaml_file_names_the_key_and_file(tmp_path):

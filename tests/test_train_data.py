@@ -9,7 +9,7 @@ import torch
 from cvt_fast.training.data import (EpochSampler, ImageFolderDataset, build_test_transform, build_train_transform,
                                     build_train_loader, scan_image_folder)
 from cvt_fast.training.digits import MANIFEST, export_digits
-from test_train_utils import REPO, load_tiny_config, make_dataset, make_image_folder
+from test_train_utils import REPO, load_tiny_config, make_dataset, make_image_folder, one_thread  # noqa: F401
 
 
 def test_digits_export_is_a_stratified_idempotent_image_folder(tmp_path):
@@ -49,15 +49,15 @@ def test_image_folder_errors_name_the_problem(tmp_path):
         scan_image_folder(tmp_path / "ds")
 
 
-def test_unreadable_images_are_skipped_and_counted_or_raise(tmp_path):
+def test_unreadable_images_are_reported_by_their_own_item_or_raise(tmp_path):
     make_image_folder(tmp_path, classes=2, per_class=3)
     broken = tmp_path / "class_0" / "001.png"
     broken.write_bytes(b"not a png")
     ds = ImageFolderDataset(tmp_path, transform=None, skip_unreadable=True)
     index = [p for p, _ in ds.samples].index(str(broken))
-    img, target, skipped = ds[index]
-    assert skipped == 1 and img.size == (16, 16) and target == 0
-    assert ds[0][2] == 0
+    img, target, unreadable = ds[index]
+    assert unreadable == index and img.size == (16, 16) and target == 0  # the next file stands in
+    assert ds[0][2] == -1
     strict = ImageFolderDataset(tmp_path, transform=None, skip_unreadable=False)
     with pytest.raises(ValueError, match="unreadable image .*001.png"):
         strict[index]
@@ -123,3 +123,54 @@ def test_batch_larger_than_dataset_is_an_error(tmp_path):
     cfg = load_tiny_config(tmp_path / "data", tmp_path / "out", TRAIN__BATCH_SIZE_PER_GPU=16)
     with pytest.raises(ValueError, match="larger than the 6 training images"):
         build_train_loader(cfg)
+
+
+# Issue 11, fault 7. Reproduced: three unreadable files in a row were counted 6 times (the
+# stand-in attempts: 3 + 2 + 1), never named, and evaluation scored the neighbouring image
+# that stood in for each of them.
+
+def _break(folder, names):
+    for name in names:
+        (folder / name).write_bytes(b"\x89PNG broken")
+    return sorted(str(folder / n) for n in names)
+
+
+def test_training_counts_each_unreadable_file_once_and_names_it(tmp_path, caplog, one_thread):
+    import logging
+
+    from cvt_fast.training import distributed as dist_utils
+    from cvt_fast.training.loop import Trainer
+
+    data = make_dataset(tmp_path / "data")
+    broken = _break(data / "train" / "class_0", ["000.png", "001.png", "002.png"])  # adjacent in the order
+    cfg = load_tiny_config(data, tmp_path / "out", TRAIN__END_EPOCH=1, TRAIN__SHUFFLE=False)
+    trainer = Trainer(cfg, tmp_path / "out" / "run", dist_utils.DistInfo(0, 1, 0, torch.device("cpu")))
+    with caplog.at_level(logging.WARNING, logger="cvt_fast.train"):
+        record = trainer.fit()
+    assert record["skipped_images"] == 3
+    (line,) = [r.getMessage() for r in caplog.records if "unreadable training image" in r.getMessage()]
+    assert "3 unreadable training image(s) skipped" in line and all(path in line for path in broken)
+
+
+def test_evaluation_leaves_unreadable_images_out_and_names_them(tmp_path, caplog):
+    import logging
+    import shutil
+
+    from cvt_fast.model import build_model_from_config
+    from cvt_fast.training.data import build_val_loader
+    from cvt_fast.training.loop import evaluate
+
+    data = make_dataset(tmp_path / "data")
+    clean = tmp_path / "clean"
+    shutil.copytree(data, clean)
+    broken = _break(data / "val" / "class_1", ["001.png", "002.png"])
+    for name in ("001.png", "002.png"):
+        (clean / "val" / "class_1" / name).unlink()
+    model = build_model_from_config(load_tiny_config(data, tmp_path / "out"))
+    with caplog.at_level(logging.WARNING, logger="cvt_fast.train"):
+        with_broken = evaluate(model, build_val_loader(load_tiny_config(data, tmp_path / "out")), torch.device("cpu"))
+    without = evaluate(model, build_val_loader(load_tiny_config(clean, tmp_path / "out")), torch.device("cpu"))
+    assert with_broken["images"] == without["images"] == 10 and with_broken["unreadable"] == 2
+    for key in ("loss", "top1", "top5"):
+        assert with_broken[key] == pytest.approx(without[key], rel=1e-6)
+    assert "2 unreadable image(s) left out" in caplog.text and all(path in caplog.text for path in broken)

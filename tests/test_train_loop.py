@@ -43,7 +43,7 @@ def test_run_writes_metrics_plot_log_tensorboard_and_checkpoints(tiny_run):
     png = run / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     log = (run / "train.log").read_text()
-    assert "epoch 2: train loss" in log and "checkpoint" in log
+    assert "epoch 2/2: train loss" in log and "checkpoint" in log
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "config.yaml").exists() and (run / "model_best.pth").exists()
     assert (run / "final_state_ema.pth").exists()

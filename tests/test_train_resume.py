@@ -102,6 +102,6 @@ def test_train_checkpoint_names_the_file_to_resume_from(tmp_path):
     ckpt = list_checkpoints(tmp_path / "a/cvt-digits")[0]
     _train_in_process(tiny_overrides(data, tmp_path / "b", TRAIN__CHECKPOINT=ckpt))
     log = (tmp_path / "b/cvt-digits/train.log").read_text()
-    assert f"=> resumed from {ckpt}: epoch 1, step 0" in log
+    assert f"=> resumed from {ckpt} (end of epoch 1/2, global step 3)" in log
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "b/cvt-digits/metrics.jsonl").read_text().splitlines()]
     assert epochs == [1]

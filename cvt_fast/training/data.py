@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -134,8 +134,12 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[st
 class ImageFolderDataset(Dataset):
     """An ImageFolder that names unreadable files, and can step over them.
 
-    Items are (image, target, skipped) where `skipped` counts the unreadable files passed
-    over to produce this item (0 normally), so the training loop can report them.
+    Items are (image, target, unreadable) where `unreadable` is the item's own index when its
+    file could not be read (-1 otherwise). Such an item carries the next readable image and
+    its target in its place, so a batch keeps its size (and every DDP rank its step count);
+    training counts and names the unreadable files from these indices, evaluation leaves the
+    items out. Files tried only as stand-ins are not reported here: each is reported by its
+    own item.
     """
 
     def __init__(self, root: str | os.PathLike, transform: Optional[Callable] = None,
@@ -158,9 +162,7 @@ class ImageFolderDataset(Dataset):
             return img.convert("RGB")
 
     def __getitem__(self, index: int):
-        skipped = 0
-        # Step over unreadable files to the next readable one; the batch keeps its size
-        # (and so every rank its step count).
+        unreadable = -1
         for attempt in range(len(self.samples)):
             path, target = self.samples[(index + attempt) % len(self.samples)]
             try:
@@ -169,12 +171,20 @@ class ImageFolderDataset(Dataset):
                 if not self.skip_unreadable:
                     raise ValueError(f"unreadable image {path} ({type(err).__name__}); "
                                      "set DATASET.SKIP_UNREADABLE True to skip such files") from None
-                skipped += 1
+                if attempt == 0:
+                    unreadable = index
                 continue
             if self.transform is not None:
                 img = self.transform(img)
-            return img, target, skipped
+            return img, target, unreadable
         raise ValueError(f"no readable image in {self.root}")
+
+
+def name_files(dataset: Dataset, indices: Iterable[int], limit: int = 5) -> str:
+    """'a.png, b.png (+3 more)' for sample indices of an ImageFolderDataset."""
+    paths = sorted(dataset.samples[i][0] for i in indices)
+    more = f" (+{len(paths) - limit} more)" if len(paths) > limit else ""
+    return ", ".join(paths[:limit]) + more
 
 
 class EpochSampler(Sampler[int]):

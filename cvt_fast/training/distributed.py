@@ -2,18 +2,24 @@
 
 torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; we use NCCL
 with one GPU per process when CUDA is available, gloo on the CPU. Only rank 0 writes
-files; metrics are summed over ranks with all_reduce.
+files; metrics are summed over ranks with all_reduce. BatchNorm running statistics, which
+each rank updates from its own batches, are averaged over ranks wherever they are used
+(evaluation) or saved (`averaged_batch_norm`).
 """
 from __future__ import annotations
 
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @dataclass(frozen=True)
@@ -96,3 +102,39 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
         dist.broadcast_object_list(box, src=src)
         return box[0]
     return obj
+
+
+def batch_norm_statistics(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The running_mean and running_var buffers of every BatchNorm in `module`, by state-dict name."""
+    found = {}
+    for name, m in module.named_modules():
+        if isinstance(m, _BATCH_NORMS) and m.running_mean is not None and m.running_var is not None:
+            prefix = f"{name}." if name else ""
+            found[prefix + "running_mean"] = m.running_mean
+            found[prefix + "running_var"] = m.running_var
+    return found
+
+
+@contextmanager
+def averaged_batch_norm(module: nn.Module) -> Iterator[None]:
+    """Inside: the BatchNorm running statistics of `module` are their mean over all ranks (the
+    same on every rank, so evaluation and saved weights agree); after: each rank's own again,
+    so training continues exactly as if they had never been touched. Collective: every rank
+    must enter it. A no-op in a single process."""
+    stats = batch_norm_statistics(module)
+    if not stats or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        yield
+        return
+    own = [t.detach().clone() for t in stats.values()]
+    flat = torch.cat([t.detach().double().reshape(-1) for t in own])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    with torch.no_grad():
+        for t, mean in zip(stats.values(), flat.split([t.numel() for t in own])):
+            t.copy_(mean.view_as(t))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, mine in zip(stats.values(), own):
+                t.copy_(mine)

@@ -17,8 +17,26 @@ LOGGER_NAME = "cvt_fast.train"
 METRICS_FILE = "metrics.jsonl"
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """Writes through tqdm, which lifts an active progress bar off its line, prints the record on
+    a line of its own and draws the bar again below it (a plain stream handler would append the
+    record to the bar's unfinished line)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(run_dir: Optional[str | os.PathLike], is_main: bool, log_name: str = "train.log") -> logging.Logger:
-    """Rank 0 logs INFO to the console and to run_dir/log_name; other ranks warnings only."""
+    """Rank 0 logs INFO to the console and to run_dir/log_name; other ranks warnings only.
+    Raises OutputError naming the log file when it cannot be written."""
+    from .outputs import writing
+
     logger = logging.getLogger(LOGGER_NAME)
     for h in list(logger.handlers):
         logger.removeHandler(h)
@@ -26,12 +44,13 @@ def setup_logging(run_dir: Optional[str | os.PathLike], is_main: bool, log_name:
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     logger.propagate = False
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    console = logging.StreamHandler(sys.stderr)
+    console = ConsoleHandler(sys.stderr)
     console.setFormatter(fmt)
     logger.addHandler(console)
     if is_main and run_dir is not None:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(Path(run_dir) / log_name)
+        with writing(Path(run_dir) / log_name):
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(Path(run_dir) / log_name)
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     return logger
@@ -72,10 +91,25 @@ class MetricsWriter:
         os.replace(tmp, self.path)
 
     def append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Add one record, durably. A failed write (full disk) is undone, so the file never keeps
+        half a line that the next record would be glued to."""
+        data = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                written = 0
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+                os.fsync(fd)
+            except OSError:
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass  # read_metrics drops a cut line; the original error says what happened
+                raise
+        finally:
+            os.close(fd)
 
 
 class TensorBoard:
@@ -94,9 +128,21 @@ class TensorBoard:
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(k, v, step)
+            try:
+                for k, v in values.items():
+                    self.writer.add_scalar(k, v, step)
+            except OSError as err:
+                self._give_up(err)
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as err:
+                self._give_up(err)
+
+    def _give_up(self, err: OSError) -> None:
+        # TensorBoard only mirrors metrics.jsonl: a failed write there turns it off instead of
+        # stopping one rank alone (the next checkpoint or metrics write stops the run properly).
+        logging.getLogger(LOGGER_NAME).warning("TensorBoard logging off: %s", err)
+        self.writer = None

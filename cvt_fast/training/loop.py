@@ -2,41 +2,60 @@
 
 `train(cfg, run_dir)` runs the whole recipe in this process (one rank of a torchrun
 job, or alone). Each step: mixup/cutmix -> autocast forward -> loss -> non-finite
-check agreed by all ranks (before backward, so a bad step never reaches the weights)
--> backward (GradScaler for float16) -> optional clipping -> optimizer step -> lr
-schedule step (per iteration) -> EMA update -> step checkpoint every
-TRAIN.CHECKPOINT_EVERY_STEPS. Each epoch ends with evaluation on the val set, a
+check and stop request, agreed by all ranks in one all-reduce (before backward, so a bad
+step never reaches the weights) -> backward (GradScaler for float16) -> optional clipping
+-> optimizer step -> lr schedule step (per iteration) -> EMA update -> step checkpoint
+every TRAIN.CHECKPOINT_EVERY_STEPS, or a final one and TrainingStopped when a stop was
+requested (SIGTERM/SIGINT, see stop.py). Each epoch ends with evaluation on the val set, a
 metrics.jsonl record, TensorBoard scalars and an epoch checkpoint.
+
+What a run changes on disk, and when: nothing in OUTPUT_DIR/<name>/ (config.yaml,
+metrics.jsonl, model_best.pth, checkpoints) before the arguments are checked, the data
+and model are built and the starting state is loaded (`Trainer.restore`); a run whose
+checkpoints are all unreadable stops there with an error unless TRAIN.START_OVER is set.
+Under DDP, BatchNorm running statistics are averaged over ranks for evaluation and for
+everything saved, and the running sums of the epoch in progress are summed over ranks
+before they are saved, so logged metrics are those of the saved weights.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 
+from cvt_fast.checkpoint import atomic_write_bytes
+
 from . import distributed as dist_utils
-from .data import build_train_loader, build_val_loader, set_loader_epoch
+from .data import build_train_loader, build_val_loader, name_files, set_loader_epoch
 from .ema import ModelEma
 from .logs import LOGGER_NAME, METRICS_FILE, MetricsWriter, TensorBoard
 from .optim import build_criterion, build_mixup, build_optimizer, build_scheduler
-from .resume import (FORMAT, atomic_save, capture_rng, checkpoint_path, find_resume_checkpoint,
-                     prune_checkpoints, read_checkpoint, restore_rng)
+from .outputs import OutputError, writing
+from .resume import (CKPT_DIR, FORMAT, atomic_save, capture_rng, checkpoint_path, earlier_outputs, prune_checkpoints,
+                     read_checkpoint, remove_stale_temporaries, restore_rng, save_checkpoint, scan_checkpoints,
+                     set_aside)
+from .stop import StopRequest, TrainingStopped
 
 log = logging.getLogger(LOGGER_NAME)
 
 KEEP_CHECKPOINTS = 3
-# Fault-injection hook for the kill-and-resume test: seconds to sleep after each step.
+# Fault-injection hook for the kill-and-resume tests: seconds to sleep after each step.
 _STEP_DELAY_ENV = "CVT_FAST_TEST_STEP_DELAY"
 
 
 class NonFiniteLossError(ValueError):
     pass
+
+
+def _fresh_sums() -> dict[str, float]:
+    return {"loss": 0.0, "samples": 0.0, "seconds": 0.0, "skipped_steps": 0.0}
 
 
 @dataclass
@@ -46,9 +65,10 @@ class Position:
     step_in_epoch: int = 0
     global_step: int = 0
     best_top1: float = -1.0
-    # Running sums of the epoch in progress, so a mid-epoch resume reports the same numbers.
-    epoch_sums: dict = field(default_factory=lambda: {"loss": 0.0, "samples": 0.0, "seconds": 0.0,
-                                                      "skipped_images": 0.0, "skipped_steps": 0.0})
+    # Running sums of the epoch in progress (this rank's), so a mid-epoch resume reports
+    # the same numbers; and the training images of it found unreadable (dataset indices).
+    epoch_sums: dict = field(default_factory=_fresh_sums)
+    skipped_files: set = field(default_factory=set)
 
 
 def _amp_dtype(cfg: Any) -> Optional[torch.dtype]:
@@ -93,12 +113,20 @@ def _accuracy_counts(logits: torch.Tensor, target: torch.Tensor) -> tuple[float,
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
              channels_last: bool = False) -> dict[str, float]:
-    """Top-1/top-5 (percent) and mean cross-entropy over the whole val set, all ranks summed."""
+    """Top-1/top-5 (percent) and mean cross-entropy over the whole val set, all ranks summed.
+    Unreadable images (DATASET.SKIP_UNREADABLE) are left out of every number, and named."""
     was_training = model.training
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    loss_sum = top1 = top5 = count = skipped = 0.0
+    loss_sum = top1 = top5 = count = 0.0
+    unreadable: list[int] = []
     for x, y, bad in loader:
+        keep = bad < 0
+        if not bool(keep.all()):
+            unreadable += bad[~keep].tolist()
+            if not bool(keep.any()):
+                continue
+            x, y = x[keep], y[keep]
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -109,14 +137,17 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: Optional
         loss_sum += criterion(logits, y).item()
         c1, c5 = _accuracy_counts(logits, y)
         top1, top5, count = top1 + c1, top5 + c5, count + y.numel()
-        skipped += float(bad.sum())
-    loss_sum, top1, top5, count, skipped = dist_utils.all_reduce_sum([loss_sum, top1, top5, count, skipped], device)
+    loss_sum, top1, top5, count, n_bad = dist_utils.all_reduce_sum(
+        [loss_sum, top1, top5, count, float(len(unreadable))], device)
     model.train(was_training)
-    if skipped:
-        log.warning("evaluation: %d unreadable image(s) skipped (DATASET.SKIP_UNREADABLE)", int(skipped))
-    count = max(count, 1.0)
+    if n_bad:
+        everywhere = sorted({i for part in dist_utils.all_gather_object(unreadable) for i in part})
+        log.warning("evaluation: %d unreadable image(s) left out (DATASET.SKIP_UNREADABLE): %s", len(everywhere),
+                    name_files(loader.dataset, everywhere))
+    if not count:
+        raise ValueError(f"no readable validation image in {loader.dataset.root}")
     return {"loss": loss_sum / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count,
-            "images": count}
+            "images": count, "unreadable": n_bad}
 
 
 def _build_model(cfg: Any) -> nn.Module:
@@ -151,14 +182,15 @@ def check_supported(cfg: Any) -> None:
 
 
 class Trainer:
-    """Holds the pieces of one training run; `fit()` runs it."""
+    """Holds the pieces of one training run; `restore()` then `fit()` runs it."""
 
     def __init__(self, cfg: Any, run_dir: str | os.PathLike, info: dist_utils.DistInfo,
-                 model_factory: Optional[Callable[[Any], nn.Module]] = None):
+                 model_factory: Optional[Callable[[Any], nn.Module]] = None, stop: Optional[StopRequest] = None):
         self.cfg, self.info = cfg, info
         self.run_dir = Path(run_dir)
         if info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with writing(self.run_dir):
+                self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = info.device
         self.amp_dtype = _amp_dtype(cfg)
         # AMP.MEMORY_FORMAT 'nhwc' is the official spelling of channels-last.
@@ -203,6 +235,8 @@ class Trainer:
         if info.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
+            # broadcast_buffers (the default): every forward starts from rank 0's BatchNorm
+            # statistics; each rank then updates its copy from its own batch.
             self.train_model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                    find_unused_parameters=bool(cfg.DDP_FIND_UNUSED_PARAMETERS))
         self.eval_model: nn.Module = model
@@ -213,9 +247,51 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir) if info.is_main else None
         self.tb: Optional[TensorBoard] = None
         self.step_delay = float(os.environ.get(_STEP_DELAY_ENV, "0") or 0)
+        self.stop = stop or StopRequest()
+        self.resumed: Optional[bool] = None  # set by restore()
+        self.resumed_from: Optional[Path] = None
+        self.last_checkpoint: Optional[Path] = None  # newest checkpoint written or resumed from
+        self.readable_checkpoints: set[Path] = set()  # files known to read and verify (rank 0)
+
+    # ---- BatchNorm statistics across ranks ------------------------------------------
+    @contextlib.contextmanager
+    def averaged_statistics(self) -> Iterator[None]:
+        """BatchNorm running statistics of the model (and EMA) averaged over ranks inside;
+        each rank's own again after (collective)."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(dist_utils.averaged_batch_norm(self.model))
+            if self.ema is not None:
+                stack.enter_context(dist_utils.averaged_batch_norm(self.ema.module))
+            yield
+
+    def _own_statistics(self) -> dict[str, dict[str, torch.Tensor]]:
+        modules = {"model": self.model, **({"ema": self.ema.module} if self.ema is not None else {})}
+        return {name: {k: t.detach().to("cpu", copy=True) for k, t in dist_utils.batch_norm_statistics(m).items()}
+                for name, m in modules.items()}
+
+    def _load_own_statistics(self, saved: dict[str, dict[str, torch.Tensor]]) -> None:
+        modules = {"model": self.model, **({"ema": self.ema.module} if self.ema is not None else {})}
+        with torch.no_grad():
+            for name, module in modules.items():
+                mine = dist_utils.batch_norm_statistics(module)
+                for key, value in saved.get(name, {}).items():
+                    if key in mine:
+                        mine[key].copy_(value)
 
     # ---- checkpoints -------------------------------------------------------------
-    def state_dict(self, rng_states: list) -> dict[str, Any]:
+    def _global_epoch_sums(self) -> tuple[dict[str, float], list[int]]:
+        """The running sums of the epoch in progress over all ranks (collective); time is rank
+        0's own (it reports images/s)."""
+        sums = self.pos.epoch_sums
+        keys = ("loss", "samples", "skipped_steps")
+        totals = dict(zip(keys, dist_utils.all_reduce_sum([sums[k] for k in keys], self.device)))
+        totals["seconds"] = sums["seconds"]
+        files = sorted({i for part in dist_utils.all_gather_object(sorted(self.pos.skipped_files)) for i in part})
+        return totals, files
+
+    def state_dict(self, rng_states: list, epoch_sums: dict[str, float], skipped_files: list[int],
+                   rank_statistics: Optional[list] = None) -> dict[str, Any]:
+        pos = self.pos
         return {
             "format": FORMAT,
             "model": self.model.state_dict(),
@@ -227,43 +303,117 @@ class Trainer:
             "world_size": self.info.world_size,
             "steps_per_epoch": self.steps_per_epoch,
             "config": self.cfg.dump(),
-            **{k: v for k, v in asdict(self.pos).items()},
+            "epoch": pos.epoch,
+            "step_in_epoch": pos.step_in_epoch,
+            "global_step": pos.global_step,
+            "best_top1": pos.best_top1,
+            "epoch_sums": epoch_sums,  # over all ranks
+            "skipped_files": skipped_files,  # over all ranks
+            # Each rank's own BatchNorm statistics ("model" and "ema" hold their average), so a
+            # resumed DDP run continues exactly where each rank was.
+            "rank_statistics": rank_statistics,
         }
 
-    def save_checkpoint(self) -> None:
-        # Every rank contributes its RNG state (collective), rank 0 writes.
-        rng_states = dist_utils.all_gather_object(capture_rng())
-        if self.info.is_main:
-            path = checkpoint_path(self.run_dir, self.pos.global_step)
-            atomic_save(self.state_dict(rng_states), path)
-            prune_checkpoints(self.run_dir, KEEP_CHECKPOINTS)
-            log.info("=> checkpoint %s (epoch %d, step %d of %d)", path, self.pos.epoch,
-                     self.pos.step_in_epoch, self.steps_per_epoch)
+    def _agreed_error(self, error: Optional[str]) -> None:
+        """Raise rank 0's OutputError on every rank, so no rank waits for a failed one."""
+        error = dist_utils.broadcast_object(error)
+        if error:
+            raise OutputError(error)
 
-    def try_resume(self) -> bool:
-        found, error = None, None
-        if self.info.is_main:
-            found = find_resume_checkpoint(self.run_dir)
-            explicit = str(self.cfg.TRAIN.CHECKPOINT)
-            # TRAIN.CHECKPOINT is where a run with no checkpoint of its own starts; once it has
-            # its own, those are newer, so a restarted run never goes back to the named file.
-            if found is None and explicit:
+    def save_checkpoint(self) -> Path:
+        # Every rank contributes (collectives), rank 0 writes.
+        rng_states = dist_utils.all_gather_object(capture_rng())
+        sums, files = self._global_epoch_sums()
+        statistics = dist_utils.all_gather_object(self._own_statistics()) if self.info.distributed else None
+        path = checkpoint_path(self.run_dir, self.pos.global_step)
+        error = None
+        with self.averaged_statistics():
+            if self.info.is_main:
                 try:
-                    if not os.path.isfile(explicit):
-                        raise ValueError(f"TRAIN.CHECKPOINT {explicit} does not exist")
-                    found = (Path(explicit), read_checkpoint(explicit))
-                except ValueError as err:
+                    with writing(path):
+                        save_checkpoint(self.state_dict(rng_states, sums, files, statistics), path)
+                except OutputError as err:
                     error = str(err)
+        self._agreed_error(error)
+        self.last_checkpoint = path
+        if self.info.is_main:
+            self.readable_checkpoints.add(path)
+            log.info("=> checkpoint %s (%s)", path, self._where())
+            for old in prune_checkpoints(self.run_dir, KEEP_CHECKPOINTS, path, self.readable_checkpoints,
+                                         protect=self.resumed_from):
+                self.readable_checkpoints.discard(old)
+        return path
+
+    def _choose_start(self) -> Optional[tuple[Path, dict[str, Any]]]:
+        """Rank 0: the checkpoint to resume from (read and verified), or None to start from the
+        beginning. Reads only; ValueError when the run's checkpoints are all unreadable."""
+        cfg = self.cfg
+        explicit = str(cfg.TRAIN.CHECKPOINT)
+        found, skipped = None, []
+        if cfg.TRAIN.AUTO_RESUME or explicit:
+            found, skipped = scan_checkpoints(self.run_dir)
+        if found is not None:
+            return found
+        # TRAIN.CHECKPOINT is where a run with no checkpoint of its own starts; once it has
+        # its own, those are newer, so a restarted run never goes back to the named file.
+        if explicit:
+            if not os.path.isfile(explicit):
+                raise ValueError(f"TRAIN.CHECKPOINT {explicit} does not exist")
+            return Path(explicit), read_checkpoint(explicit)
+        if skipped and not cfg.TRAIN.START_OVER:
+            raise ValueError(
+                f"none of the {len(skipped)} checkpoint(s) in {self.run_dir / CKPT_DIR} can be read (newest: "
+                f"{skipped[0]}); nothing was changed. Set TRAIN.START_OVER True to start from the beginning (the "
+                f"unreadable files and the run's metrics and weights are moved to {self.run_dir}/previous-<time>/), "
+                "or TRAIN.CHECKPOINT to a good copy")
+        return None
+
+    def restore(self) -> bool:
+        """Load the starting state: the newest readable checkpoint of the run (or TRAIN.CHECKPOINT),
+        else the beginning. Only once that worked does rank 0 touch the run folder: remove
+        temporaries of killed writes, move an earlier run's outputs aside when starting from the
+        beginning, write config.yaml, cut metrics.jsonl back to the resumed epoch. Returns
+        whether it resumed; repeated calls return the first answer."""
+        if self.resumed is not None:
+            return self.resumed
+        choice, error = None, None
+        if self.info.is_main:
+            try:
+                choice = self._choose_start()
+            except ValueError as err:
+                error = str(err)
         # Every rank learns rank 0's choice (or its error), so none waits forever.
-        path, error = dist_utils.broadcast_object((str(found[0]) if found else None, error))
+        path, error = dist_utils.broadcast_object((str(choice[0]) if choice else None, error))
         if error:
             raise ValueError(error)
-        if path is None:
-            return False
-        state = found[1] if found else read_checkpoint(path)  # other ranks read the file rank 0 chose
-        if int(state["world_size"]) != self.info.world_size or int(state["steps_per_epoch"]) != self.steps_per_epoch:
+        if path is not None:
+            state = choice[1] if choice else read_checkpoint(path)  # other ranks read the file rank 0 chose
+            self._load_state(state, Path(path))
+        else:
+            self._start_position()
+        error = None
+        if self.info.is_main:
+            try:
+                self._prepare_run_folder(resumed=path is not None)
+            except OutputError as err:
+                error = str(err)
+        self._agreed_error(error)
+        self.resumed = path is not None
+        return self.resumed
+
+    def _start_position(self) -> None:
+        self.pos.epoch = int(self.cfg.TRAIN.BEGIN_EPOCH)
+        if self.pos.epoch:
+            # Start the per-iteration schedule where BEGIN_EPOCH puts it.
+            self.scheduler.last_epoch = self.pos.epoch * self.steps_per_epoch - 1
+            self.scheduler.step()
+            self.pos.global_step = self.pos.epoch * self.steps_per_epoch
+
+    def _load_state(self, state: dict[str, Any], path: Path) -> None:
+        info = self.info
+        if int(state["world_size"]) != info.world_size or int(state["steps_per_epoch"]) != self.steps_per_epoch:
             log.warning("resuming with %d process(es), %d steps per epoch, from a checkpoint of %d, %d: the "
-                        "data order changes", self.info.world_size, self.steps_per_epoch,
+                        "data order changes", info.world_size, self.steps_per_epoch,
                         state["world_size"], state["steps_per_epoch"])
         load_model_state(self.model, state["model"], f"checkpoint {path}")
         self.optimizer.load_state_dict(state["optimizer"])
@@ -274,32 +424,83 @@ class Trainer:
                 self.ema.module.load_state_dict(state["ema"])
             else:
                 self.ema = ModelEma(self.model, float(self.cfg.TRAIN.EMA.DECAY))
+        statistics = state.get("rank_statistics")
+        if statistics and len(statistics) == info.world_size:
+            self._load_own_statistics(statistics[info.rank])
+        # The saved sums are over all ranks: rank 0 carries them on, the others add from zero,
+        # so the end-of-epoch all-reduce gives the uninterrupted run's totals.
+        saved = dict(state.get("epoch_sums") or {})
+        sums = _fresh_sums()
+        if info.is_main:
+            sums.update({k: float(saved[k]) for k in sums if k in saved})
+        else:
+            sums["seconds"] = float(saved.get("seconds", 0.0))
         self.pos = Position(epoch=int(state["epoch"]), step_in_epoch=int(state["step_in_epoch"]),
                             global_step=int(state["global_step"]), best_top1=float(state["best_top1"]),
-                            epoch_sums=dict(state["epoch_sums"]))
+                            epoch_sums=sums,
+                            skipped_files=set(state.get("skipped_files") or ()) if info.is_main else set())
         if self.pos.step_in_epoch >= self.steps_per_epoch:
             self.pos.step_in_epoch = self.steps_per_epoch
         rngs = state.get("rng") or []
-        if len(rngs) == self.info.world_size:
-            restore_rng(rngs[self.info.rank])
+        if len(rngs) == info.world_size:
+            restore_rng(rngs[info.rank])
         else:
-            dist_utils.seed_everything(int(self.cfg.SEED) + self.pos.global_step, self.info.rank)
-        log.info("=> resumed from %s: epoch %d, step %d, global step %d", path, self.pos.epoch,
-                 self.pos.step_in_epoch, self.pos.global_step)
-        return True
+            dist_utils.seed_everything(int(self.cfg.SEED) + self.pos.global_step, info.rank)
+        self.resumed_from = self.last_checkpoint = path
+        self.readable_checkpoints.add(path)
+        log.info("=> resumed from %s (%s)", path, self._where())
+
+    def _prepare_run_folder(self, resumed: bool) -> None:
+        run_dir = self.run_dir
+        with writing(run_dir):
+            for stale in remove_stale_temporaries(run_dir):
+                log.info("=> removed %s (left by a write that was killed)", stale)
+            earlier = [] if resumed else earlier_outputs(run_dir)
+            if earlier:
+                folder = set_aside(run_dir, earlier)
+                log.warning("=> starting from the beginning: the %d file(s) of the earlier run here were moved to %s",
+                            len(earlier), folder)
+        with writing(run_dir / "config.yaml"):
+            atomic_write_bytes(self.cfg.dump().encode(), run_dir / "config.yaml")
+        if self.metrics is not None:
+            with writing(self.metrics.path):
+                self.metrics.truncate_before(self.pos.epoch)
+        with writing(run_dir / "tensorboard"):
+            self.tb = TensorBoard(run_dir, purge_step=self.pos.global_step + 1 if resumed else None)
+
+    # ---- stopping ----------------------------------------------------------------
+    def _agree(self, loss: torch.Tensor) -> tuple[bool, bool]:
+        """(some rank's loss is not finite, some rank was asked to stop): one all-reduce."""
+        bad, stop = dist_utils.all_reduce_sum(
+            [0.0 if bool(torch.isfinite(loss).item()) else 1.0, 1.0 if self.stop.requested else 0.0], self.device)
+        return bad > 0, stop > 0
+
+    def _where(self) -> str:
+        """'epoch 2/6, step 3 of 8 done' or 'end of epoch 2/6' (epochs counted from 1, as the bar does)."""
+        pos, end = self.pos, int(self.cfg.TRAIN.END_EPOCH)
+        if pos.step_in_epoch == 0 and pos.epoch > 0:
+            return f"end of epoch {pos.epoch}/{end}, global step {pos.global_step}"
+        return (f"epoch {pos.epoch + 1}/{end}, step {pos.step_in_epoch} of {self.steps_per_epoch} done, "
+                f"global step {pos.global_step}")
+
+    def _stopped(self) -> TrainingStopped:
+        why = f"{self.stop.signal_name} received" if self.stop.requested else "stop requested on another rank"
+        return TrainingStopped(f"{why}: checkpoint {self.last_checkpoint} written ({self._where()}); run the same "
+                               "command again to continue from there", is_main=self.info.is_main)
 
     # ---- one epoch ---------------------------------------------------------------
-    def _nonfinite(self, loss: torch.Tensor, where: str) -> bool:
-        bad = dist_utils.any_rank(not bool(torch.isfinite(loss).item()), self.device)
-        if bad and not self.cfg.TRAIN.SKIP_NONFINITE_LOSS:
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at {where}; the weights were not updated by this step "
-                "(last good state: the newest checkpoint). Lower TRAIN.LR, set TRAIN.CLIP_GRAD_NORM, "
-                "or set TRAIN.SKIP_NONFINITE_LOSS True to skip such steps")
-        return bad
+    def _nonfinite_error(self, loss: torch.Tensor, where: str) -> NonFiniteLossError:
+        last = (f"the newest checkpoint, {self.last_checkpoint}" if self.last_checkpoint is not None else
+                "no checkpoint has been written yet, a rerun starts from the beginning")
+        return NonFiniteLossError(
+            f"non-finite loss ({loss.item()}) at {where}; the weights were not updated by this step "
+            f"(last good state: {last}). Lower TRAIN.LR, set TRAIN.CLIP_GRAD_NORM, "
+            "or set TRAIN.SKIP_NONFINITE_LOSS True to skip such steps")
 
-    def train_epoch(self, end_epoch: int, max_steps: int) -> bool:
-        """Train the rest of epoch self.pos.epoch; True when TRAIN.MAX_STEPS stopped it."""
+    def train_epoch(self, end_epoch: int, max_steps: int) -> tuple[bool, bool]:
+        """Train the rest of epoch self.pos.epoch; returns (TRAIN.MAX_STEPS stopped it, a stop
+        request came on its last step). A stop request earlier in the epoch writes a checkpoint
+        and raises TrainingStopped."""
         from tqdm import tqdm
 
         cfg, pos = self.cfg, self.pos
@@ -318,12 +519,12 @@ class Trainer:
         start = time.perf_counter()
         # The context closes the bar on errors too, so a message is not glued to it.
         with bar:
-            hit_limit = False
+            hit_limit = stop = False
             t0 = time.perf_counter()  # step time includes waiting for the data
-            for x, y, skipped in self.train_loader:
+            for x, y, unreadable in self.train_loader:
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
-                sums["skipped_images"] += float(skipped.sum())
+                pos.skipped_files.update(unreadable[unreadable >= 0].tolist())
                 if self.mixup is not None:
                     x, y = self.mixup(x, y)
                 if self.channels_last:
@@ -334,21 +535,23 @@ class Trainer:
                                     enabled=self.amp_dtype is not None):
                     logits = self.train_model(x)
                 loss = self.criterion(logits.float(), y)
-                where = f"epoch {pos.epoch} step {pos.step_in_epoch} (global step {pos.global_step})"
+                where = f"epoch {pos.epoch + 1} step {pos.step_in_epoch + 1} (global step {pos.global_step})"
                 self.optimizer.zero_grad(set_to_none=True)
-                try:
-                    skip = self._nonfinite(loss, where)
-                except NonFiniteLossError:
+                skip, stop = self._agree(loss)
+                if skip and not cfg.TRAIN.SKIP_NONFINITE_LOSS:
                     if buffers:
                         torch._foreach_copy_(buffers, backup)
-                    raise
+                    raise self._nonfinite_error(loss, where)
                 if not skip:
                     self.scaler.scale(loss).backward()
                     if clip > 0.0:
                         self.scaler.unscale_(self.optimizer)
                         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
                         # (with float16 the GradScaler itself skips steps whose gradients overflow)
-                        if not self.scaler.is_enabled() and self._nonfinite(norm, f"{where} (gradient norm)"):
+                        if not self.scaler.is_enabled() and dist_utils.any_rank(
+                                not bool(torch.isfinite(norm).item()), self.device):
+                            if not cfg.TRAIN.SKIP_NONFINITE_LOSS:
+                                raise self._nonfinite_error(norm, f"{where} (gradient norm)")
                             skip = True
                             self.optimizer.zero_grad(set_to_none=True)
                     if not skip:
@@ -378,125 +581,152 @@ class Trainer:
                 if self.tb is not None:
                     self.tb.scalars({"train/loss": loss_value, "train/lr": lr}, pos.global_step)
                 if self.info.is_main and int(cfg.PRINT_FREQ) > 0 and pos.step_in_epoch % int(cfg.PRINT_FREQ) == 0:
-                    bar.clear()
-                    log.info("epoch %d step %d/%d loss %.4f lr %.3e", pos.epoch + 1, pos.step_in_epoch,
+                    log.info("epoch %d/%d step %d/%d loss %.4f lr %.3e", pos.epoch + 1, end_epoch, pos.step_in_epoch,
                              self.steps_per_epoch, loss_value, lr)
                 hit_limit = 0 < max_steps <= pos.global_step
                 sums["seconds"] += time.perf_counter() - start
                 start = time.perf_counter()
                 if hit_limit:
                     break
-                if every > 0 and pos.global_step % every == 0 and pos.step_in_epoch < self.steps_per_epoch:
+                mid_epoch = pos.step_in_epoch < self.steps_per_epoch
+                if stop and mid_epoch:
+                    self.save_checkpoint()
+                    raise self._stopped()
+                if every > 0 and pos.global_step % every == 0 and mid_epoch:
                     self.save_checkpoint()
                     start = t0 = time.perf_counter()  # checkpoint time is not training time
-        return hit_limit
+        return hit_limit, stop
 
     # ---- the run -----------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg, info = self.cfg, self.info
-        resumed = bool(cfg.TRAIN.AUTO_RESUME or cfg.TRAIN.CHECKPOINT) and self.try_resume()
-        if not resumed:
-            self.pos.epoch = int(cfg.TRAIN.BEGIN_EPOCH)
-            if self.pos.epoch:
-                # Start the per-iteration schedule where BEGIN_EPOCH puts it.
-                self.scheduler.last_epoch = self.pos.epoch * self.steps_per_epoch - 1
-                self.scheduler.step()
-                self.pos.global_step = self.pos.epoch * self.steps_per_epoch
+        resumed = self.restore()
         end_epoch = int(cfg.TRAIN.END_EPOCH)
         max_steps = int(cfg.TRAIN.MAX_STEPS)
         if info.is_main:
-            if self.metrics is not None:
-                self.metrics.truncate_before(self.pos.epoch)
-            self.tb = TensorBoard(self.run_dir, purge_step=self.pos.global_step + 1 if resumed else None)
             n_params = sum(p.numel() for p in self.model.parameters())
             log.info("=> %d train / %d val images, %d classes, %d steps per epoch x %d process(es), %.2fM params, "
-                     "device %s", len(self.train_loader.dataset), len(self.val_loader.dataset),
+                     "device %s%s", len(self.train_loader.dataset), len(self.val_loader.dataset),
                      len(self.train_loader.dataset.classes), self.steps_per_epoch, info.world_size,
-                     n_params / 1e6, self.device)
+                     n_params / 1e6, self.device, "" if resumed else ", from the beginning")
         last: dict[str, Any] = {}
         stopped = 0 < max_steps <= self.pos.global_step
         while self.pos.epoch < end_epoch and not stopped:
             with torch.autograd.set_detect_anomaly(bool(cfg.TRAIN.DETECT_ANOMALY)):
-                stopped = self.train_epoch(end_epoch, max_steps)
+                stopped, stop_requested = self.train_epoch(end_epoch, max_steps)
             last = self.end_epoch(partial=self.pos.step_in_epoch < self.steps_per_epoch)
+            # A stop request on an epoch's last step (or during its evaluation): its checkpoint
+            # has just been written.
+            if (stop_requested or dist_utils.any_rank(self.stop.requested, self.device)) and self.pos.epoch < end_epoch:
+                raise self._stopped()
         dist_utils.barrier()
-        if info.is_main:
-            atomic_save(self.model.state_dict(), self.run_dir / "final_state.pth")
-            if self.ema is not None:
-                atomic_save(self.ema.module.state_dict(), self.run_dir / "final_state_ema.pth")
-            if self.tb is not None:
-                self.tb.close()
-            from .plots import plot_metrics
-
-            if (self.run_dir / METRICS_FILE).exists():
-                plot_metrics(self.run_dir / METRICS_FILE, self.run_dir / "curves.png", title=self.run_dir.name)
+        error = None
+        with self.averaged_statistics():
+            if info.is_main:
+                try:
+                    self._write_final_outputs()
+                except OutputError as err:
+                    error = str(err)
+        self._agreed_error(error)
         return last
+
+    def _write_final_outputs(self) -> None:
+        for path, module in ((self.run_dir / "final_state.pth", self.model),
+                             (self.run_dir / "final_state_ema.pth", self.ema.module if self.ema else None)):
+            if module is not None:
+                with writing(path):
+                    atomic_save(module.state_dict(), path)
+        if self.tb is not None:
+            self.tb.close()
+        from .plots import plot_metrics
+
+        if (self.run_dir / METRICS_FILE).exists():
+            with writing(self.run_dir / "curves.png"):
+                plot_metrics(self.run_dir / METRICS_FILE, self.run_dir / "curves.png", title=self.run_dir.name)
 
     def end_epoch(self, partial: bool = False) -> dict[str, Any]:
         """Evaluate, record and checkpoint. `partial` (TRAIN.MAX_STEPS stopped mid-epoch): the
         checkpoint stays mid-epoch so a longer run continues it, and redoes this record."""
         cfg, pos = self.cfg, self.pos
-        last_epoch = pos.epoch + 1 >= int(cfg.TRAIN.END_EPOCH) or partial
-        if pos.epoch < int(cfg.TRAIN.EVAL_BEGIN_EPOCH) and not last_epoch:
-            result = {"loss": None, "top1": None, "top5": None}  # official: no evaluation before then
-        else:
-            result = evaluate(self.eval_model, self.val_loader, self.device, self.amp_dtype, self.channels_last)
-        ema_result = None
-        if self.ema is not None and result["top1"] is not None:
-            ema_result = evaluate(self.ema.module, self.val_loader, self.device, self.amp_dtype, self.channels_last)
-        sums = pos.epoch_sums
-        loss_sum, samples, skipped_images, skipped_steps = dist_utils.all_reduce_sum(
-            [sums["loss"], sums["samples"], sums["skipped_images"], sums["skipped_steps"]], self.device)
-        seconds = sums["seconds"]
-        steps_done = pos.step_in_epoch
-        images = steps_done * int(cfg.TRAIN.BATCH_SIZE_PER_GPU) * self.info.world_size
-        record = {
-            "epoch": pos.epoch,
-            "global_step": pos.global_step,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum / samples if samples else float("nan"),
-            "val_loss": result["loss"],
-            "val_top1": result["top1"],
-            "val_top5": result["top5"],
-            "images_per_s": images / seconds if seconds > 0 else 0.0,
-            "epoch_seconds": seconds,
-        }
-        if ema_result is not None:
-            record.update(val_loss_ema=ema_result["loss"], val_top1_ema=ema_result["top1"],
-                          val_top5_ema=ema_result["top5"])
-        if skipped_images:
-            record["skipped_images"] = int(skipped_images)
-            log.warning("epoch %d: %d unreadable training image(s) skipped (DATASET.SKIP_UNREADABLE)",
-                        pos.epoch + 1, int(skipped_images))
-        if skipped_steps:
-            record["skipped_steps"] = int(skipped_steps)
-        evaluated = result["top1"] is not None
-        is_best = evaluated and result["top1"] > pos.best_top1
-        if is_best:
-            pos.best_top1 = result["top1"]
-        if self.info.is_main:
-            val = (f"val loss {result['loss']:.4f} top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}%"
-                   if evaluated else f"not evaluated (TRAIN.EVAL_BEGIN_EPOCH {cfg.TRAIN.EVAL_BEGIN_EPOCH})")
-            ema_text = f" | EMA top-1 {ema_result['top1']:.2f}%" if ema_result else ""
-            log.info("=> epoch %d: train loss %.4f | %s | %.0f img/s%s", pos.epoch + 1, record["train_loss"], val,
-                     record["images_per_s"], ema_text)
-            self.metrics.append(record)
-            if self.tb is not None:
-                scalars = {"train/epoch_loss": record["train_loss"], "train/images_per_s": record["images_per_s"]}
-                if evaluated:
-                    scalars.update({"val/loss": result["loss"], "val/top1": result["top1"], "val/top5": result["top5"]})
-                self.tb.scalars(scalars, pos.epoch + 1)
+        end = int(cfg.TRAIN.END_EPOCH)
+        last_epoch = pos.epoch + 1 >= end or partial
+        sums, skipped_files = self._global_epoch_sums()
+        with self.averaged_statistics():
+            if pos.epoch < int(cfg.TRAIN.EVAL_BEGIN_EPOCH) and not last_epoch:
+                result = {"loss": None, "top1": None, "top5": None}  # official: no evaluation before then
+            else:
+                result = evaluate(self.eval_model, self.val_loader, self.device, self.amp_dtype, self.channels_last)
+            ema_result = None
+            if self.ema is not None and result["top1"] is not None:
+                ema_result = evaluate(self.ema.module, self.val_loader, self.device, self.amp_dtype,
+                                      self.channels_last)
+            seconds = sums["seconds"]
+            images = pos.step_in_epoch * int(cfg.TRAIN.BATCH_SIZE_PER_GPU) * self.info.world_size
+            record = {
+                "epoch": pos.epoch,
+                "global_step": pos.global_step,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "train_loss": sums["loss"] / sums["samples"] if sums["samples"] else float("nan"),
+                "val_loss": result["loss"],
+                "val_top1": result["top1"],
+                "val_top5": result["top5"],
+                "images_per_s": images / seconds if seconds > 0 else 0.0,
+                "epoch_seconds": seconds,
+            }
+            if ema_result is not None:
+                record.update(val_loss_ema=ema_result["loss"], val_top1_ema=ema_result["top1"],
+                              val_top5_ema=ema_result["top5"])
+            if skipped_files:
+                record["skipped_images"] = len(skipped_files)
+                if self.info.is_main:
+                    log.warning("epoch %d/%d: %d unreadable training image(s) skipped (DATASET.SKIP_UNREADABLE), "
+                                "others stood in for them: %s", pos.epoch + 1, end, len(skipped_files),
+                                name_files(self.train_loader.dataset, skipped_files))
+            if sums["skipped_steps"]:
+                record["skipped_steps"] = int(sums["skipped_steps"])
+            evaluated = result["top1"] is not None
+            is_best = evaluated and result["top1"] > pos.best_top1
             if is_best:
-                atomic_save(self.model.state_dict(), self.run_dir / "model_best.pth")
-            if cfg.TRAIN.SAVE_ALL_MODELS and not partial:
-                atomic_save(self.model.state_dict(), self.run_dir / f"model_{pos.epoch}.pth")
+                pos.best_top1 = result["top1"]
+            error = None
+            if self.info.is_main:
+                try:
+                    self._write_epoch_outputs(record, result, ema_result, is_best, partial)
+                except OutputError as err:
+                    error = str(err)
+        self._agreed_error(error)
         if not partial:
             # The epoch is done: the checkpoint points at the start of the next one.
             pos.epoch += 1
             pos.step_in_epoch = 0
-            pos.epoch_sums = Position().epoch_sums
+            pos.epoch_sums = _fresh_sums()
+            pos.skipped_files = set()
         self.save_checkpoint()
         return record
+
+    def _write_epoch_outputs(self, record: dict[str, Any], result: dict[str, Any], ema_result: Optional[dict],
+                             is_best: bool, partial: bool) -> None:
+        """Rank 0, BatchNorm statistics averaged: log line, metrics record, TensorBoard, weights."""
+        cfg, pos = self.cfg, self.pos
+        evaluated = result["top1"] is not None
+        val = (f"val loss {result['loss']:.4f} top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}%"
+               if evaluated else f"not evaluated (TRAIN.EVAL_BEGIN_EPOCH {cfg.TRAIN.EVAL_BEGIN_EPOCH})")
+        ema_text = f" | EMA top-1 {ema_result['top1']:.2f}%" if ema_result else ""
+        log.info("=> epoch %d/%d: train loss %.4f | %s | %.0f img/s%s", pos.epoch + 1, int(cfg.TRAIN.END_EPOCH),
+                 record["train_loss"], val, record["images_per_s"], ema_text)
+        with writing(self.metrics.path):
+            self.metrics.append(record)
+        if self.tb is not None:
+            scalars = {"train/epoch_loss": record["train_loss"], "train/images_per_s": record["images_per_s"]}
+            if evaluated:
+                scalars.update({"val/loss": result["loss"], "val/top1": result["top1"], "val/top5": result["top5"]})
+            self.tb.scalars(scalars, pos.epoch + 1)
+        if is_best:
+            with writing(self.run_dir / "model_best.pth"):
+                atomic_save(self.model.state_dict(), self.run_dir / "model_best.pth")
+        if cfg.TRAIN.SAVE_ALL_MODELS and not partial:
+            with writing(self.run_dir / f"model_{pos.epoch}.pth"):
+                atomic_save(self.model.state_dict(), self.run_dir / f"model_{pos.epoch}.pth")
 
 
 def train(cfg: Any, run_dir: str | os.PathLike, info: Optional[dist_utils.DistInfo] = None,

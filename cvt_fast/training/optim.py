@@ -3,21 +3,24 @@
 - Weight decay is off for the parameters named by TRAIN.WITHOUT_WD_LIST ('bn': BatchNorm
   weight/bias, 'ln': LayerNorm weight/bias, 'gn': GroupNorm, 'dw': depthwise conv
   weights, 'bias': every other `.bias`) and for model.no_weight_decay() (cls tokens).
-- The schedule is timm's cosine with linear warm-up, evaluated in fractional epochs at
-  every iteration (smooth, and exact when resuming mid-epoch): warm-up from warmup_lr
-  to LR over warmup_epochs, cosine from LR down to min_lr reaching it at
-  END_EPOCH - cooldown_epochs, then min_lr for the cool-down epochs.
-- Loss: SoftTargetCrossEntropy when mixup/cutmix is on (the soft targets already carry
-  the label smoothing), label-smoothing cross-entropy otherwise.
+- The schedule is timm's CosineLRScheduler, set up as the official code sets it up
+  (timm's create_scheduler with epochs = TRAIN.END_EPOCH): linear warm-up from warmup_lr
+  over warmup_epochs, then cosine from LR towards min_lr, reached at END_EPOCH. As in the
+  official code, cooldown_epochs does not shorten the cosine (timm only adds it to the epoch
+  count it returns, which the official trainer ignores). One difference, on purpose: the
+  official trainer steps the schedule once per epoch; here the same curve is evaluated at
+  fractional epochs every iteration (equal at every epoch boundary, smooth in between).
+- Loss: timm's SoftTargetCrossEntropy when mixup/cutmix is on (the soft targets already
+  carry the label smoothing), timm's LabelSmoothingCrossEntropy otherwise; both compute
+  what the official code's own classes compute.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 _NORM_TYPES = {
     "bn": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
@@ -83,15 +86,28 @@ def _sched_arg(args: Mapping, key: str, default: Any) -> Any:
     return args[key] if key in args else default
 
 
-def cosine_lr_at(epoch: float, base_lr: float, total_epochs: float, warmup_epochs: float = 0.0,
-                 warmup_lr: float = 0.0, min_lr: float = 0.0, cooldown_epochs: float = 0.0) -> float:
-    """Learning rate at fractional `epoch` (timm's cosine, warm-up not prefixed)."""
-    if epoch < warmup_epochs:
-        return warmup_lr + (base_lr - warmup_lr) * epoch / warmup_epochs
-    t_initial = max(total_epochs - cooldown_epochs, 1e-12)
-    if epoch >= t_initial:
-        return min_lr
-    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * epoch / t_initial))
+class OfficialCosineSchedule:
+    """The official learning-rate curve: timm's CosineLRScheduler with the arguments timm's
+    create_scheduler gives it in the official code, asked for its value at any (fractional)
+    epoch through timm's public `step(epoch)` on a private one-parameter optimizer."""
+
+    def __init__(self, base_lr: float, epochs: float, warmup_epochs: float = 0.0, warmup_lr: float = 0.0,
+                 min_lr: float = 0.0, decay_rate: float = 1.0):
+        from timm.scheduler import CosineLRScheduler
+
+        if base_lr <= 0:
+            raise ValueError(f"TRAIN.LR={base_lr}; expected > 0")
+        if epochs <= 0:
+            raise ValueError(f"TRAIN.END_EPOCH={epochs}; expected > 0")
+        self._probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
+        # decay_rate is timm 0.3.2's name for cycle_decay; with one cycle it changes nothing.
+        self._timm = CosineLRScheduler(self._probe, t_initial=epochs, lr_min=min_lr, cycle_decay=decay_rate,
+                                       cycle_limit=1, warmup_t=warmup_epochs, warmup_lr_init=warmup_lr,
+                                       t_in_epochs=True)
+
+    def __call__(self, epoch: float) -> float:
+        self._timm.step(epoch)
+        return float(self._probe.param_groups[0]["lr"])
 
 
 class IterationScheduler(torch.optim.lr_scheduler.LambdaLR):
@@ -110,48 +126,23 @@ def build_scheduler(cfg: Any, optimizer: torch.optim.Optimizer, iters_per_epoch:
     if method in ("none", "constant"):
         fn: Callable[[int], float] = lambda step: 1.0
     elif method == "timm":
+        # (config.load_config has checked the keys of ARGS and its 'epochs' against END_EPOCH.)
         args = sched_cfg.get("ARGS", {}) or {}
         kind = str(_sched_arg(args, "sched", "cosine"))
         if kind != "cosine":
             raise ValueError(f"TRAIN.LR_SCHEDULER.ARGS.sched={kind!r}; only 'cosine' is supported")
-        total = float(cfg.TRAIN.END_EPOCH)
-        warmup = float(_sched_arg(args, "warmup_epochs", 0))
-        warmup_lr = float(_sched_arg(args, "warmup_lr", 0.0))
-        min_lr = float(_sched_arg(args, "min_lr", 0.0))
-        cooldown = float(_sched_arg(args, "cooldown_epochs", 0))
-        if base_lr <= 0:
-            raise ValueError(f"TRAIN.LR={base_lr}; expected > 0")
+        epochs = int(cfg.TRAIN.END_EPOCH)
+        curve = OfficialCosineSchedule(base_lr, epochs, float(_sched_arg(args, "warmup_epochs", 0)),
+                                       float(_sched_arg(args, "warmup_lr", 0.0)),
+                                       float(_sched_arg(args, "min_lr", 0.0)),
+                                       float(_sched_arg(args, "decay_rate", 1.0)))
 
         def fn(step: int) -> float:
-            lr = cosine_lr_at(step / iters_per_epoch, base_lr, total, warmup, warmup_lr, min_lr, cooldown)
-            return lr / base_lr
+            return curve(step / iters_per_epoch) / base_lr
     else:
         raise ValueError(f"TRAIN.LR_SCHEDULER.METHOD={method!r}; expected 'timm' (cosine) or 'none'")
     # Every group shares the schedule; LambdaLR scales each group's initial lr.
     return IterationScheduler(optimizer, lr_lambda=fn)
-
-
-class LabelSmoothingCrossEntropy(nn.Module):
-    """(1 - eps) * NLL + eps * mean over classes of -log p (the official definition)."""
-
-    def __init__(self, smoothing: float = 0.1):
-        super().__init__()
-        if not 0.0 <= smoothing < 1.0:
-            raise ValueError(f"label smoothing {smoothing}; expected in [0, 1)")
-        self.smoothing = smoothing
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logp = F.log_softmax(logits.float(), dim=-1)
-        nll = F.nll_loss(logp, target)
-        uniform = -logp.mean(dim=-1).mean()
-        return (1.0 - self.smoothing) * nll + self.smoothing * uniform
-
-
-class SoftTargetCrossEntropy(nn.Module):
-    """Cross-entropy against a distribution (mixup/cutmix targets)."""
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
 def mixup_enabled(cfg: Any) -> bool:
@@ -183,6 +174,9 @@ def build_criterion(cfg: Any, train: bool = True) -> nn.Module:
         return nn.CrossEntropyLoss()
     if mixup_enabled(cfg):
         return SoftTargetCrossEntropy()
-    if float(cfg.LOSS.LABEL_SMOOTHING) > 0.0:
-        return LabelSmoothingCrossEntropy(float(cfg.LOSS.LABEL_SMOOTHING))
+    smoothing = float(cfg.LOSS.LABEL_SMOOTHING)
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"LOSS.LABEL_SMOOTHING={smoothing}; expected in [0, 1)")
+    if smoothing > 0.0:
+        return LabelSmoothingCrossEntropy(smoothing)
     return nn.CrossEntropyLoss()
