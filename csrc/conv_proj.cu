@@ -47,7 +47,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #ifdef CVT_FAST_HOST_EMULATION
+#include <atomic>
 #include <vector>
 #endif
 
@@ -56,13 +58,21 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kChunk = 32;           // channels per CTA: one per lane
+constexpr int kGenericChunk = 32;    // generic kernels: channels per CTA, one per lane
 constexpr int kTileRows = 4;         // anchor rows per tile: 8 q rows, 4 k/v rows
 constexpr int kTileCols = kWarps;    // anchor columns per tile: one per warp
 constexpr int kCopyBytes = 16;       // one cp.async
 constexpr int kReduceRowLanes = kWarps;  // second stage: warps sharing one column of partials
 
-// ---------------------------------------------------------------- cp.async and dynamic smem
+// Channels per lane of the fused kernels: two for 16-bit data and k = 3 (one 4-byte shared-memory
+// read, one store and one address per pair; 3 k^2 weights and 3 k^2 weight-gradient partials per
+// channel still fit in registers), else one: k = 5 has 75 of each per channel already, and fp32
+// pairs would double the backward's boxes past 227 KB of shared memory for some paddings.
+template <typename scalar_t>
+constexpr int lane_channels_for(int kernel) { return kernel == 3 && sizeof(scalar_t) == 2 ? 2 : 1; }
+constexpr int chunk_channels(int lane_channels) { return 32 * lane_channels; }  // per CTA
+
+// ---------------------------------------------------------------- cp.async, dynamic smem, umulhi
 // 16-byte global -> shared copies, zero-filled past src_bytes (0 or 16). The emulation defers
 // each copy until the wait that covers its group, as the hardware may: a kernel that reads
 // shared memory before waiting sees stale data there too.
@@ -75,6 +85,7 @@ struct PendingCopy {
 inline thread_local std::vector<std::vector<PendingCopy>> tl_committed_copies;  // oldest group first
 inline thread_local std::vector<PendingCopy> tl_open_copies;
 
+inline unsigned mul_hi_u32(unsigned a, unsigned b) { return static_cast<unsigned>((uint64_t{a} * b) >> 32); }
 inline void cp_async_16(void* dst, const void* src, int src_bytes) { tl_open_copies.push_back({dst, src, src_bytes}); }
 inline void cp_async_commit() {
   tl_committed_copies.push_back(std::move(tl_open_copies));
@@ -90,11 +101,15 @@ inline void cp_async_wait() {
     tl_committed_copies.erase(tl_committed_copies.begin());
   }
 }
+// Pair accesses of the fused kernels at an address that is not a multiple of the pair's size
+// (read and reset by csrc/emulate/emulate_conv_proj.cpp; see load_pair).
+inline std::atomic<int> g_emulated_misaligned_pairs{0};
 // Blocks run one after another in the emulation, so one buffer serves every block of a launch;
 // csrc/emulate/emulate_conv_proj.cpp sizes it before each launch.
 inline unsigned char* g_emulated_dynamic_smem = nullptr;
 inline unsigned char* dynamic_smem() { return g_emulated_dynamic_smem; }
 #else
+__device__ __forceinline__ unsigned mul_hi_u32(unsigned a, unsigned b) { return __umulhi(a, b); }
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
   const unsigned dst_shared = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_shared), "l"(src), "r"(src_bytes)
@@ -132,12 +147,36 @@ inline bool use_fused_path(int kernel, int stride_q, int stride_kv, int padding_
          padding_kv < kernel;
 }
 
+// Division of non-negative ints below 2^31 by a divisor fixed per launch: n / d is
+// umulhi(n, mul) >> shift with mul = ceil(2^(31 + ceil(log2 d)) / d) (d = 1: n itself). The item
+// decomposition runs twice per item; a hardware-less 32-bit division there costs ~20 instructions.
+struct FastDiv {
+  int divisor;
+  unsigned mul, shift;
+};
+
+inline FastDiv make_fast_div(int divisor) {
+  FastDiv f{divisor, 0u, 0u};
+  if (divisor > 1) {
+    int log2_up = 0;
+    while ((int64_t{1} << log2_up) < divisor) ++log2_up;
+    f.mul = static_cast<unsigned>(((uint64_t{1} << (31 + log2_up)) + divisor - 1) / divisor);
+    f.shift = static_cast<unsigned>(log2_up - 1);
+  }
+  return f;
+}
+
+__device__ __forceinline__ int fast_div(int n, const FastDiv& f) {
+  return f.divisor == 1 ? n : static_cast<int>(mul_hi_u32(static_cast<unsigned>(n), f.mul) >> f.shift);
+}
+
 // Everything the fused kernels need to know about one call; boxes are in positions of their grid.
 struct FusedPlan {
   int kernel, height, width, cls, channels;
   int pad_q, pad_kv;
   int hq, wq, hk, wk;         // q and k/v output grids
-  int tiles_w, tiles, items;  // anchor tiles per image row of tiles, per image; items = batch * tiles
+  int tiles_w, tiles, items;  // anchor tiles per row of tiles, per image; items = batch * tiles
+  FastDiv by_tiles, by_tiles_w;
   int lo;                     // x box origin: (2*a0 - lo, 2*b0 - lo), lo = max(pad_q, pad_kv)
   int box_h, box_w;           // x box size
   int gq_lo, gq_h, gq_w;      // backward: grad_q box origin (2*a0 + gq_lo, 2*b0 + gq_lo) and size
@@ -168,6 +207,8 @@ inline FusedPlan make_fused_plan(bool backward, int batch, int channels, int hei
   p.tiles_w = div_up(anchors_w, kTileCols);
   p.tiles = div_up(anchors_h, kTileRows) * p.tiles_w;
   p.items = batch * p.tiles;
+  p.by_tiles = make_fast_div(p.tiles);
+  p.by_tiles_w = make_fast_div(p.tiles_w);
   // Rows of x the tile reads: q rows 2a0 + [0, 2R) at offsets [-pad_q, k - 1 - pad_q], k/v rows
   // a0 + [0, R) at 2a - pad_kv + [0, k).
   p.lo = std::max(pad_q, pad_kv);
@@ -183,21 +224,21 @@ inline FusedPlan make_fused_plan(bool backward, int batch, int channels, int hei
 }
 
 // Dynamic shared memory of the fused kernels: two pipeline buffers; the backward reuses them
-// at the end for the cross-warp weight-gradient sums (kWarps x k^2 x kChunk floats).
-template <typename scalar_t>
+// at the end for the cross-warp weight-gradient sums (kWarps x k^2 x chunk floats).
+template <typename scalar_t, int L>
 int fused_fwd_smem_bytes(const FusedPlan& p) {
-  return 2 * p.box_h * p.box_w * kChunk * static_cast<int>(sizeof(scalar_t));
+  return 2 * p.box_h * p.box_w * chunk_channels(L) * static_cast<int>(sizeof(scalar_t));
 }
 
-template <typename scalar_t>
+template <int L>
 int fused_bwd_buffer_elems(const FusedPlan& p) {
-  return (p.box_h * p.box_w + p.gq_h * p.gq_w + 2 * p.gkv_h * p.gkv_w) * kChunk;
+  return (p.box_h * p.box_w + p.gq_h * p.gq_w + 2 * p.gkv_h * p.gkv_w) * chunk_channels(L);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int L>
 int fused_bwd_smem_bytes(const FusedPlan& p) {
-  const int buffers = 2 * fused_bwd_buffer_elems<scalar_t>(p) * static_cast<int>(sizeof(scalar_t));
-  const int reduce = kWarps * p.kernel * p.kernel * kChunk * static_cast<int>(sizeof(float));
+  const int buffers = 2 * fused_bwd_buffer_elems<L>(p) * static_cast<int>(sizeof(scalar_t));
+  const int reduce = kWarps * p.kernel * p.kernel * chunk_channels(L) * static_cast<int>(sizeof(float));
   return std::max(buffers, reduce);
 }
 
@@ -209,7 +250,7 @@ int fused_bwd_smem_bytes(const FusedPlan& p) {
 // A warp copies one box row at a time: a row is contiguous in `dst`, so lane i's piece needs
 // no division. `vec`: 16-byte copies (C, token stride and base are multiples of 16 bytes);
 // otherwise one element per lane.
-template <typename scalar_t>
+template <int kChunk, typename scalar_t>
 __device__ __forceinline__ void fill_box(scalar_t* dst, const scalar_t* __restrict__ image, int64_t token_stride,
                                          int row0, int col0, int box_h, int box_w, int grid_h, int grid_w, int cls,
                                          int c0, int channels, bool vec) {
@@ -238,62 +279,161 @@ __device__ __forceinline__ void fill_box(scalar_t* dst, const scalar_t* __restri
   }
 }
 
-// The item's image and anchor tile origin (a0, b0); 32-bit divisions, once per item.
+// A lane's L consecutive channels of one position: read from shared memory as one 2-, 4- or
+// 8-byte load (the offset is a multiple of L elements), written to global memory as one store
+// where `paired` (C even, so the offset is too) and all L channels exist, else one by one. The
+// emulation does the pair accesses element by element and counts misaligned pairs, which the
+// tests require to be zero: it is the one precondition of the vector accesses it cannot run.
+template <typename scalar_t>
+__device__ __forceinline__ void load_pair(const scalar_t* p, float (&v)[2]) {
+#ifdef CVT_FAST_HOST_EMULATION
+  if (reinterpret_cast<uintptr_t>(p) % (2 * sizeof(scalar_t)) != 0) ++g_emulated_misaligned_pairs;
+  v[0] = to_float(p[0]);
+  v[1] = to_float(p[1]);
+#else
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const float2 f = *reinterpret_cast<const float2*>(p);
+    v[0] = f.x;
+    v[1] = f.y;
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const unsigned bits = *reinterpret_cast<const unsigned*>(p);
+    v[0] = __uint_as_float(bits << 16);
+    v[1] = __uint_as_float(bits & 0xffff0000u);
+  } else {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(p));
+    v[0] = f.x;
+    v[1] = f.y;
+  }
+#endif
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void store_pair(scalar_t* p, float a, float b) {
+#ifdef CVT_FAST_HOST_EMULATION
+  if (reinterpret_cast<uintptr_t>(p) % (2 * sizeof(scalar_t)) != 0) ++g_emulated_misaligned_pairs;
+  p[0] = from_float<scalar_t>(a);
+  p[1] = from_float<scalar_t>(b);
+#else
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    *reinterpret_cast<float2*>(p) = make_float2(a, b);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+  } else {
+    *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
+  }
+#endif
+}
+
+template <typename scalar_t, int L>
+__device__ __forceinline__ void load_lane(const scalar_t* p, float (&v)[L]) {
+  if constexpr (L == 2) {
+    load_pair(p, v);
+  } else {
+    v[0] = to_float(p[0]);
+  }
+}
+
+template <typename scalar_t, int L>
+__device__ __forceinline__ void store_lane(scalar_t* p, const float (&v)[L], int valid, bool paired) {
+  if constexpr (L == 2) {
+    if (paired && valid == 2) {
+      store_pair(p, v[0], v[1]);
+      return;
+    }
+  }
+#pragma unroll
+  for (int l = 0; l < L; ++l) {
+    if (l < valid) p[l] = from_float<scalar_t>(v[l]);
+  }
+}
+
+// The item's image and anchor tile origin (a0, b0).
 struct Item {
   int image, tile, a0, b0;
 };
 
 __device__ __forceinline__ Item decompose_item(int item, const FusedPlan& p) {
   Item it;
-  it.image = item / p.tiles;
+  it.image = fast_div(item, p.by_tiles);
   it.tile = item - it.image * p.tiles;
-  const int tile_row = it.tile / p.tiles_w;
+  const int tile_row = fast_div(it.tile, p.by_tiles_w);
   it.a0 = tile_row * kTileRows;
   it.b0 = (it.tile - tile_row * p.tiles_w) * kTileCols;
   return it;
 }
 
-template <int kTaps>
-__device__ __forceinline__ void load_weights(float (&w)[kTaps], const float* __restrict__ w_t, int channels, int c,
-                                             bool c_ok) {
+// This lane's channels: c, c + 1, ..., c + L - 1 of which `valid` lie below C.
+template <int L>
+struct LaneChannels {
+  int c, valid;
+  bool paired;  // L-channel global stores are aligned (C even)
+};
+
+template <int L>
+__device__ __forceinline__ LaneChannels<L> lane_channels(int channels) {
+  LaneChannels<L> lc;
+  lc.c = blockIdx.y * chunk_channels(L) + (threadIdx.x % 32) * L;
+  lc.valid = channels - lc.c < 0 ? 0 : (channels - lc.c < L ? channels - lc.c : L);
+  lc.paired = channels % 2 == 0;
+  return lc;
+}
+
+template <int kTaps, int L>
+__device__ __forceinline__ void load_weights(float (&w)[kTaps][L], const float* __restrict__ w_t, int channels,
+                                             const LaneChannels<L>& lc) {
 #pragma unroll
-  for (int t = 0; t < kTaps; ++t) w[t] = c_ok ? w_t[t * channels + c] : 0.0f;
+  for (int t = 0; t < kTaps; ++t) {
+#pragma unroll
+    for (int l = 0; l < L; ++l) w[t][l] = l < lc.valid ? w_t[t * channels + lc.c + l] : 0.0f;
+  }
+}
+
+template <int L>
+__device__ __forceinline__ void load_bias(float (&b)[L], const float* __restrict__ bias, const LaneChannels<L>& lc) {
+#pragma unroll
+  for (int l = 0; l < L; ++l) b[l] = bias != nullptr && l < lc.valid ? bias[lc.c + l] : 0.0f;
 }
 
 // ---------------------------------------------------------------- fused forward
 
 // Warp `warp` of the tile: q rows 2a0 + [0, 2R) at columns 2b0 + 2*warp + {0, 1}. Streams x box
 // rows dq + [0, 2R + k - 1), k + 1 columns each; a row feeds every q row whose window holds it.
-template <typename scalar_t, int K>
-__device__ __forceinline__ void fwd_tile_q(const scalar_t* xs, const FusedPlan& p, const float (&w)[K * K], float bias,
-                                           scalar_t* __restrict__ q_image, int a0, int b0, int warp, int c, bool c_ok) {
+template <typename scalar_t, int K, int L>
+__device__ __forceinline__ void fwd_tile_q(const scalar_t* xs, const FusedPlan& p, const float (&w)[K * K][L],
+                                           const float (&bias)[L], scalar_t* __restrict__ q_image, int a0, int b0,
+                                           int warp, const LaneChannels<L>& lc) {
+  constexpr int kChunk = chunk_channels(L);
   const int dq = p.lo - p.pad_q;
   const int row_stride = p.box_w * kChunk;
   const scalar_t* base = xs + (dq * p.box_w + 2 * warp + dq) * kChunk;
   // This lane's q element at row 2a0, column 2b0 + 2*warp; rows step by wq tokens.
   const int ow = 2 * b0 + 2 * warp;
-  scalar_t* out = q_image + (p.cls + 2 * a0 * p.wq + ow) * p.channels + c;
+  scalar_t* out = q_image + (p.cls + 2 * a0 * p.wq + ow) * p.channels + lc.c;  // advanced row by row
   const int row_step = p.wq * p.channels, rows_left = p.hq - 2 * a0;
-  const bool col0_ok = c_ok && ow < p.wq, col1_ok = c_ok && ow + 1 < p.wq;
-  float acc[2 * kTileRows][2];
+  const bool col0_ok = ow < p.wq, col1_ok = ow + 1 < p.wq;
+  float acc[2 * kTileRows][2][L];
 #pragma unroll
   for (int rr = 0; rr < 2 * kTileRows + K - 1; ++rr) {
-    float xr[K + 1];
+    float xr[K + 1][L];
 #pragma unroll
-    for (int cc = 0; cc <= K; ++cc) xr[cc] = to_float(base[rr * row_stride + cc * kChunk]);
+    for (int cc = 0; cc <= K; ++cc) load_lane(base + rr * row_stride + cc * kChunk, xr[cc]);
 #pragma unroll
     for (int i = 0; i < 2 * kTileRows; ++i) {
       const int dy = rr - i;
       if (dy < 0 || dy >= K) continue;
-      if (dy == 0) acc[i][0] = acc[i][1] = bias;
 #pragma unroll
-      for (int dx = 0; dx < K; ++dx) {
-        acc[i][0] += xr[dx] * w[dy * K + dx];
-        acc[i][1] += xr[dx + 1] * w[dy * K + dx];
+      for (int l = 0; l < L; ++l) {
+        if (dy == 0) acc[i][0][l] = acc[i][1][l] = bias[l];
+#pragma unroll
+        for (int dx = 0; dx < K; ++dx) {
+          acc[i][0][l] += xr[dx][l] * w[dy * K + dx][l];
+          acc[i][1][l] += xr[dx + 1][l] * w[dy * K + dx][l];
+        }
       }
-      if (dy == K - 1 && i < rows_left) {
-        if (col0_ok) out[i * row_step] = from_float<scalar_t>(acc[i][0]);
-        if (col1_ok) out[i * row_step + p.channels] = from_float<scalar_t>(acc[i][1]);
+      if (dy == K - 1) {  // rows finish in order
+        if (i < rows_left && col0_ok) store_lane(out, acc[i][0], lc.valid, lc.paired);
+        if (i < rows_left && col1_ok) store_lane(out + p.channels, acc[i][1], lc.valid, lc.paired);
+        out += row_step;
       }
     }
   }
@@ -301,43 +441,52 @@ __device__ __forceinline__ void fwd_tile_q(const scalar_t* xs, const FusedPlan& 
 
 // Warp `warp` of the tile: k and v rows a0 + [0, R) at column b0 + warp. Streams x box rows
 // dkv + [0, 2R + k - 2), k columns each; one read feeds both k and v.
-template <typename scalar_t, int K>
-__device__ __forceinline__ void fwd_tile_kv(const scalar_t* xs, const FusedPlan& p, const float (&wk)[K * K],
-                                            const float (&wv)[K * K], float bias_k, float bias_v,
-                                            scalar_t* __restrict__ k_image, scalar_t* __restrict__ v_image, int a0,
-                                            int b0, int warp, int c, bool c_ok) {
+template <typename scalar_t, int K, int L>
+__device__ __forceinline__ void fwd_tile_kv(const scalar_t* xs, const FusedPlan& p, const float (&wk)[K * K][L],
+                                            const float (&wv)[K * K][L], const float (&bias_k)[L],
+                                            const float (&bias_v)[L], scalar_t* __restrict__ k_image,
+                                            scalar_t* __restrict__ v_image, int a0, int b0, int warp,
+                                            const LaneChannels<L>& lc) {
+  constexpr int kChunk = chunk_channels(L);
   const int dkv = p.lo - p.pad_kv;
   const int row_stride = p.box_w * kChunk;
   const scalar_t* base = xs + (dkv * p.box_w + 2 * warp + dkv) * kChunk;
   // This lane's k/v element at row a0, column b0 + warp; rows step by wk tokens.
   const int ow = b0 + warp;
-  const int offset = (p.cls + a0 * p.wk + ow) * p.channels + c;
+  const int offset = (p.cls + a0 * p.wk + ow) * p.channels + lc.c;
   scalar_t* k_out = k_image + offset;
   scalar_t* v_out = v_image + offset;
   const int row_step = p.wk * p.channels, rows_left = p.hk - a0;
-  const bool col_ok = c_ok && ow < p.wk;
-  float acc_k[kTileRows], acc_v[kTileRows];
+  const bool col_ok = ow < p.wk;
+  float acc_k[kTileRows][L], acc_v[kTileRows][L];
 #pragma unroll
   for (int rr = 0; rr < 2 * kTileRows + K - 2; ++rr) {
-    float xr[K];
+    float xr[K][L];
 #pragma unroll
-    for (int cc = 0; cc < K; ++cc) xr[cc] = to_float(base[rr * row_stride + cc * kChunk]);
+    for (int cc = 0; cc < K; ++cc) load_lane(base + rr * row_stride + cc * kChunk, xr[cc]);
 #pragma unroll
     for (int j = 0; j < kTileRows; ++j) {
       const int dy = rr - 2 * j;
       if (dy < 0 || dy >= K) continue;
-      if (dy == 0) {
-        acc_k[j] = bias_k;
-        acc_v[j] = bias_v;
-      }
 #pragma unroll
-      for (int dx = 0; dx < K; ++dx) {
-        acc_k[j] += xr[dx] * wk[dy * K + dx];
-        acc_v[j] += xr[dx] * wv[dy * K + dx];
+      for (int l = 0; l < L; ++l) {
+        if (dy == 0) {
+          acc_k[j][l] = bias_k[l];
+          acc_v[j][l] = bias_v[l];
+        }
+#pragma unroll
+        for (int dx = 0; dx < K; ++dx) {
+          acc_k[j][l] += xr[dx][l] * wk[dy * K + dx][l];
+          acc_v[j][l] += xr[dx][l] * wv[dy * K + dx][l];
+        }
       }
-      if (dy == K - 1 && col_ok && j < rows_left) {
-        k_out[j * row_step] = from_float<scalar_t>(acc_k[j]);
-        v_out[j * row_step] = from_float<scalar_t>(acc_v[j]);
+      if (dy == K - 1) {  // rows finish in order
+        if (col_ok && j < rows_left) {
+          store_lane(k_out, acc_k[j], lc.valid, lc.paired);
+          store_lane(v_out, acc_v[j], lc.valid, lc.paired);
+        }
+        k_out += row_step;
+        v_out += row_step;
       }
     }
   }
@@ -345,30 +494,32 @@ __device__ __forceinline__ void fwd_tile_kv(const scalar_t* xs, const FusedPlan&
 
 // grid (CTAs per channel chunk, channel chunks); block kThreads; dynamic smem fused_fwd_smem_bytes.
 template <typename scalar_t, int K>
-__global__ void __launch_bounds__(kThreads, K <= 3 ? 3 : 2)
+__global__ void __launch_bounds__(kThreads, K <= 3 ? 2 : 2)
 conv_proj_fwd_fused_kernel(const scalar_t* __restrict__ x, int64_t x_sb, int64_t x_st, const float* __restrict__ wq,
                            const float* __restrict__ wk, const float* __restrict__ wv, const float* __restrict__ bq,
                            const float* __restrict__ bk, const float* __restrict__ bv, scalar_t* __restrict__ q,
                            scalar_t* __restrict__ k, scalar_t* __restrict__ v, FusedPlan p, bool vec) {
   constexpr int kTaps = K * K;
+  constexpr int L = lane_channels_for<scalar_t>(K);
+  constexpr int kChunk = chunk_channels(L);
   scalar_t* const smem = reinterpret_cast<scalar_t*>(dynamic_smem());
   const int buffer_elems = p.box_h * p.box_w * kChunk;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int c0 = blockIdx.y * kChunk, c = c0 + lane;
-  const bool c_ok = c < p.channels;
-  float w_q[kTaps], w_k[kTaps], w_v[kTaps];
-  load_weights(w_q, wq, p.channels, c, c_ok);
-  load_weights(w_k, wk, p.channels, c, c_ok);
-  load_weights(w_v, wv, p.channels, c, c_ok);
-  const float b_q = bq != nullptr && c_ok ? bq[c] : 0.0f;
-  const float b_k = bk != nullptr && c_ok ? bk[c] : 0.0f;
-  const float b_v = bv != nullptr && c_ok ? bv[c] : 0.0f;
+  const int c0 = blockIdx.y * kChunk;
+  const LaneChannels<L> lc = lane_channels<L>(p.channels);
+  float w_q[kTaps][L], w_k[kTaps][L], w_v[kTaps][L], b_q[L], b_k[L], b_v[L];
+  load_weights(w_q, wq, p.channels, lc);
+  load_weights(w_k, wk, p.channels, lc);
+  load_weights(w_v, wv, p.channels, lc);
+  load_bias(b_q, bq, lc);
+  load_bias(b_k, bk, lc);
+  load_bias(b_v, bv, lc);
   const int64_t tokens_q = p.cls + p.hq * p.wq, tokens_kv = p.cls + p.hk * p.wk;
 
   auto issue = [&](int item, int buffer) {
     const Item it = decompose_item(item, p);
-    fill_box(smem + buffer * buffer_elems, x + it.image * x_sb, x_st, 2 * it.a0 - p.lo, 2 * it.b0 - p.lo, p.box_h,
-             p.box_w, p.height, p.width, p.cls, c0, p.channels, vec);
+    fill_box<kChunk>(smem + buffer * buffer_elems, x + it.image * x_sb, x_st, 2 * it.a0 - p.lo, 2 * it.b0 - p.lo,
+                     p.box_h, p.box_w, p.height, p.width, p.cls, c0, p.channels, vec);
   };
 
   if (static_cast<int>(blockIdx.x) < p.items) issue(blockIdx.x, 0);
@@ -382,17 +533,19 @@ conv_proj_fwd_fused_kernel(const scalar_t* __restrict__ x, int64_t x_sb, int64_t
     __syncthreads();
 
     const Item it = decompose_item(item, p);
-    const scalar_t* xs = smem + buffer * buffer_elems + lane;
+    const scalar_t* xs = smem + buffer * buffer_elems + lane * L;
     scalar_t* q_image = q + it.image * tokens_q * p.channels;
     scalar_t* k_image = k + it.image * tokens_kv * p.channels;
     scalar_t* v_image = v + it.image * tokens_kv * p.channels;
-    fwd_tile_q<scalar_t, K>(xs, p, w_q, b_q, q_image, it.a0, it.b0, warp, c, c_ok);
-    fwd_tile_kv<scalar_t, K>(xs, p, w_k, w_v, b_k, b_v, k_image, v_image, it.a0, it.b0, warp, c, c_ok);
-    if (p.cls && it.tile == 0 && warp == 0 && c_ok) {  // the cls token is never convolved
-      const scalar_t cls_value = x[it.image * x_sb + c];
-      q_image[c] = cls_value;
-      k_image[c] = cls_value;
-      v_image[c] = cls_value;
+    fwd_tile_q<scalar_t, K, L>(xs, p, w_q, b_q, q_image, it.a0, it.b0, warp, lc);
+    fwd_tile_kv<scalar_t, K, L>(xs, p, w_k, w_v, b_k, b_v, k_image, v_image, it.a0, it.b0, warp, lc);
+    if (p.cls && it.tile == 0 && warp == 0) {  // the cls token is never convolved
+      for (int l = 0; l < lc.valid; ++l) {
+        const scalar_t cls_value = x[it.image * x_sb + lc.c + l];
+        q_image[lc.c + l] = cls_value;
+        k_image[lc.c + l] = cls_value;
+        v_image[lc.c + l] = cls_value;
+      }
     }
     __syncthreads();
   }
@@ -409,16 +562,17 @@ struct BwdBoxes {
 // grad_x at x positions (2a0 - pad_kv + ix, 2b0 - pad_kv + 2*warp + jx), ix in [0, 2R), jx in
 // {0, 1}, from grad_q: x row X gathers grad_q rows X + pad_q - dy, which is grad_q box row
 // ix + k - 1 - dy, so the warp streams box rows [0, 2R + k - 1), k + 1 columns each.
-template <typename scalar_t, int K>
-__device__ __forceinline__ void bwd_grad_x_from_q(float (&gx)[2 * kTileRows][2], const scalar_t* gqs,
-                                                  const FusedPlan& p, const float (&w)[K * K], int warp) {
+template <typename scalar_t, int K, int L>
+__device__ __forceinline__ void bwd_grad_x_from_q(float (&gx)[2 * kTileRows][2][L], const scalar_t* gqs,
+                                                  const FusedPlan& p, const float (&w)[K * K][L], int warp) {
+  constexpr int kChunk = chunk_channels(L);
   const int row_stride = p.gq_w * kChunk;
   const scalar_t* base = gqs + 2 * warp * kChunk;
 #pragma unroll
   for (int rr = 0; rr < 2 * kTileRows + K - 1; ++rr) {
-    float g[K + 1];
+    float g[K + 1][L];
 #pragma unroll
-    for (int cc = 0; cc <= K; ++cc) g[cc] = to_float(base[rr * row_stride + cc * kChunk]);
+    for (int cc = 0; cc <= K; ++cc) load_lane(base + rr * row_stride + cc * kChunk, g[cc]);
 #pragma unroll
     for (int ix = 0; ix < 2 * kTileRows; ++ix) {
       const int d = rr - ix;
@@ -426,8 +580,11 @@ __device__ __forceinline__ void bwd_grad_x_from_q(float (&gx)[2 * kTileRows][2],
       const int dy = K - 1 - d;
 #pragma unroll
       for (int dx = 0; dx < K; ++dx) {
-        gx[ix][0] += g[K - 1 - dx] * w[dy * K + dx];
-        gx[ix][1] += g[K - dx] * w[dy * K + dx];
+#pragma unroll
+        for (int l = 0; l < L; ++l) {
+          gx[ix][0][l] += g[K - 1 - dx][l] * w[dy * K + dx][l];
+          gx[ix][1][l] += g[K - dx][l] * w[dy * K + dx][l];
+        }
       }
     }
   }
@@ -436,20 +593,22 @@ __device__ __forceinline__ void bwd_grad_x_from_q(float (&gx)[2 * kTileRows][2],
 // grad_x from grad_k and grad_v: x row 2a - pad_kv + i is read by k/v row a - (dy - i)/2 through
 // the taps dy = i, i + 2, ...; with the box origin at a0 - (k-1)/2 that is box row
 // j + (k-1)/2 - (dy - i)/2 for anchor row j. The warp streams box rows [0, R + (k-1)/2).
-template <typename scalar_t, int K>
-__device__ __forceinline__ void bwd_grad_x_from_kv(float (&gx)[2 * kTileRows][2], const scalar_t* gks,
-                                                   const scalar_t* gvs, const FusedPlan& p, const float (&wk)[K * K],
-                                                   const float (&wv)[K * K], int warp) {
+template <typename scalar_t, int K, int L>
+__device__ __forceinline__ void bwd_grad_x_from_kv(float (&gx)[2 * kTileRows][2][L], const scalar_t* gks,
+                                                   const scalar_t* gvs, const FusedPlan& p,
+                                                   const float (&wk)[K * K][L], const float (&wv)[K * K][L],
+                                                   int warp) {
+  constexpr int kChunk = chunk_channels(L);
   constexpr int kHalf = (K - 1) / 2;
   const int row_stride = p.gkv_w * kChunk;
   const int offset = warp * kChunk;
 #pragma unroll
   for (int rr = 0; rr < kTileRows + kHalf; ++rr) {
-    float gk[kHalf + 1], gv[kHalf + 1];
+    float gk[kHalf + 1][L], gv[kHalf + 1][L];
 #pragma unroll
     for (int cc = 0; cc <= kHalf; ++cc) {
-      gk[cc] = to_float(gks[offset + rr * row_stride + cc * kChunk]);
-      gv[cc] = to_float(gvs[offset + rr * row_stride + cc * kChunk]);
+      load_lane(gks + offset + rr * row_stride + cc * kChunk, gk[cc]);
+      load_lane(gvs + offset + rr * row_stride + cc * kChunk, gv[cc]);
     }
 #pragma unroll
     for (int j = 0; j < kTileRows; ++j) {
@@ -463,7 +622,11 @@ __device__ __forceinline__ void bwd_grad_x_from_kv(float (&gx)[2 * kTileRows][2]
 #pragma unroll
             for (int dx = jx; dx < K; dx += 2) {
               const int cc = kHalf - (dx - jx) / 2;
-              gx[2 * j + i][jx] += gk[cc] * wk[dy * K + dx] + gv[cc] * wv[dy * K + dx];
+#pragma unroll
+              for (int l = 0; l < L; ++l) {
+                gx[2 * j + i][jx][l] += gk[cc][l] * wk[dy * K + dx][l];
+                gx[2 * j + i][jx][l] += gv[cc][l] * wv[dy * K + dx][l];
+              }
             }
           }
         }
@@ -475,61 +638,72 @@ __device__ __forceinline__ void bwd_grad_x_from_kv(float (&gx)[2 * kTileRows][2]
 // Weight gradients of the q outputs the warp owns: dwq[dy][dx] += grad_q(o) * x(o - pad_q + d).
 // Streams x box rows dq + [0, 2R + k - 1) like the forward; grad_q(2a0 + i, 2b0 + 2*warp + j)
 // sits at grad_q box (i - gq_lo, 2*warp + j - gq_lo).
-template <typename scalar_t, int K>
-__device__ __forceinline__ void bwd_weight_q(float (&dw)[K * K], const BwdBoxes<scalar_t>& s, const FusedPlan& p,
+template <typename scalar_t, int K, int L>
+__device__ __forceinline__ void bwd_weight_q(float (&dw)[K * K][L], const BwdBoxes<scalar_t>& s, const FusedPlan& p,
                                              int warp) {
+  constexpr int kChunk = chunk_channels(L);
   const int dq = p.lo - p.pad_q;
   const int x_stride = p.box_w * kChunk, g_stride = p.gq_w * kChunk;
   const scalar_t* xbase = s.x + (dq * p.box_w + 2 * warp + dq) * kChunk;
   const scalar_t* gbase = s.gq + (-p.gq_lo * p.gq_w + 2 * warp - p.gq_lo) * kChunk;
-  float g[2 * kTileRows][2];
+  float g[2 * kTileRows][2][L];
 #pragma unroll
   for (int rr = 0; rr < 2 * kTileRows + K - 1; ++rr) {
-    float xr[K + 1];
+    float xr[K + 1][L];
 #pragma unroll
-    for (int cc = 0; cc <= K; ++cc) xr[cc] = to_float(xbase[rr * x_stride + cc * kChunk]);
+    for (int cc = 0; cc <= K; ++cc) load_lane(xbase + rr * x_stride + cc * kChunk, xr[cc]);
 #pragma unroll
     for (int i = 0; i < 2 * kTileRows; ++i) {
       const int dy = rr - i;
       if (dy < 0 || dy >= K) continue;
       if (dy == 0) {
-        g[i][0] = to_float(gbase[i * g_stride]);
-        g[i][1] = to_float(gbase[i * g_stride + kChunk]);
+        load_lane(gbase + i * g_stride, g[i][0]);
+        load_lane(gbase + i * g_stride + kChunk, g[i][1]);
       }
 #pragma unroll
-      for (int dx = 0; dx < K; ++dx) dw[dy * K + dx] += g[i][0] * xr[dx] + g[i][1] * xr[dx + 1];
+      for (int dx = 0; dx < K; ++dx) {
+#pragma unroll
+        for (int l = 0; l < L; ++l) {
+          dw[dy * K + dx][l] += g[i][0][l] * xr[dx][l];
+          dw[dy * K + dx][l] += g[i][1][l] * xr[dx + 1][l];
+        }
+      }
     }
   }
 }
 
 // Weight gradients of the k/v outputs the warp owns: (a0 + j, b0 + warp) at grad box
 // (j + (k-1)/2, warp + (k-1)/2); x box rows dkv + [0, 2R + k - 2) as in the forward.
-template <typename scalar_t, int K>
-__device__ __forceinline__ void bwd_weight_kv(float (&dwk)[K * K], float (&dwv)[K * K], const BwdBoxes<scalar_t>& s,
-                                              const FusedPlan& p, int warp) {
+template <typename scalar_t, int K, int L>
+__device__ __forceinline__ void bwd_weight_kv(float (&dwk)[K * K][L], float (&dwv)[K * K][L],
+                                              const BwdBoxes<scalar_t>& s, const FusedPlan& p, int warp) {
+  constexpr int kChunk = chunk_channels(L);
   constexpr int kHalf = (K - 1) / 2;
   const int dkv = p.lo - p.pad_kv;
   const int x_stride = p.box_w * kChunk, g_stride = p.gkv_w * kChunk;
   const scalar_t* xbase = s.x + (dkv * p.box_w + 2 * warp + dkv) * kChunk;
   const int g_offset = (kHalf * p.gkv_w + warp + kHalf) * kChunk;
-  float gk[kTileRows], gv[kTileRows];
+  float gk[kTileRows][L], gv[kTileRows][L];
 #pragma unroll
   for (int rr = 0; rr < 2 * kTileRows + K - 2; ++rr) {
-    float xr[K];
+    float xr[K][L];
 #pragma unroll
-    for (int cc = 0; cc < K; ++cc) xr[cc] = to_float(xbase[rr * x_stride + cc * kChunk]);
+    for (int cc = 0; cc < K; ++cc) load_lane(xbase + rr * x_stride + cc * kChunk, xr[cc]);
 #pragma unroll
     for (int j = 0; j < kTileRows; ++j) {
       const int dy = rr - 2 * j;
       if (dy < 0 || dy >= K) continue;
       if (dy == 0) {
-        gk[j] = to_float(s.gk[g_offset + j * g_stride]);
-        gv[j] = to_float(s.gv[g_offset + j * g_stride]);
+        load_lane(s.gk + g_offset + j * g_stride, gk[j]);
+        load_lane(s.gv + g_offset + j * g_stride, gv[j]);
       }
 #pragma unroll
       for (int dx = 0; dx < K; ++dx) {
-        dwk[dy * K + dx] += gk[j] * xr[dx];
-        dwv[dy * K + dx] += gv[j] * xr[dx];
+#pragma unroll
+        for (int l = 0; l < L; ++l) {
+          dwk[dy * K + dx][l] += gk[j][l] * xr[dx][l];
+          dwv[dy * K + dx][l] += gv[j][l] * xr[dx][l];
+        }
       }
     }
   }
@@ -537,19 +711,25 @@ __device__ __forceinline__ void bwd_weight_kv(float (&dwk)[K * K], float (&dwv)[
 
 // Sums one convolution's per-warp weight gradients over the warps (fixed order) and writes the
 // CTA's partial row partial[blockIdx.x][conv][tap][c]. Ends with a barrier: `red` is reused.
-template <int kTaps>
-__device__ __forceinline__ void store_weight_partial(const float (&dw)[kTaps], float* red, float* __restrict__ partial,
-                                                     int conv, int channels, int c0, int lane, int warp) {
+template <int kTaps, int L>
+__device__ __forceinline__ void store_weight_partial(const float (&dw)[kTaps][L], float* red,
+                                                     float* __restrict__ partial, int conv, int channels) {
+  constexpr int kChunk = chunk_channels(L);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int c0 = blockIdx.y * kChunk;
 #pragma unroll
-  for (int t = 0; t < kTaps; ++t) red[(warp * kTaps + t) * kChunk + lane] = dw[t];
+  for (int t = 0; t < kTaps; ++t) {
+#pragma unroll
+    for (int l = 0; l < L; ++l) red[(warp * kTaps + t) * kChunk + lane * L + l] = dw[t][l];
+  }
   __syncthreads();
   for (int e = threadIdx.x; e < kTaps * kChunk; e += kThreads) {
-    const int t = e / kChunk, l = e % kChunk;
+    const int t = e / kChunk, ch = e % kChunk;
     float sum = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += red[(w * kTaps + t) * kChunk + l];
-    if (c0 + l < channels) {
-      partial[((static_cast<int64_t>(blockIdx.x) * 3 + conv) * kTaps + t) * channels + c0 + l] = sum;
+    for (int w = 0; w < kWarps; ++w) sum += red[(w * kTaps + t) * kChunk + ch];
+    if (c0 + ch < channels) {
+      partial[((static_cast<int64_t>(blockIdx.x) * 3 + conv) * kTaps + t) * channels + c0 + ch] = sum;
     }
   }
   __syncthreads();
@@ -558,7 +738,7 @@ __device__ __forceinline__ void store_weight_partial(const float (&dw)[kTaps], f
 // grid (CTAs per channel chunk, channel chunks); block kThreads; dynamic smem fused_bwd_smem_bytes.
 // grad_q/k/v and grad_x contiguous. partial: (gridDim.x, 3, k*k, C) fp32.
 template <typename scalar_t, int K>
-__global__ void __launch_bounds__(kThreads, K <= 3 ? 2 : 1)
+__global__ void __launch_bounds__(kThreads, 1)
 conv_proj_bwd_fused_kernel(const scalar_t* __restrict__ grad_q, const scalar_t* __restrict__ grad_k,
                            const scalar_t* __restrict__ grad_v, const scalar_t* __restrict__ x, int64_t x_sb,
                            int64_t x_st, const float* __restrict__ wq, const float* __restrict__ wk,
@@ -566,34 +746,39 @@ conv_proj_bwd_fused_kernel(const scalar_t* __restrict__ grad_q, const scalar_t* 
                            FusedPlan p, bool vec_x, bool vec_grad) {
   constexpr int kTaps = K * K;
   constexpr int kHalf = (K - 1) / 2;
+  constexpr int L = lane_channels_for<scalar_t>(K);
+  constexpr int kChunk = chunk_channels(L);
   scalar_t* const smem = reinterpret_cast<scalar_t*>(dynamic_smem());
   const int x_elems = p.box_h * p.box_w * kChunk, gq_elems = p.gq_h * p.gq_w * kChunk;
   const int gkv_elems = p.gkv_h * p.gkv_w * kChunk;
   const int buffer_elems = x_elems + gq_elems + 2 * gkv_elems;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int c0 = blockIdx.y * kChunk, c = c0 + lane;
-  const bool c_ok = c < p.channels;
-  float w_q[kTaps], w_k[kTaps], w_v[kTaps];
-  load_weights(w_q, wq, p.channels, c, c_ok);
-  load_weights(w_k, wk, p.channels, c, c_ok);
-  load_weights(w_v, wv, p.channels, c, c_ok);
-  float dw_q[kTaps], dw_k[kTaps], dw_v[kTaps];
+  const int c0 = blockIdx.y * kChunk;
+  const LaneChannels<L> lc = lane_channels<L>(p.channels);
+  float w_q[kTaps][L], w_k[kTaps][L], w_v[kTaps][L];
+  load_weights(w_q, wq, p.channels, lc);
+  load_weights(w_k, wk, p.channels, lc);
+  load_weights(w_v, wv, p.channels, lc);
+  float dw_q[kTaps][L], dw_k[kTaps][L], dw_v[kTaps][L];
 #pragma unroll
-  for (int t = 0; t < kTaps; ++t) dw_q[t] = dw_k[t] = dw_v[t] = 0.0f;
+  for (int t = 0; t < kTaps; ++t) {
+#pragma unroll
+    for (int l = 0; l < L; ++l) dw_q[t][l] = dw_k[t][l] = dw_v[t][l] = 0.0f;
+  }
   const int64_t tokens = p.cls + p.height * p.width;
   const int64_t tokens_q = p.cls + p.hq * p.wq, tokens_kv = p.cls + p.hk * p.wk;
 
   auto issue = [&](int item, int buffer) {
     const Item it = decompose_item(item, p);
     scalar_t* dst = smem + buffer * buffer_elems;
-    fill_box(dst, x + it.image * x_sb, x_st, 2 * it.a0 - p.lo, 2 * it.b0 - p.lo, p.box_h, p.box_w, p.height,
-             p.width, p.cls, c0, p.channels, vec_x);
-    fill_box(dst + x_elems, grad_q + it.image * tokens_q * p.channels, p.channels, 2 * it.a0 + p.gq_lo,
-             2 * it.b0 + p.gq_lo, p.gq_h, p.gq_w, p.hq, p.wq, p.cls, c0, p.channels, vec_grad);
-    fill_box(dst + x_elems + gq_elems, grad_k + it.image * tokens_kv * p.channels, p.channels, it.a0 - kHalf,
-             it.b0 - kHalf, p.gkv_h, p.gkv_w, p.hk, p.wk, p.cls, c0, p.channels, vec_grad);
-    fill_box(dst + x_elems + gq_elems + gkv_elems, grad_v + it.image * tokens_kv * p.channels, p.channels,
-             it.a0 - kHalf, it.b0 - kHalf, p.gkv_h, p.gkv_w, p.hk, p.wk, p.cls, c0, p.channels, vec_grad);
+    fill_box<kChunk>(dst, x + it.image * x_sb, x_st, 2 * it.a0 - p.lo, 2 * it.b0 - p.lo, p.box_h, p.box_w, p.height,
+                     p.width, p.cls, c0, p.channels, vec_x);
+    fill_box<kChunk>(dst + x_elems, grad_q + it.image * tokens_q * p.channels, p.channels, 2 * it.a0 + p.gq_lo,
+                     2 * it.b0 + p.gq_lo, p.gq_h, p.gq_w, p.hq, p.wq, p.cls, c0, p.channels, vec_grad);
+    fill_box<kChunk>(dst + x_elems + gq_elems, grad_k + it.image * tokens_kv * p.channels, p.channels,
+                     it.a0 - kHalf, it.b0 - kHalf, p.gkv_h, p.gkv_w, p.hk, p.wk, p.cls, c0, p.channels, vec_grad);
+    fill_box<kChunk>(dst + x_elems + gq_elems + gkv_elems, grad_v + it.image * tokens_kv * p.channels, p.channels,
+                     it.a0 - kHalf, it.b0 - kHalf, p.gkv_h, p.gkv_w, p.hk, p.wk, p.cls, c0, p.channels, vec_grad);
   };
 
   if (static_cast<int>(blockIdx.x) < p.items) issue(blockIdx.x, 0);
@@ -606,68 +791,77 @@ conv_proj_bwd_fused_kernel(const scalar_t* __restrict__ grad_q, const scalar_t* 
     __syncthreads();
 
     const Item it = decompose_item(item, p);
-    const scalar_t* buf = smem + buffer * buffer_elems + lane;
+    const scalar_t* buf = smem + buffer * buffer_elems + lane * L;
     const BwdBoxes<scalar_t> boxes{buf, buf + x_elems, buf + x_elems + gq_elems, buf + x_elems + gq_elems + gkv_elems};
-    float gx[2 * kTileRows][2];
+    float gx[2 * kTileRows][2][L];
 #pragma unroll
-    for (int ix = 0; ix < 2 * kTileRows; ++ix) gx[ix][0] = gx[ix][1] = 0.0f;
-    bwd_grad_x_from_q<scalar_t, K>(gx, boxes.gq, p, w_q, warp);
-    bwd_grad_x_from_kv<scalar_t, K>(gx, boxes.gk, boxes.gv, p, w_k, w_v, warp);
-    bwd_weight_q<scalar_t, K>(dw_q, boxes, p, warp);
-    bwd_weight_kv<scalar_t, K>(dw_k, dw_v, boxes, p, warp);
+    for (int ix = 0; ix < 2 * kTileRows; ++ix) {
+#pragma unroll
+      for (int l = 0; l < L; ++l) gx[ix][0][l] = gx[ix][1][l] = 0.0f;
+    }
+    bwd_grad_x_from_q<scalar_t, K, L>(gx, boxes.gq, p, w_q, warp);
+    bwd_grad_x_from_kv<scalar_t, K, L>(gx, boxes.gk, boxes.gv, p, w_k, w_v, warp);
+    bwd_weight_q<scalar_t, K, L>(dw_q, boxes, p, warp);
+    bwd_weight_kv<scalar_t, K, L>(dw_k, dw_v, boxes, p, warp);
 
     // This lane's grad_x element at x row 2a0 - pad_kv, column 2b0 - pad_kv + 2*warp.
     scalar_t* gx_image = grad_x + it.image * tokens * p.channels;
     const int row0 = 2 * it.a0 - p.pad_kv, col = 2 * it.b0 - p.pad_kv + 2 * warp;
-    scalar_t* out = gx_image + (p.cls + row0 * p.width + col) * p.channels + c;
+    scalar_t* out = gx_image + (p.cls + row0 * p.width + col) * p.channels + lc.c;
     const int row_step = p.width * p.channels;
-    const bool col0_ok = c_ok && col >= 0 && col < p.width, col1_ok = c_ok && col + 1 >= 0 && col + 1 < p.width;
+    const bool col0_ok = col >= 0 && col < p.width, col1_ok = col + 1 >= 0 && col + 1 < p.width;
 #pragma unroll
-    for (int ix = 0; ix < 2 * kTileRows; ++ix) {
+    for (int ix = 0; ix < 2 * kTileRows; ++ix, out += row_step) {
       if (row0 + ix < 0 || row0 + ix >= p.height) continue;
-      if (col0_ok) out[ix * row_step] = from_float<scalar_t>(gx[ix][0]);
-      if (col1_ok) out[ix * row_step + p.channels] = from_float<scalar_t>(gx[ix][1]);
+      if (col0_ok) store_lane(out, gx[ix][0], lc.valid, lc.paired);
+      if (col1_ok) store_lane(out + p.channels, gx[ix][1], lc.valid, lc.paired);
     }
-    if (p.cls && it.tile == 0 && warp == 0 && c_ok) {  // the cls row went to all three outputs
-      const float sum = to_float(grad_q[it.image * tokens_q * p.channels + c]) +
-                        to_float(grad_k[it.image * tokens_kv * p.channels + c]) +
-                        to_float(grad_v[it.image * tokens_kv * p.channels + c]);
-      gx_image[c] = from_float<scalar_t>(sum);
+    if (p.cls && it.tile == 0 && warp == 0) {  // the cls row went to all three outputs
+      for (int l = 0; l < lc.valid; ++l) {
+        const int c = lc.c + l;
+        const float sum = to_float(grad_q[it.image * tokens_q * p.channels + c]) +
+                          to_float(grad_k[it.image * tokens_kv * p.channels + c]) +
+                          to_float(grad_v[it.image * tokens_kv * p.channels + c]);
+        gx_image[c] = from_float<scalar_t>(sum);
+      }
     }
     __syncthreads();
   }
 
   float* red = reinterpret_cast<float*>(dynamic_smem());
-  store_weight_partial(dw_q, red, partial, 0, p.channels, c0, lane, warp);
-  store_weight_partial(dw_k, red, partial, 1, p.channels, c0, lane, warp);
-  store_weight_partial(dw_v, red, partial, 2, p.channels, c0, lane, warp);
+  store_weight_partial(dw_q, red, partial, 0, p.channels);
+  store_weight_partial(dw_k, red, partial, 1, p.channels);
+  store_weight_partial(dw_v, red, partial, 2, p.channels);
 }
 
 // ---------------------------------------------------------------- second stage of the weight gradients
 
 // out_conv[c][tap] = sum over rows r of partial[r][conv][tap][c], rows in a fixed order
-// (deterministic). grid ceil(3 * taps * C / 32); block (32 entries) x (kReduceRowLanes row lanes).
+// (deterministic). Block (32 entries) x (kReduceRowLanes row lanes); blocks stride over the
+// 3 * taps * C entries (the wrapper launches one block per 32 of them).
 __global__ void __launch_bounds__(kThreads)
 conv_proj_wgrad_reduce_kernel(const float* __restrict__ partial, int rows, int taps, int channels,
                               float* __restrict__ out_q, float* __restrict__ out_k, float* __restrict__ out_v) {
   __shared__ float lane_sums[kReduceRowLanes][32];
   const int lane = threadIdx.x % 32, row_lane = threadIdx.x / 32;
-  const int entries = 3 * taps * channels;
-  const int e = blockIdx.x * 32 + lane;
-  float sum = 0.0f;
-  if (e < entries) {
-    for (int r = row_lane; r < rows; r += kReduceRowLanes) sum += partial[static_cast<int64_t>(r) * entries + e];
-  }
-  lane_sums[row_lane][lane] = sum;
-  __syncthreads();
-  if (row_lane == 0 && e < entries) {
-    float total = 0.0f;
+  const int entries = 3 * taps * channels, per_conv = taps * channels;
+  for (int first = blockIdx.x * 32; first < entries; first += gridDim.x * 32) {
+    const int e = first + lane;
+    float sum = 0.0f;
+    if (e < entries) {
+      for (int r = row_lane; r < rows; r += kReduceRowLanes) sum += partial[static_cast<int64_t>(r) * entries + e];
+    }
+    lane_sums[row_lane][lane] = sum;
+    __syncthreads();
+    if (row_lane == 0 && e < entries) {
+      float total = 0.0f;
 #pragma unroll
-    for (int l = 0; l < kReduceRowLanes; ++l) total += lane_sums[l][lane];
-    const int per_conv = taps * channels;
-    const int conv = e / per_conv, tap = (e - conv * per_conv) / channels, c = e % channels;
-    float* out = conv == 0 ? out_q : (conv == 1 ? out_k : out_v);
-    out[c * taps + tap] = total;
+      for (int l = 0; l < kReduceRowLanes; ++l) total += lane_sums[l][lane];
+      const int conv = e / per_conv, tap = (e - conv * per_conv) / channels, c = e % channels;
+      float* out = conv == 0 ? out_q : (conv == 1 ? out_k : out_v);
+      out[c * taps + tap] = total;
+    }
+    __syncthreads();
   }
 }
 
@@ -683,7 +877,7 @@ conv_proj_fwd_generic_kernel(const scalar_t* __restrict__ x, int64_t x_sb, int64
                              scalar_t* __restrict__ o1, scalar_t* __restrict__ o2, int n_out, int channels,
                              int height, int width, int cls, ConvGeom g) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int c = blockIdx.y * kChunk + lane;
+  const int c = blockIdx.y * kGenericChunk + lane;
   if (c >= channels) return;  // no barriers in this kernel
   const int64_t b = blockIdx.z;
   const scalar_t* x_image = x + b * x_sb;
@@ -749,7 +943,7 @@ conv_proj_bwd_input_generic_kernel(const scalar_t* __restrict__ grad_q, const sc
                                    scalar_t* __restrict__ grad_x, int channels, int height, int width, int cls,
                                    ConvGeom gq, ConvGeom gkv) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int c = blockIdx.y * kChunk + lane;
+  const int c = blockIdx.y * kGenericChunk + lane;
   if (c >= channels) return;
   const int64_t b = blockIdx.z;
   const scalar_t* gq_image = grad_q + b * (cls + gq.out_h * gq.out_w) * channels;
@@ -778,7 +972,7 @@ conv_proj_bwd_weight_generic_kernel(const scalar_t* __restrict__ grad_q, const s
                                     int width, int cls, ConvGeom gq, ConvGeom gkv) {
   __shared__ float warp_sums[kWarps][32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int c = blockIdx.y * kChunk + lane;
+  const int c = blockIdx.y * kGenericChunk + lane;
   const int taps = gq.kernel * gq.kernel;
   const int conv = blockIdx.z / taps, tap = blockIdx.z - conv * taps;
   const ConvGeom g = conv == 0 ? gq : gkv;
@@ -826,6 +1020,7 @@ inline int generic_wgrad_splits(int output_rows) {
 #ifndef CVT_FAST_HOST_EMULATION
 #include <cuda_runtime.h>
 
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -918,6 +1113,15 @@ bool vector_copies_ok(const at::Tensor& t, int64_t element_size) {
          t.stride(1) % per_vector == 0 && t.stride(0) % per_vector == 0;
 }
 
+// Whether a fused plan's shared memory fits this GPU (227 KB per CTA on sm_90 after opting in; the
+// largest plan, fp32 k = 5 backward with paddings (0, 4), needs 222 KB); else the generic path runs.
+bool fused_smem_fits(int smem_bytes) {
+  int device = 0, limit = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return smem_bytes <= limit;
+}
+
 // CTAs per channel chunk of a fused kernel: one resident wave over the whole GPU, at most one per item.
 template <typename Kernel>
 int fused_ctas_per_chunk(Kernel kernel, int smem_bytes, int items, int chunks) {
@@ -962,34 +1166,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_proj_forward_cuda(
   const auto wq_t = tap_major(wq), wk_t = tap_major(wk), wv_t = tap_major(wv);
   const float* biases[3] = {bq_f ? bq_f->data_ptr<float>() : nullptr, bk_f ? bk_f->data_ptr<float>() : nullptr,
                             bv_f ? bv_f->data_ptr<float>() : nullptr};
-  const int chunks = static_cast<int>(ceil_div(channels, kChunk));
+  const int generic_chunks = static_cast<int>(ceil_div(channels, kGenericChunk));
   auto stream = c10::cuda::getCurrentCUDAStream();
   CVT_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), kOp, [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
-    if (use_fused_path(kernel, gq.stride, gkv.stride, gq.padding, gkv.padding)) {
-      const FusedPlan plan = make_fused_plan(false, static_cast<int>(batch), static_cast<int>(channels), h, w, cls,
-                                             kernel, gq.padding, gkv.padding);
-      const int smem = fused_fwd_smem_bytes<scalar_t>(plan);
-      const bool vec = vector_copies_ok(x, sizeof(scalar_t));
-      auto launch = [&](auto fused_kernel) {
-        const int ctas = fused_ctas_per_chunk(fused_kernel, smem, plan.items, chunks);
-        fused_kernel<<<dim3(ctas, chunks), kThreads, smem, stream>>>(
-            xp, x.stride(0), x.stride(1), wq_t.data_ptr<float>(), wk_t.data_ptr<float>(), wv_t.data_ptr<float>(),
-            biases[0], biases[1], biases[2], qp, kp, vp, plan, vec);
-      };
-      if (kernel == 3) {
-        launch(conv_proj_fwd_fused_kernel<scalar_t, 3>);
-      } else {
-        launch(conv_proj_fwd_fused_kernel<scalar_t, 5>);
-      }
+    const FusedPlan plan = make_fused_plan(false, static_cast<int>(batch), static_cast<int>(channels), h, w, cls,
+                                           kernel, gq.padding, gkv.padding);
+    auto launch_fused = [&](auto kernel_size) {
+      constexpr int K = decltype(kernel_size)::value;
+      constexpr int L = lane_channels_for<scalar_t>(K);
+      const int smem = fused_fwd_smem_bytes<scalar_t, L>(plan);
+      if (!fused_smem_fits(smem)) return false;
+      const int chunks = static_cast<int>(ceil_div(channels, chunk_channels(L)));
+      const int ctas = fused_ctas_per_chunk(conv_proj_fwd_fused_kernel<scalar_t, K>, smem, plan.items, chunks);
+      conv_proj_fwd_fused_kernel<scalar_t, K><<<dim3(ctas, chunks), kThreads, smem, stream>>>(
+          xp, x.stride(0), x.stride(1), wq_t.data_ptr<float>(), wk_t.data_ptr<float>(), wv_t.data_ptr<float>(),
+          biases[0], biases[1], biases[2], qp, kp, vp, plan, vector_copies_ok(x, sizeof(scalar_t)));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return true;
+    };
+    if (use_fused_path(kernel, gq.stride, gkv.stride, gq.padding, gkv.padding) &&
+        (kernel == 3 ? launch_fused(std::integral_constant<int, 3>{}) : launch_fused(std::integral_constant<int, 5>{}))) {
       return;
     }
     // Generic: one launch per distinct (stride, padding), each computing every output that has it.
     auto generic = [&](const ConvGeom& g, int n_out, const float* const* ws, const float* const* bs,
                        scalar_t* const* outs) {
-      const dim3 grid(static_cast<unsigned>(ceil_div(int64_t{g.out_h} * g.out_w, kWarps)), chunks,
+      const dim3 grid(static_cast<unsigned>(ceil_div(int64_t{g.out_h} * g.out_w, kWarps)), generic_chunks,
                       static_cast<unsigned>(batch));
       conv_proj_fwd_generic_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
           xp, x.stride(0), x.stride(1), ws[0], ws[1], ws[2], bs[0], bs[1], bs[2], outs[0], outs[1], outs[2], n_out,
@@ -1051,36 +1255,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_proj_backward_cu
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const auto gq_c = grad_q.contiguous(), gk_c = grad_k.contiguous(), gv_c = grad_v.contiguous();
   const auto wq_t = tap_major(wq), wk_t = tap_major(wk), wv_t = tap_major(wv);
-  const int chunks = static_cast<int>(ceil_div(channels, kChunk));
+  const int generic_chunks = static_cast<int>(ceil_div(channels, kGenericChunk));
   auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor partial;
 
   CVT_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), kOp, [&] {
     const scalar_t *gqp = gq_c.data_ptr<scalar_t>(), *gkp = gk_c.data_ptr<scalar_t>(), *gvp = gv_c.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    if (use_fused_path(kernel, gq.stride, gkv.stride, gq.padding, gkv.padding)) {
-      const FusedPlan plan = make_fused_plan(true, static_cast<int>(batch), static_cast<int>(channels), h, w, cls,
-                                             kernel, gq.padding, gkv.padding);
-      const int smem = fused_bwd_smem_bytes<scalar_t>(plan);
+    const FusedPlan plan = make_fused_plan(true, static_cast<int>(batch), static_cast<int>(channels), h, w, cls,
+                                           kernel, gq.padding, gkv.padding);
+    auto launch_fused = [&](auto kernel_size) {
+      constexpr int K = decltype(kernel_size)::value;
+      constexpr int L = lane_channels_for<scalar_t>(K);
+      const int smem = fused_bwd_smem_bytes<scalar_t, L>(plan);
+      if (!fused_smem_fits(smem)) return false;
       const bool vec_x = vector_copies_ok(x, sizeof(scalar_t));
       const bool vec_grad = vector_copies_ok(gq_c, sizeof(scalar_t)) && vector_copies_ok(gk_c, sizeof(scalar_t)) &&
                             vector_copies_ok(gv_c, sizeof(scalar_t));
-      auto launch = [&](auto fused_kernel) {
-        const int ctas = fused_ctas_per_chunk(fused_kernel, smem, plan.items, chunks);
-        partial = at::empty({ctas, 3, taps, channels}, float_options);
-        fused_kernel<<<dim3(ctas, chunks), kThreads, smem, stream>>>(
-            gqp, gkp, gvp, xp, x.stride(0), x.stride(1), wq_t.data_ptr<float>(), wk_t.data_ptr<float>(),
-            wv_t.data_ptr<float>(), grad_x.data_ptr<scalar_t>(), partial.data_ptr<float>(), plan, vec_x, vec_grad);
-      };
-      if (kernel == 3) {
-        launch(conv_proj_bwd_fused_kernel<scalar_t, 3>);
-      } else {
-        launch(conv_proj_bwd_fused_kernel<scalar_t, 5>);
-      }
+      const int chunks = static_cast<int>(ceil_div(channels, chunk_channels(L)));
+      const int ctas = fused_ctas_per_chunk(conv_proj_bwd_fused_kernel<scalar_t, K>, smem, plan.items, chunks);
+      partial = at::empty({ctas, 3, taps, channels}, float_options);
+      conv_proj_bwd_fused_kernel<scalar_t, K><<<dim3(ctas, chunks), kThreads, smem, stream>>>(
+          gqp, gkp, gvp, xp, x.stride(0), x.stride(1), wq_t.data_ptr<float>(), wk_t.data_ptr<float>(),
+          wv_t.data_ptr<float>(), grad_x.data_ptr<scalar_t>(), partial.data_ptr<float>(), plan, vec_x, vec_grad);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return true;
+    };
+    if (use_fused_path(kernel, gq.stride, gkv.stride, gq.padding, gkv.padding) &&
+        (kernel == 3 ? launch_fused(std::integral_constant<int, 3>{}) : launch_fused(std::integral_constant<int, 5>{}))) {
       return;
     }
-    const dim3 input_grid(static_cast<unsigned>(ceil_div(height * width, kWarps)), chunks,
+    const dim3 input_grid(static_cast<unsigned>(ceil_div(height * width, kWarps)), generic_chunks,
                           static_cast<unsigned>(batch));
     conv_proj_bwd_input_generic_kernel<scalar_t><<<input_grid, kThreads, 0, stream>>>(
         gqp, gkp, gvp, wq_t.data_ptr<float>(), wk_t.data_ptr<float>(), wv_t.data_ptr<float>(),
@@ -1089,7 +1294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_proj_backward_cu
     const int splits =
         generic_wgrad_splits(static_cast<int>(batch) * std::max(gq.out_h, gkv.out_h));
     partial = at::empty({splits, 3, taps, channels}, float_options);
-    const dim3 weight_grid(splits, chunks, 3 * taps);
+    const dim3 weight_grid(splits, generic_chunks, 3 * taps);
     conv_proj_bwd_weight_generic_kernel<scalar_t><<<weight_grid, kThreads, 0, stream>>>(
         gqp, gkp, gvp, xp, x.stride(0), x.stride(1), partial.data_ptr<float>(), static_cast<int>(batch),
         static_cast<int>(channels), h, w, cls, gq, gkv);

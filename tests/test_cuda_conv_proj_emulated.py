@@ -29,8 +29,9 @@ UNIT_ROUNDOFF_FP32 = 2.0 ** -24
 
 I64, INT, PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 SIGNATURES = {
-    "emu_conv_proj_forward_ex": [INT, PTR, I64, I64] + [PTR] * 9 + [INT] * 9 + [INT, INT, PTR],
-    "emu_conv_proj_backward_ex": [INT] + [PTR] * 7 + [I64, I64, PTR, PTR] + [INT] * 9 + [INT, INT, PTR],
+    "emu_conv_proj_forward_ex": ([INT, PTR, I64, I64] + [PTR] * 9 + [INT] * 9 + [INT, INT, PTR], None),
+    "emu_conv_proj_backward_ex": ([INT] + [PTR] * 7 + [I64, I64, PTR, PTR] + [INT] * 9 + [INT, INT, PTR], None),
+    "emu_conv_proj_misaligned_pairs": ([], INT),
 }
 
 
@@ -50,9 +51,9 @@ def lib(tmp_path_factory):
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"building the emulation failed:\n{' '.join(command)}\n{result.stderr[-4000:]}"
     loaded = ctypes.CDLL(str(library))
-    for name, argtypes in SIGNATURES.items():
+    for name, (argtypes, restype) in SIGNATURES.items():
         getattr(loaded, name).argtypes = argtypes
-        getattr(loaded, name).restype = None
+        getattr(loaded, name).restype = restype
     return loaded
 
 
@@ -100,6 +101,7 @@ def emulated_forward(lib, g, x, weights, biases, ctas_per_chunk=0, vector_copies
     lib.emu_conv_proj_forward_ex(DTYPE_CODE[x.dtype], _ptr(x), x.stride(0), x.stride(1), *map(_ptr, w), *map(_ptr, b),
                                  _ptr(q), _ptr(k), _ptr(v), *g.ints(), int(vector_copies), ctas_per_chunk,
                                  ctypes.byref(path))
+    assert lib.emu_conv_proj_misaligned_pairs() == 0, "a two-channel load or store was misaligned"
     return (q, k, v), path.value == 1
 
 
@@ -113,6 +115,7 @@ def emulated_backward(lib, g, grads, x, weights, ctas_per_chunk=0, vector_copies
     lib.emu_conv_proj_backward_ex(DTYPE_CODE[x.dtype], *map(_ptr, grads), *map(_ptr, w), _ptr(x), x.stride(0),
                                   x.stride(1), _ptr(grad_x), _ptr(weight_grad), *g.ints(), int(vector_copies),
                                   ctas_per_chunk, ctypes.byref(path))
+    assert lib.emu_conv_proj_misaligned_pairs() == 0, "a two-channel load or store was misaligned"
     shape = (g.channels, 1, g.kernel, g.kernel)
     return (grad_x, *(weight_grad[i].reshape(shape) for i in range(3))), path.value == 1
 
@@ -178,18 +181,21 @@ def check_backward(lib, g, dtype, x, weights, ctas_per_chunk=0, vector_copies=Tr
 
 # batch, height, width, channels, has_cls, kernel, stride_q, stride_kv, padding_q, padding_kv; fused?
 CASES = [
-    # Fused path. 15 x 13 anchors span 2 x 1 tiles of 4 x 8; C = 40 is one full 32-channel chunk and a
-    # partial one; C = 33 takes the scalar copies; 9 x 19 with k = 5 crosses a tile column edge.
-    ((2, 15, 13, 40, False, 3, 1, 2, 1, 1), True),
+    # Fused path (k = 3: two channels per lane, 64 per CTA; k = 5: one per lane, 32 per CTA).
+    # 15 x 13 anchors span 2 x 1 tiles of 4 x 8; C = 72 is a full 64-channel chunk and a partial
+    # one; C = 33 takes the scalar copies and element stores (the last lane holds one channel);
+    # C = 18 the scalar copies with paired stores; 9 x 19 with k = 5 crosses a tile column edge.
+    ((2, 15, 13, 72, False, 3, 1, 2, 1, 1), True),
     ((2, 15, 13, 40, True, 3, 1, 2, 1, 1), True),
     ((1, 6, 5, 33, True, 3, 1, 2, 1, 1), True),
-    ((2, 9, 19, 24, True, 5, 1, 2, 2, 2), True),
+    ((1, 7, 9, 18, True, 3, 1, 2, 1, 1), True),
+    ((2, 9, 19, 40, True, 5, 1, 2, 2, 2), True),
     ((2, 1, 1, 3, True, 3, 1, 2, 1, 1), True),
     # Generic path: other strides, even and unit kernels, one shared geometry, paddings >= k.
-    ((2, 9, 11, 33, True, 5, 2, 3, 2, 0), False),
+    ((2, 9, 11, 20, True, 5, 2, 3, 2, 0), False),
     ((2, 8, 9, 8, True, 4, 1, 2, 1, 2), False),
     ((1, 7, 6, 12, False, 3, 2, 2, 1, 1), False),
-    ((1, 5, 7, 20, True, 1, 1, 2, 0, 0), False),
+    ((1, 5, 7, 33, True, 1, 1, 2, 0, 0), False),
     ((1, 4, 5, 8, False, 3, 1, 2, 3, 1), False),
 ]
 
@@ -209,16 +215,16 @@ def test_emulated_fused_path_sweeps_every_padding_pair(lib, kernel):
     # grad_q box and the anchor range all depend on the pair; 11 x 19 spans 2 x 2 tiles.
     for padding_q in range(kernel):
         for padding_kv in range(kernel):
-            g = Geometry(2, 11, 19, 12, bool(padding_q % 2), kernel, 1, 2, padding_q, padding_kv)
-            x, weights, _, _ = check_forward(lib, g, torch.float32, expect_fused=True)
-            check_backward(lib, g, torch.float32, x, weights)
+            g = Geometry(1, 11, 19, 12, bool(padding_q % 2), kernel, 1, 2, padding_q, padding_kv)
+            x, weights, _, _ = check_forward(lib, g, torch.float32, ctas_per_chunk=1, expect_fused=True)
+            check_backward(lib, g, torch.float32, x, weights, ctas_per_chunk=1)
 
 
 @pytest.mark.parametrize("ctas_per_chunk", [1, 5, 1000])
 def test_emulated_fused_item_loop_matches_reference(lib, ctas_per_chunk):
     # 3 images x 2 x 2 tiles = 12 items per chunk: one CTA walks them all; five walk 3, 3, 2, 2, 2
     # (a partial last round); or one item per CTA (the count is clamped to the items).
-    g = Geometry(3, 15, 19, 40, True, 3, 1, 2, 1, 1)
+    g = Geometry(3, 15, 19, 72, True, 3, 1, 2, 1, 1)
     x, weights, _, _ = check_forward(lib, g, torch.bfloat16, ctas_per_chunk=ctas_per_chunk, expect_fused=True)
     check_backward(lib, g, torch.bfloat16, x, weights, ctas_per_chunk=ctas_per_chunk)
 

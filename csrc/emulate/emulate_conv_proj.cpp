@@ -9,6 +9,7 @@
 #include "emulate_common.h"
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -39,6 +40,16 @@ bool vector_copies_ok(const void* p, int64_t batch_stride, int64_t token_stride,
 
 int ctas_for(int requested, int items) { return std::max(1, std::min(items, requested > 0 ? requested : 2)); }
 
+// f(std::integral_constant<int, K>) for the kernel sizes the fused kernels are instantiated for.
+template <typename F>
+void with_kernel_size(int kernel, F&& f) {
+  if (kernel == 3) {
+    f(std::integral_constant<int, 3>{});
+  } else {
+    f(std::integral_constant<int, 5>{});
+  }
+}
+
 }  // namespace
 
 // path_out (may be null): 1 when the fused kernels ran, 0 for the generic ones.
@@ -50,7 +61,7 @@ extern "C" void emu_conv_proj_forward_ex(int dtype, const void* x, int64_t x_sb,
                                          int* path_out) {
   const ConvGeom gq = make_geom(height, width, kernel, stride_q, padding_q);
   const ConvGeom gkv = make_geom(height, width, kernel, stride_kv, padding_kv);
-  const int chunks = div_up(channels, kChunk);
+  const int generic_chunks = div_up(channels, kGenericChunk);
   const bool fused = use_fused_path(kernel, stride_q, stride_kv, padding_q, padding_kv);
   if (path_out != nullptr) *path_out = fused ? 1 : 0;
   cvt_emu::with_dtype(dtype, [&](auto tag) {
@@ -60,15 +71,19 @@ extern "C" void emu_conv_proj_forward_ex(int dtype, const void* x, int64_t x_sb,
     if (fused) {
       const FusedPlan plan = make_fused_plan(false, batch, channels, height, width, cls, kernel, padding_q, padding_kv);
       const bool vec = allow_vector_copies && vector_copies_ok<scalar_t>(x, x_sb, x_st, channels);
-      const DynamicSmem smem(fused_fwd_smem_bytes<scalar_t>(plan));
-      const dim3 grid(ctas_for(ctas_per_chunk, plan.items), chunks);
-      auto kernel_fn = kernel == 3 ? &conv_proj_fwd_fused_kernel<scalar_t, 3> : &conv_proj_fwd_fused_kernel<scalar_t, 5>;
-      cvt_emu::launch(grid, dim3(kThreads), kernel_fn, xp, x_sb, x_st, wq, wk, wv, bq, bk, bv, qp, kp, vp, plan, vec);
+      with_kernel_size(kernel, [&](auto kernel_size) {
+        constexpr int K = decltype(kernel_size)::value;
+        constexpr int L = lane_channels_for<scalar_t>(K);
+        const DynamicSmem smem(fused_fwd_smem_bytes<scalar_t, L>(plan));
+        const dim3 grid(ctas_for(ctas_per_chunk, plan.items), div_up(channels, chunk_channels(L)));
+        cvt_emu::launch(grid, dim3(kThreads), &conv_proj_fwd_fused_kernel<scalar_t, K>, xp, x_sb, x_st, wq, wk, wv,
+                        bq, bk, bv, qp, kp, vp, plan, vec);
+      });
       return;
     }
     auto generic = [&](const ConvGeom& g, int n_out, const float* const* ws, const float* const* bs,
                        scalar_t* const* outs) {
-      const dim3 grid(div_up(g.out_h * g.out_w, kWarps), chunks, batch);
+      const dim3 grid(div_up(g.out_h * g.out_w, kWarps), generic_chunks, batch);
       cvt_emu::launch(grid, dim3(kThreads), &conv_proj_fwd_generic_kernel<scalar_t>, xp, x_sb, x_st, ws[0], ws[1],
                       ws[2], bs[0], bs[1], bs[2], outs[0], outs[1], outs[2], n_out, channels, height, width, cls, g);
     };
@@ -94,7 +109,7 @@ extern "C" void emu_conv_proj_backward_ex(int dtype, const void* grad_q, const v
   const ConvGeom gq = make_geom(height, width, kernel, stride_q, padding_q);
   const ConvGeom gkv = make_geom(height, width, kernel, stride_kv, padding_kv);
   const int taps = kernel * kernel;
-  const int chunks = div_up(channels, kChunk);
+  const int generic_chunks = div_up(channels, kGenericChunk);
   const bool fused = use_fused_path(kernel, stride_q, stride_kv, padding_q, padding_kv);
   if (path_out != nullptr) *path_out = fused ? 1 : 0;
   std::vector<float> partial;
@@ -114,25 +129,34 @@ extern "C" void emu_conv_proj_backward_ex(int dtype, const void* grad_q, const v
                             vector_copies_ok<scalar_t>(grad_v, tokens_kv * channels, channels, channels);
       partial_rows = ctas_for(ctas_per_chunk, plan.items);
       partial.assign(static_cast<size_t>(partial_rows) * 3 * taps * channels, std::nanf(""));
-      const DynamicSmem smem(fused_bwd_smem_bytes<scalar_t>(plan));
-      auto kernel_fn = kernel == 3 ? &conv_proj_bwd_fused_kernel<scalar_t, 3> : &conv_proj_bwd_fused_kernel<scalar_t, 5>;
-      cvt_emu::launch(dim3(partial_rows, chunks), dim3(kThreads), kernel_fn, gqp, gkp, gvp, xp, x_sb, x_st, wq, wk,
-                      wv, gxp, partial.data(), plan, vec_x, vec_grad);
+      with_kernel_size(kernel, [&](auto kernel_size) {
+        constexpr int K = decltype(kernel_size)::value;
+        constexpr int L = lane_channels_for<scalar_t>(K);
+        const DynamicSmem smem(fused_bwd_smem_bytes<scalar_t, L>(plan));
+        cvt_emu::launch(dim3(partial_rows, div_up(channels, chunk_channels(L))), dim3(kThreads),
+                        &conv_proj_bwd_fused_kernel<scalar_t, K>, gqp, gkp, gvp, xp, x_sb, x_st, wq, wk, wv, gxp,
+                        partial.data(), plan, vec_x, vec_grad);
+      });
       return;
     }
-    cvt_emu::launch(dim3(div_up(height * width, kWarps), chunks, batch), dim3(kThreads),
+    cvt_emu::launch(dim3(div_up(height * width, kWarps), generic_chunks, batch), dim3(kThreads),
                     &conv_proj_bwd_input_generic_kernel<scalar_t>, gqp, gkp, gvp, wq, wk, wv, gxp, channels, height,
                     width, cls, gq, gkv);
     partial_rows = generic_wgrad_splits(batch * std::max(gq.out_h, gkv.out_h));
     partial.assign(static_cast<size_t>(partial_rows) * 3 * taps * channels, std::nanf(""));
-    cvt_emu::launch(dim3(partial_rows, chunks, 3 * taps), dim3(kThreads), &conv_proj_bwd_weight_generic_kernel<scalar_t>,
+    cvt_emu::launch(dim3(partial_rows, generic_chunks, 3 * taps), dim3(kThreads),
+                    &conv_proj_bwd_weight_generic_kernel<scalar_t>,
                     gqp, gkp, gvp, xp, x_sb, x_st, partial.data(), batch, channels, height, width, cls, gq, gkv);
   });
+  // Two blocks (the wrapper: one per 32 entries) run the kernel's block-stride loop at few OS threads.
   const int64_t per_conv = int64_t{channels} * taps;
-  cvt_emu::launch(dim3(div_up(3 * taps * channels, 32)), dim3(kThreads), &conv_proj_wgrad_reduce_kernel,
+  cvt_emu::launch(dim3(2), dim3(kThreads), &conv_proj_wgrad_reduce_kernel,
                   static_cast<const float*>(partial.data()), partial_rows, taps, channels, weight_grad,
                   weight_grad + per_conv, weight_grad + 2 * per_conv);
 }
+
+// How many pair loads or stores of the fused kernels were misaligned since the last call (must be 0).
+extern "C" int emu_conv_proj_misaligned_pairs() { return g_emulated_misaligned_pairs.exchange(0); }
 
 // The entry points tests/test_cuda_extension.py binds (default CTA count, 16-byte copies where
 // the data allows); its backward takes the weight gradients tap-major, (3, k*k, C).
