@@ -44,11 +44,14 @@ def ptxas_report(tmp_path_factory):
     nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("no nvcc (set CUDA_HOME to a CUDA toolkit) to compile csrc/conv_proj.cu for sm_90")
-    from torch.utils.cpp_extension import include_paths
+    from torch.utils import cpp_extension
 
+    # The flags setup.py builds the extension with (torch adds its COMMON_NVCC_FLAGS, e.g. no
+    # implicit half conversions), for sm_90 only and stopping at the cubin.
+    torch_flags = getattr(cpp_extension, "COMMON_NVCC_FLAGS", ["--expt-relaxed-constexpr"])
     out = tmp_path_factory.mktemp("ptxas") / "conv_proj.cubin"
-    command = [nvcc, "-arch=sm_90", "-cubin", "-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr",
-               "-Xptxas=-v", f"-I{CSRC}", *(f"-I{p}" for p in include_paths()),
+    command = [nvcc, "-arch=sm_90", "-cubin", "-O3", "-std=c++20", "--use_fast_math", *torch_flags,
+               "-Xptxas=-v", f"-I{CSRC}", *(f"-I{p}" for p in cpp_extension.include_paths()),
                f"-I{sysconfig.get_paths()['include']}", "-o", str(out), str(CSRC / "conv_proj.cu")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, f"nvcc failed:\n{' '.join(command)}\n{result.stderr[-4000:]}"
