@@ -191,6 +191,9 @@ CASES = [
     ((1, 7, 9, 18, True, 3, 1, 2, 1, 1), True),
     ((2, 9, 19, 40, True, 5, 1, 2, 2, 2), True),
     ((2, 1, 1, 3, True, 3, 1, 2, 1, 1), True),
+    # 16 x 16: the backward's x-position anchors (shifted by padding_kv) need one more tile row and
+    # column than the outputs do, as at CvT-13 stage 1 (56 x 56).
+    ((1, 16, 16, 24, False, 3, 1, 2, 1, 1), True),
     # Generic path: other strides, even and unit kernels, one shared geometry, paddings >= k.
     ((2, 9, 11, 20, True, 5, 2, 3, 2, 0), False),
     ((2, 8, 9, 8, True, 4, 1, 2, 1, 2), False),
