@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-_SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+from cvt_fast.ops.contract import output_size
 
 # Block choices. BLOCK_C = 64 channels: 128 contiguous bytes in bf16 per row (a full
 # transaction) and divides every CvT width (64, 192, 384, 768, 1024). GPU tiles are 4 x 4
@@ -527,74 +527,29 @@ def _bwd_generic_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _out_size(n: int, k: int, stride: int, padding: int) -> int:
-    return (n + 2 * padding - k) // stride + 1
-
-
-def _check_device(x: torch.Tensor) -> None:
-    if x.device.type == "cuda":
-        return
+def _check_launch(x: torch.Tensor, weights, padding_q: int, padding_kv: int) -> int:
+    """What these kernels need to launch; returns the kernel size. The inputs themselves were
+    checked by the op that calls them (cvt_fast/ops/contract.py): shapes, dtypes, devices and
+    the grid's fit are trusted here."""
     if x.device.type == "cpu":
         if not _interpreting():
             raise RuntimeError(
                 "conv_proj Triton kernels got CPU tensors but Triton's interpreter is off: set "
                 "TRITON_INTERPRET=1 in the environment before importing triton / cvt_fast.kernels, "
                 "or pass CUDA tensors")
-        return
-    raise ValueError(f"conv_proj Triton kernels run on 'cuda' (or 'cpu' under TRITON_INTERPRET=1), "
-                     f"got device {x.device}")
-
-
-def _check_common(x: torch.Tensor, weights, height: int, width: int, has_cls: bool,
-                  stride_q: int, stride_kv: int, padding_q: int, padding_kv: int) -> int:
-    """Validate what forward and backward share; returns the kernel size."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"x dtype {x.dtype} is not supported; expected one of {_SUPPORTED_DTYPES}")
-    if x.dim() != 3:
-        raise ValueError(f"x must be (B, T, C) tokens, got shape {tuple(x.shape)}")
-    for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not isinstance(has_cls, bool):
-        raise TypeError(f"has_cls must be a bool, got {has_cls!r}")
-    expected_t = int(has_cls) + height * width
-    if x.shape[1] != expected_t:
-        raise ValueError(f"x has {x.shape[1]} tokens, expected has_cls + height * width = "
-                         f"{int(has_cls)} + {height}*{width} = {expected_t}")
-    channels = x.shape[2]
-    if x.stride(2) != 1:
-        raise ValueError(f"x must have contiguous channels (stride 1 on the last dim), got strides {x.stride()}")
-    _check_device(x)
-    kernel = None
-    for name, w in weights:
-        if not isinstance(w, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
-        if w.dim() != 4 or w.shape[0] != channels or w.shape[1] != 1 or w.shape[2] != w.shape[3]:
-            raise ValueError(f"{name} must be a depthwise weight (C, 1, k, k) = ({channels}, 1, k, k), "
-                             f"got shape {tuple(w.shape)}")
-        if w.dtype != x.dtype:
-            raise TypeError(f"{name} dtype {w.dtype} does not match x dtype {x.dtype}")
-        if w.device != x.device:
-            raise ValueError(f"{name} is on {w.device}, x is on {x.device}")
-        if kernel is None:
-            kernel = w.shape[2]
-        elif w.shape[2] != kernel:
-            raise ValueError(f"all three weights must have the same kernel size; {name} has "
-                             f"{w.shape[2]}, expected {kernel}")
-    if kernel % 2 != 1:
-        raise ValueError(f"kernel size must be odd, got {kernel}")
-    for name, value in (("stride_q", stride_q), ("stride_kv", stride_kv)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    for name, value in (("padding_q", padding_q), ("padding_kv", padding_kv)):
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < kernel:
-            raise ValueError(f"{name} must be an int in [0, {kernel}) for kernel size {kernel}, got {value!r}")
-    for name, stride, padding in (("q", stride_q, padding_q), ("k/v", stride_kv, padding_kv)):
-        if _out_size(height, kernel, stride, padding) < 1 or _out_size(width, kernel, stride, padding) < 1:
-            raise ValueError(f"the {height}x{width} grid is smaller than the {kernel}x{kernel} kernel "
-                             f"with padding {padding}: the {name} output would be empty")
+    elif x.device.type != "cuda":
+        raise ValueError(f"conv_proj Triton kernels run on 'cuda' (or 'cpu' under TRITON_INTERPRET=1), "
+                         f"got device {x.device}")
+    # One kernel size K is a compile-time constant of all three branches; odd, so that the tap
+    # ranges of the parity decomposition are symmetric; padding below K keeps every tap range
+    # non-empty.
+    sizes = tuple(w.shape[-1] for w in weights)
+    kernel = sizes[0]
+    if len(set(sizes)) != 1 or kernel % 2 != 1:
+        raise ValueError(f"the Triton conv_proj kernels need one odd kernel size for q, k and v, got {sizes}")
+    for name, padding in (("padding_q", padding_q), ("padding_kv", padding_kv)):
+        if not padding < kernel:
+            raise ValueError(f"{name} must be below the kernel size {kernel} for the Triton kernels, got {padding}")
     return kernel
 
 
@@ -630,26 +585,14 @@ def conv_proj_forward(
     x: (B, has_cls + height*width, C), channels contiguous; weights (C, 1, k, k), odd k, the same
     for all three; biases (C,) or None; all in x's dtype and on its device. Returns contiguous
     q (B, has_cls + Hq*Wq, C), k and v (B, has_cls + Hk*Wk, C) in x's dtype (fp32 accumulation).
+    Inputs as the op checks them (cvt_fast.ops.contract.check_conv_proj); only the launch is checked here.
     """
-    kernel = _check_common(x, (("weight_q", weight_q), ("weight_k", weight_k), ("weight_v", weight_v)),
-                           height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
+    kernel = _check_launch(x, (weight_q, weight_k, weight_v), padding_q, padding_kv)
     channels = x.shape[2]
-    for name, bias in (("bias_q", bias_q), ("bias_k", bias_k), ("bias_v", bias_v)):
-        if bias is None:
-            continue
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.shape != (channels,):
-            raise ValueError(f"{name} must have shape ({channels},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{name} dtype {bias.dtype} does not match x dtype {x.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"{name} is on {bias.device}, x is on {x.device}")
-
     batch = x.shape[0]
     cls = int(has_cls)
-    hq, wq = _out_size(height, kernel, stride_q, padding_q), _out_size(width, kernel, stride_q, padding_q)
-    hk, wk = _out_size(height, kernel, stride_kv, padding_kv), _out_size(width, kernel, stride_kv, padding_kv)
+    hq, wq = output_size(height, kernel, stride_q, padding_q), output_size(width, kernel, stride_q, padding_q)
+    hk, wk = output_size(height, kernel, stride_kv, padding_kv), output_size(width, kernel, stride_kv, padding_kv)
     q = torch.empty((batch, cls + hq * wq, channels), dtype=x.dtype, device=x.device)
     k = torch.empty((batch, cls + hk * wk, channels), dtype=x.dtype, device=x.device)
     v = torch.empty_like(k)
@@ -715,33 +658,18 @@ def conv_proj_backward(
     output that received none (treated as zeros). grad_x has x's shape and dtype and includes
     the cls row (grad_q[:, 0] + grad_k[:, 0] + grad_v[:, 0]); grad weights are (C, 1, k, k),
     accumulated in fp32 over batch and positions, returned in the weights' dtype. Bias
-    gradients are not computed here (they are sums of the output gradients over tokens).
+    gradients are not computed here (they are sums of the output gradients over tokens). Inputs as
+    the op checks them (cvt_fast.ops.contract.check_conv_proj_backward); only the launch is checked here.
     """
-    kernel = _check_common(x, (("weight_q", weight_q), ("weight_k", weight_k), ("weight_v", weight_v)),
-                           height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
+    kernel = _check_launch(x, (weight_q, weight_k, weight_v), padding_q, padding_kv)
     batch, _, channels = x.shape
     cls = int(has_cls)
-    hq, wq = _out_size(height, kernel, stride_q, padding_q), _out_size(width, kernel, stride_q, padding_q)
-    hk, wk = _out_size(height, kernel, stride_kv, padding_kv), _out_size(width, kernel, stride_kv, padding_kv)
-    expected = {"grad_q": (batch, cls + hq * wq, channels), "grad_k": (batch, cls + hk * wk, channels),
-                "grad_v": (batch, cls + hk * wk, channels)}
-    grads = {}
-    for name, g in (("grad_q", grad_q), ("grad_k", grad_k), ("grad_v", grad_v)):
-        if g is None:
-            grads[name] = None
-            continue
-        if not isinstance(g, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(g).__name__}")
-        if tuple(g.shape) != expected[name]:
-            raise ValueError(f"{name} has shape {tuple(g.shape)}, expected {expected[name]}")
-        if g.dtype != x.dtype:
-            raise TypeError(f"{name} dtype {g.dtype} does not match x dtype {x.dtype}")
-        if g.device != x.device:
-            raise ValueError(f"{name} is on {g.device}, x is on {x.device}")
-        grads[name] = g.contiguous()
+    hq, wq = output_size(height, kernel, stride_q, padding_q), output_size(width, kernel, stride_q, padding_q)
+    hk, wk = output_size(height, kernel, stride_kv, padding_kv), output_size(width, kernel, stride_kv, padding_kv)
+    # The kernels index the output gradients densely (token * C + channel).
+    gq, gk, gv = (None if g is None else g.contiguous() for g in (grad_q, grad_k, grad_v))
     # The kernels treat k and v as one branch (same grid); a missing grad_k with a present
     # grad_v is handled by swapping the pair's roles, which is symmetric.
-    gq, gk, gv = grads["grad_q"], grads["grad_k"], grads["grad_v"]
     wk_, wv_ = weight_k, weight_v
     swapped = gk is None and gv is not None
     if swapped:
