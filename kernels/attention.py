@@ -372,7 +372,8 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> trit
 
 # bf16/fp16 on the GPU: short autotune lists (every config is compiled once per shape and
 # dtype), split by head dim because the register budget is what limits the tiles. Every
-# config listed compiles for sm_90 without register spills (checked with cuobjdump).
+# config listed compiles for sm_90 without register spills and with every 16-bit tl.dot on
+# wgmma (checked in CI without a GPU: bench/kernels_report.py, tests/test_kernels_report.py).
 # - forward: BLOCK_M=128 x BLOCK_N=64, 4 warps, 3 stages is the usual Hopper/Ampere
 #   choice for d=64 (q tile and accumulator in registers, three K/V tiles in flight in
 #   shared memory); BLOCK_M=64 doubles the number of programs, which matters for CvT
@@ -389,8 +390,10 @@ _GPU_CONFIGS = {
         128: [_config(128, 64, 8, 2), _config(64, 64, 4, 3), _config(64, 32, 4, 3)],
     },
     "dkdv": {
-        # 32-row K/V tiles give CvT stage 1 (Nkv=784, H=1) enough programs at small batch.
-        64: [_config(32, 128, 8, 3), _config(64, 64, 4, 3), _config(32, 64, 4, 3), _config(32, 32, 4, 3)],
+        # Every dot here has BLOCK_N (the owned K/V rows) as its M dimension, and Hopper's wgmma
+        # needs 64 rows per warp group: a 32-row K/V tile (once listed for more programs at CvT
+        # stage 1, Nkv=784, H=1, small batch) compiles to mma.sync instead (bench/kernels_report.py).
+        64: [_config(32, 128, 8, 3), _config(64, 64, 4, 3), _config(32, 64, 4, 3)],
         128: [_config(32, 64, 8, 3), _config(64, 64, 8, 2)],
     },
     "dq": {
@@ -422,21 +425,26 @@ _TUNED = {} if _INTERPRET else {
 
 
 def _launch(name: str, grid, args: tuple, head_dim: int, dtype: torch.dtype, **constexprs) -> None:
-    """Launch kernel `name` with the config for this device and dtype; grid(meta) -> launch grid."""
+    """Launch kernel `name` with the config for this device and dtype; grid(meta) -> launch grid.
+    With _run below, the only places this module launches kernels (bench/kernels_report.py
+    records the launches there to compile them ahead of time)."""
     if _INTERPRET or dtype == torch.float32:
         cfg = _INTERPRETER_CONFIGS[name] if _INTERPRET else _GPU_FP32_CONFIG
         launch = {} if _INTERPRET else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-        _KERNELS[name][grid(cfg.kwargs)](*args, HEAD_DIM=head_dim, **cfg.kwargs, **constexprs, **launch)
+        _run(_KERNELS[name], grid(cfg.kwargs), args, HEAD_DIM=head_dim, **cfg.kwargs, **constexprs, **launch)
     else:
         _TUNED[(name, 64 if head_dim <= 64 else 128)][grid](*args, HEAD_DIM=head_dim, **constexprs)
+
+
+def _run(kernel, grid: tuple, args: tuple, **meta) -> None:
+    """Launch one kernel with fixed meta-parameters (constexprs, num_warps, num_stages)."""
+    kernel[grid](*args, **meta)
 
 
 # --------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------
-def _check_launch(q: torch.Tensor) -> None:
-    """What these kernels need to launch. The inputs themselves were checked by the op that
-    calls them (cvt_fast/ops/contract.py): shapes, dtypes, devices and strides are trusted here."""
+def _check_device(q: torch.Tensor) -> None:
     if q.device.type == "cpu":
         if not _INTERPRET:
             raise ValueError(
@@ -445,6 +453,12 @@ def _check_launch(q: torch.Tensor) -> None:
     elif q.device.type != "cuda":
         raise ValueError(f"q is on device {q.device}; the Triton attention kernels take CUDA tensors "
                          f"(or CPU tensors under TRITON_INTERPRET=1)")
+
+
+def _check_launch(q: torch.Tensor) -> None:
+    """What these kernels need to launch. The inputs themselves were checked by the op that
+    calls them (cvt_fast/ops/contract.py): shapes, dtypes, devices and strides are trusted here."""
+    _check_device(q)
     head_dim = q.shape[-1]
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim d={head_dim} is not supported by the Triton attention kernels; "
@@ -532,6 +546,10 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     _check_launch(q)
     B, Nq, H, d = q.shape
     Nkv = k.shape[1]
+    if grad_out.stride(-1) != 1:
+        # The kernels read rows of grad_out contiguously; autograd may hand over an expanded
+        # gradient (e.g. of out.sum(), all strides 0): only then is a copy made.
+        grad_out = grad_out.contiguous()
 
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
@@ -546,22 +564,18 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     delta = torch.empty((B, H, Nq), dtype=torch.float64 if is_fp64 else torch.float32, device=q.device)
     with _device_guard(q):
         delta_block = _INTERPRETER_CONFIGS["fwd"].kwargs["BLOCK_M"] if _INTERPRET else _DELTA_BLOCK_M
-        _attn_bwd_delta_kernel[(triton.cdiv(Nq, delta_block), B * H)](
-            out, grad_out, delta,
-            out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
-            H, Nq,
-            HEAD_DIM=d, BLOCK_M=delta_block, ACC_DTYPE=flags["ACC_DTYPE"],
-            **({} if _INTERPRET else {"num_warps": _DELTA_NUM_WARPS}),
-        )
+        _run(_attn_bwd_delta_kernel, (triton.cdiv(Nq, delta_block), B * H),
+             (out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), H, Nq),
+             HEAD_DIM=d, BLOCK_M=delta_block, ACC_DTYPE=flags["ACC_DTYPE"],
+             **({} if _INTERPRET else {"num_warps": _DELTA_NUM_WARPS}))
         if is_fp64:
             # fp64 runs only under the interpreter (rejected on the GPU by _check_launch).
             lse_rows = torch.empty((B, H, Nq), dtype=torch.float64, device=q.device)
             blocks = _INTERPRETER_CONFIGS["fwd"].kwargs
-            _attn_bwd_lse2_kernel[(triton.cdiv(Nq, blocks["BLOCK_M"]), B * H)](
-                q, k, lse_rows,
-                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                H, Nq, Nkv, qk_hi, qk_lo,
-                HEAD_DIM=d, **blocks, **flags)
+            _run(_attn_bwd_lse2_kernel, (triton.cdiv(Nq, blocks["BLOCK_M"]), B * H),
+                 (q, k, lse_rows, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                  H, Nq, Nkv, qk_hi, qk_lo),
+                 HEAD_DIM=d, **blocks, **flags)
         else:
             lse_rows = lse
         common = (

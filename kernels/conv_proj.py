@@ -19,7 +19,9 @@
 # every accumulator that uses it (a q parity sub-tile or k/v at the matching tap). Registers
 # hold six fp32 accumulators [TILE_H*TILE_W, BLOCK_C] (4 q parities, k, v) and the current x
 # tile; nothing goes through shared memory explicitly. Loads are vectorised along C, which is
-# contiguous. Other stride combinations use `_fwd_generic_kernel`: one program per output tile
+# contiguous; the host passes the weights tap-major, (K*K, C), so a tap's weights for the
+# channel block are one contiguous load too (in the (C, K*K) layout of nn.Conv2d they would be
+# gathers K*K apart). Other stride combinations use `_fwd_generic_kernel`: one program per output tile
 # of one grid, one load per tap feeding every branch that shares that (stride, padding).
 #
 # Tiling, backward. Gather formulation (no atomics): a program owns a tile of x positions and
@@ -76,29 +78,25 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _tap_accumulate(acc, xv, w_ptr, c, cmask, DY: tl.constexpr, DX: tl.constexpr, K: tl.constexpr):
-    """acc += xv * w[:, DY, DX] when (DY, DX) is a tap of the k x k kernel (decided at compile time)."""
+def _tap_accumulate(acc, xv, w_ptr, C, c, cmask, DY: tl.constexpr, DX: tl.constexpr, K: tl.constexpr):
+    """acc += xv * w[:, DY, DX] when (DY, DX) is a tap of the k x k kernel (decided at compile time).
+    w_ptr: the weights tap-major, (K*K, C), so one tap's channels are one contiguous vector load."""
     if DY >= 0:
         if DY < K:
             if DX >= 0:
                 if DX < K:
-                    w = tl.load(w_ptr + c * (K * K) + (DY * K + DX), mask=cmask, other=0.0).to(acc.dtype)
+                    w = tl.load(w_ptr + (DY * K + DX) * C + c, mask=cmask, other=0.0).to(acc.dtype)
                     acc += xv * w[None, :]
     return acc
 
 
 @triton.jit
-def _tap_backward(gx, gw, xv, g, w_ptr, c, cmask, kk,
-                  DY: tl.constexpr, DX: tl.constexpr, K: tl.constexpr):
-    """For a valid tap: gx += g * w[:, DY, DX] and row DY*K+DX of gw += sum over positions of x * g."""
-    if DY >= 0:
-        if DY < K:
-            if DX >= 0:
-                if DX < K:
-                    w = tl.load(w_ptr + c * (K * K) + (DY * K + DX), mask=cmask, other=0.0).to(gx.dtype)
-                    gx += g * w[None, :]
-                    part = tl.sum(xv * g, axis=0)
-                    gw += tl.where(kk[:, None] == DY * K + DX, part[None, :], 0.0)
+def _tap_backward(gx, gw, xv, g, w_ptr, C, c, cmask, kk, tap):
+    """gx += g * w[:, tap] and row `tap` of gw += sum over positions of x * g (w tap-major, (K*K, C))."""
+    w = tl.load(w_ptr + tap * C + c, mask=cmask, other=0.0).to(gx.dtype)
+    gx += g * w[None, :]
+    part = tl.sum(xv * g, axis=0)
+    gw += tl.where(kk[:, None] == tap, part[None, :], 0.0)
     return gx, gw
 
 
@@ -145,12 +143,12 @@ def _fwd_s1s2_kernel(
             offs = (HAS_CLS + xr * W + xc).to(tl.int64) * x_stride_t
             xv = tl.load(x_base + offs[:, None] + c[None, :], mask=ok[:, None] & cmask[None, :],
                          other=0.0).to(ACC)
-            q00 = _tap_accumulate(q00, xv, wq_ptr, c, cmask, ty - R_OFF + PQ, tx - R_OFF + PQ, K)
-            q01 = _tap_accumulate(q01, xv, wq_ptr, c, cmask, ty - R_OFF + PQ, tx - R_OFF - 1 + PQ, K)
-            q10 = _tap_accumulate(q10, xv, wq_ptr, c, cmask, ty - R_OFF - 1 + PQ, tx - R_OFF + PQ, K)
-            q11 = _tap_accumulate(q11, xv, wq_ptr, c, cmask, ty - R_OFF - 1 + PQ, tx - R_OFF - 1 + PQ, K)
-            kacc = _tap_accumulate(kacc, xv, wk_ptr, c, cmask, ty - R_OFF + PKV, tx - R_OFF + PKV, K)
-            vacc = _tap_accumulate(vacc, xv, wv_ptr, c, cmask, ty - R_OFF + PKV, tx - R_OFF + PKV, K)
+            q00 = _tap_accumulate(q00, xv, wq_ptr, C, c, cmask, ty - R_OFF + PQ, tx - R_OFF + PQ, K)
+            q01 = _tap_accumulate(q01, xv, wq_ptr, C, c, cmask, ty - R_OFF + PQ, tx - R_OFF - 1 + PQ, K)
+            q10 = _tap_accumulate(q10, xv, wq_ptr, C, c, cmask, ty - R_OFF - 1 + PQ, tx - R_OFF + PQ, K)
+            q11 = _tap_accumulate(q11, xv, wq_ptr, C, c, cmask, ty - R_OFF - 1 + PQ, tx - R_OFF - 1 + PQ, K)
+            kacc = _tap_accumulate(kacc, xv, wk_ptr, C, c, cmask, ty - R_OFF + PKV, tx - R_OFF + PKV, K)
+            vacc = _tap_accumulate(vacc, xv, wv_ptr, C, c, cmask, ty - R_OFF + PKV, tx - R_OFF + PKV, K)
 
     if HAS_BQ:
         bias = tl.load(bq_ptr + c, mask=cmask, other=0.0).to(ACC)
@@ -223,11 +221,11 @@ def _fwd_generic_kernel(
             offs = (HAS_CLS + xr * W + xc).to(tl.int64) * x_stride_t
             xv = tl.load(x_base + offs[:, None] + c[None, :], mask=ok[:, None] & cmask[None, :],
                          other=0.0).to(ACC)
-            acc0 = _tap_accumulate(acc0, xv, w0_ptr, c, cmask, dy, dx, K)
+            acc0 = _tap_accumulate(acc0, xv, w0_ptr, C, c, cmask, dy, dx, K)
             if NUM_OUT >= 2:
-                acc1 = _tap_accumulate(acc1, xv, w1_ptr, c, cmask, dy, dx, K)
+                acc1 = _tap_accumulate(acc1, xv, w1_ptr, C, c, cmask, dy, dx, K)
             if NUM_OUT >= 3:
-                acc2 = _tap_accumulate(acc2, xv, w2_ptr, c, cmask, dy, dx, K)
+                acc2 = _tap_accumulate(acc2, xv, w2_ptr, C, c, cmask, dy, dx, K)
 
     if HAS_B0:
         acc0 += tl.load(b0_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
@@ -355,7 +353,7 @@ def _bwd_s1s2_kernel(
                 for tap in range(K * K):
                     dy = tap // K
                     dx = tap % K
-                    w = tl.load(wq_ptr + c * (K * K) + tap, mask=cmask, other=0.0).to(ACC)
+                    w = tl.load(wq_ptr + tap * C + c, mask=cmask, other=0.0).to(ACC)
                     prod = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
                     for pi in tl.static_range(2):
                         orow = 2 * a + (pi + PQ - dy)
@@ -390,13 +388,13 @@ def _bwd_s1s2_kernel(
                                 tok = (HAS_CLS + orow * Wk + ocol).to(tl.int64)
                                 gk = tl.load(gk_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
                                              other=0.0).to(ACC)
-                                w = tl.load(wk_ptr + c * (K * K) + tap, mask=cmask, other=0.0).to(ACC)
+                                w = tl.load(wk_ptr + tap * C + c, mask=cmask, other=0.0).to(ACC)
                                 delta += gk * w[None, :]
                                 gwk += tl.where(kk[:, None] == tap, tl.sum(xv * gk, axis=0)[None, :], 0.0)
                                 if HAS_GV:
                                     gv = tl.load(gv_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
                                                  other=0.0).to(ACC)
-                                    w = tl.load(wv_ptr + c * (K * K) + tap, mask=cmask, other=0.0).to(ACC)
+                                    w = tl.load(wv_ptr + tap * C + c, mask=cmask, other=0.0).to(ACC)
                                     delta += gv * w[None, :]
                                     gwv += tl.where(kk[:, None] == tap, tl.sum(xv * gv, axis=0)[None, :], 0.0)
                         g00, g01, g10, g11 = _add4(pi, pj, g00, g01, g10, g11, delta)
@@ -482,36 +480,39 @@ def _bwd_generic_kernel(
             gq_base = gq_ptr + img64 * tq * C
             gk_base = gk_ptr + img64 * tk * C
             gv_base = gv_ptr + img64 * tk * C
-            for dy in tl.static_range(K):
-                for dx in tl.static_range(K):
-                    if HAS_GQ:
-                        # x(r) is read by q(o) at tap dy iff o*SQ = r + PQ - dy; masked lanes
-                        # (negative numerators) never load, so C-style % and // are harmless.
-                        nr = r + PQ - dy
-                        nc = s + PQ - dx
-                        orow = nr // SQ
-                        ocol = nc // SQ
-                        ok = ok_x & (nr >= 0) & (nc >= 0) & (nr % SQ == 0) & (nc % SQ == 0) \
-                            & (orow < Hq) & (ocol < Wq)
-                        tok = (HAS_CLS + orow * Wq + ocol).to(tl.int64)
-                        g = tl.load(gq_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
+            # A runtime tap loop, as in the s1s2 backward: unrolled, the compiler hoists every
+            # tap's gradient loads at once and spills (16-bit inputs: 255 registers).
+            for tap in range(K * K):
+                dy = tap // K
+                dx = tap % K
+                if HAS_GQ:
+                    # x(r) is read by q(o) at tap dy iff o*SQ = r + PQ - dy; masked lanes
+                    # (negative numerators) never load, so C-style % and // are harmless.
+                    nr = r + PQ - dy
+                    nc = s + PQ - dx
+                    orow = nr // SQ
+                    ocol = nc // SQ
+                    ok = ok_x & (nr >= 0) & (nc >= 0) & (nr % SQ == 0) & (nc % SQ == 0) \
+                        & (orow < Hq) & (ocol < Wq)
+                    tok = (HAS_CLS + orow * Wq + ocol).to(tl.int64)
+                    g = tl.load(gq_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
+                                other=0.0).to(ACC)
+                    gx, gwq = _tap_backward(gx, gwq, xv, g, wq_ptr, C, c, cmask, kk, tap)
+                if HAS_GKV:
+                    nr = r + PKV - dy
+                    nc = s + PKV - dx
+                    orow = nr // SKV
+                    ocol = nc // SKV
+                    ok = ok_x & (nr >= 0) & (nc >= 0) & (nr % SKV == 0) & (nc % SKV == 0) \
+                        & (orow < Hk) & (ocol < Wk)
+                    tok = (HAS_CLS + orow * Wk + ocol).to(tl.int64)
+                    g = tl.load(gk_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
+                                other=0.0).to(ACC)
+                    gx, gwk = _tap_backward(gx, gwk, xv, g, wk_ptr, C, c, cmask, kk, tap)
+                    if HAS_GV:
+                        g = tl.load(gv_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
                                     other=0.0).to(ACC)
-                        gx, gwq = _tap_backward(gx, gwq, xv, g, wq_ptr, c, cmask, kk, dy, dx, K)
-                    if HAS_GKV:
-                        nr = r + PKV - dy
-                        nc = s + PKV - dx
-                        orow = nr // SKV
-                        ocol = nc // SKV
-                        ok = ok_x & (nr >= 0) & (nc >= 0) & (nr % SKV == 0) & (nc % SKV == 0) \
-                            & (orow < Hk) & (ocol < Wk)
-                        tok = (HAS_CLS + orow * Wk + ocol).to(tl.int64)
-                        g = tl.load(gk_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
-                                    other=0.0).to(ACC)
-                        gx, gwk = _tap_backward(gx, gwk, xv, g, wk_ptr, c, cmask, kk, dy, dx, K)
-                        if HAS_GV:
-                            g = tl.load(gv_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
-                                        other=0.0).to(ACC)
-                            gx, gwv = _tap_backward(gx, gwv, xv, g, wv_ptr, c, cmask, kk, dy, dx, K)
+                        gx, gwv = _tap_backward(gx, gwv, xv, g, wv_ptr, C, c, cmask, kk, tap)
             gx_base = gx_ptr + img64 * t_in * C
             tl.store(gx_base + tok_x[:, None] * C + c[None, :], gx.to(gx_ptr.dtype.element_ty),
                      mask=ok_x[:, None] & m)
@@ -527,10 +528,7 @@ def _bwd_generic_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_launch(x: torch.Tensor, weights, padding_q: int, padding_kv: int) -> int:
-    """What these kernels need to launch; returns the kernel size. The inputs themselves were
-    checked by the op that calls them (cvt_fast/ops/contract.py): shapes, dtypes, devices and
-    the grid's fit are trusted here."""
+def _check_device(x: torch.Tensor) -> None:
     if x.device.type == "cpu":
         if not _interpreting():
             raise RuntimeError(
@@ -540,6 +538,13 @@ def _check_launch(x: torch.Tensor, weights, padding_q: int, padding_kv: int) -> 
     elif x.device.type != "cuda":
         raise ValueError(f"conv_proj Triton kernels run on 'cuda' (or 'cpu' under TRITON_INTERPRET=1), "
                          f"got device {x.device}")
+
+
+def _check_launch(x: torch.Tensor, weights, padding_q: int, padding_kv: int) -> int:
+    """What these kernels need to launch; returns the kernel size. The inputs themselves were
+    checked by the op that calls them (cvt_fast/ops/contract.py): shapes, dtypes, devices and
+    the grid's fit are trusted here."""
+    _check_device(x)
     # One kernel size K is a compile-time constant of all three branches; odd, so that the tap
     # ranges of the parity decomposition are symmetric; padding below K keeps every tap range
     # non-empty.
@@ -551,6 +556,19 @@ def _check_launch(x: torch.Tensor, weights, padding_q: int, padding_kv: int) -> 
         if not padding < kernel:
             raise ValueError(f"{name} must be below the kernel size {kernel} for the Triton kernels, got {padding}")
     return kernel
+
+
+def _run(kernel, grid: tuple, args: tuple, **meta) -> None:
+    """The one place this module launches a kernel (bench/kernels_report.py records the launches
+    here to compile them ahead of time)."""
+    kernel[grid](*args, **meta)
+
+
+def _taps_major(weight: torch.Tensor) -> torch.Tensor:
+    """(C, 1, k, k) depthwise weights as (k*k, C): a tap's weights for a block of channels are
+    then one contiguous (vectorised) load, where the (C, k*k) layout gathers them k*k apart."""
+    channels = weight.shape[0]
+    return weight.reshape(channels, -1).t().contiguous()
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -598,7 +616,7 @@ def conv_proj_forward(
     v = torch.empty_like(k)
     if batch == 0:
         return q, k, v
-    weight_q, weight_k, weight_v = weight_q.contiguous(), weight_k.contiguous(), weight_v.contiguous()
+    weight_q, weight_k, weight_v = (_taps_major(w) for w in (weight_q, weight_k, weight_v))
     biases = [bias.contiguous() if bias is not None else None for bias in (bias_q, bias_k, bias_v)]
     block_c = _block_c(channels)
     c_blocks = triton.cdiv(channels, block_c)
@@ -611,10 +629,10 @@ def conv_proj_forward(
         # Offsets ry of the x rows 2a+ry that q (ry = pi - PQ + dy) or k/v (ry = dy - PKV) read.
         r_off, nr = _shift_range(min(-padding_q, -padding_kv), max(kernel - padding_q, kernel - 1 - padding_kv))
         grid = (triton.cdiv(ha, tile_h) * tiles_w, c_blocks, batch)
-        _fwd_s1s2_kernel[grid](
-            x, weight_q, weight_k, weight_v,
-            *(bias if bias is not None else x for bias in biases), q, k, v,
-            channels, height, width, hq, wq, hk, wk, tiles_w, x.stride(0), x.stride(1),
+        _run(
+            _fwd_s1s2_kernel, grid,
+            (x, weight_q, weight_k, weight_v, *(bias if bias is not None else x for bias in biases), q, k, v,
+             channels, height, width, hq, wq, hk, wk, tiles_w, x.stride(0), x.stride(1)),
             HAS_CLS=cls, K=kernel, PQ=padding_q, PKV=padding_kv, R_OFF=r_off, NR=nr,
             HAS_BQ=biases[0] is not None, HAS_BK=biases[1] is not None, HAS_BV=biases[2] is not None,
             TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS,
@@ -635,9 +653,10 @@ def conv_proj_forward(
         outs = tuple(outs) + (outs[0],) * (3 - n)
         tiles_w = triton.cdiv(wo, tile_w)
         grid = (triton.cdiv(ho, tile_h) * tiles_w, c_blocks, batch)
-        _fwd_generic_kernel[grid](
-            x, *ws, *(bias if bias is not None else x for bias in bs), *outs,
-            channels, height, width, ho, wo, tiles_w, x.stride(0), x.stride(1),
+        _run(
+            _fwd_generic_kernel, grid,
+            (x, *ws, *(bias if bias is not None else x for bias in bs), *outs,
+             channels, height, width, ho, wo, tiles_w, x.stride(0), x.stride(1)),
             HAS_CLS=cls, K=kernel, STRIDE=stride, PAD=padding, NUM_OUT=n,
             HAS_B0=bs[0] is not None, HAS_B1=bs[1] is not None, HAS_B2=bs[2] is not None,
             TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS,
@@ -680,7 +699,7 @@ def conv_proj_backward(
     if batch == 0:
         zeros = torch.zeros_like(weight_q)
         return grad_x, zeros, zeros.clone(), zeros.clone()
-    w3 = (weight_q.contiguous(), wk_.contiguous(), wv_.contiguous())
+    w3 = tuple(_taps_major(w) for w in (weight_q, wk_, wv_))
     block_c = _block_c(channels)
     c_blocks = triton.cdiv(channels, block_c)
     fused = stride_q == 1 and stride_kv == 2
@@ -706,9 +725,9 @@ def conv_proj_backward(
                  TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS)
     grid = (num_tiles, c_blocks, groups)
     if fused:
-        _bwd_s1s2_kernel[grid](*common, PQ=padding_q, PKV=padding_kv, **flags)
+        _run(_bwd_s1s2_kernel, grid, common, PQ=padding_q, PKV=padding_kv, **flags)
     else:
-        _bwd_generic_kernel[grid](*common, SQ=stride_q, PQ=padding_q, SKV=stride_kv, PKV=padding_kv, **flags)
+        _run(_bwd_generic_kernel, grid, common, SQ=stride_q, PQ=padding_q, SKV=stride_kv, PKV=padding_kv, **flags)
 
     gw = gw_part.sum(dim=0)  # (3, k*k, C), fp32 (fp64 for fp64 inputs)
     gw = gw.permute(0, 2, 1).reshape(3, channels, 1, kernel, kernel)
