@@ -386,6 +386,25 @@ def test_sdpa_backend_matches_reference_with_gradients(dtype):
         assert_close(actual, expected, factor=10.0)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sdpa_backend_matches_reference_on_gpu(dtype):
+    """The GPU test of the 'sdpa' record (bench/tune.py runs it before timing the backend)."""
+    q, k, v = (t.cuda().requires_grad_() for t in qkv(head_dim=64, dtype=dtype, n_q=197, n_kv=50))
+    grad = torch.randn(2, 197, 128, dtype=dtype, device="cuda")
+    results = {}
+    for name in ("reference", "sdpa"):
+        out = ops.attention(q, k, v, 0.125, backend=name)
+        results[name] = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    for actual, expected in zip(results["sdpa"], results["reference"]):
+        assert_close(actual, expected, dtype, factor=2.0)
+
+
+def test_every_backend_but_the_reference_names_its_gpu_tests():
+    for name, record in backends_module.TABLE.items():
+        assert bool(record.gpu_tests) == (record.kind != "reference"), name
+
+
 @pytest.mark.skipif(backends_module.xformers_import_error() is not None or not torch.cuda.is_available(),
                     reason="xformers is not importable here or there is no CUDA GPU")
 @pytest.mark.gpu

@@ -61,6 +61,9 @@ class Backend:
     head_dims: Optional[tuple[int, ...]] = None  # attention head sizes; None: any
     kernel_rule: Optional[Callable[[str, tuple[int, ...]], Optional[str]]] = None  # (name, conv_proj k_q/k_k/k_v)
     dtype_limits: tuple[DtypeLimit, ...] = field(default=())
+    # The GPU tests that verify this backend on a device, as pytest argument lists (one pytest run
+    # each): bench/tune.py runs them, and 'auto' takes a measured backend only where they passed.
+    gpu_tests: tuple[tuple[str, ...], ...] = ()
 
     @property
     def attention_only(self) -> bool:
@@ -190,15 +193,21 @@ _RECORDS = (
             head_dims=(16, 32, 64, 128), kernel_rule=one_odd_kernel_size,
             dtype_limits=(DtypeLimit("attention", "cuda", torch.float64,
                                      "float64 attention is not supported by the Triton kernels on the GPU "
-                                     "(tl.dot has no fp64 path there)"),)),
+                                     "(tl.dot has no fp64 path there)"),),
+            gpu_tests=(("tests/test_kernels_attention.py", "tests/test_kernels_conv_proj.py", "-m", "gpu"),
+                       ("tests/test_ops_registration.py", "-m", "gpu", "-k", "triton"))),
     Backend("cuda", "kernels", OPS, (torch.bfloat16, torch.float16, torch.float32), _cuda_probe, _load_cuda,
             summary="CUDA C++ kernels (`csrc/`, built into `cvt_fast._C`)",
-            where="CUDA GPUs, when `cvt_fast._C` is built", head_dims=(32, 64, 128), kernel_rule=one_kernel_size),
+            where="CUDA GPUs, when `cvt_fast._C` is built", head_dims=(32, 64, 128), kernel_rule=one_kernel_size,
+            gpu_tests=(("tests/test_cuda_extension.py", "-m", "gpu"),
+                       ("tests/test_ops_registration.py", "-m", "gpu", "-k", "cuda"))),
     Backend("sdpa", "peer", ("attention",), FLOAT_DTYPES, _runs_anywhere, _load_peer("sdpa_attention"),
-            summary="`torch.nn.functional.scaled_dot_product_attention`", where="any device"),
+            summary="`torch.nn.functional.scaled_dot_product_attention`", where="any device",
+            gpu_tests=(("tests/test_backend.py", "-m", "gpu", "-k", "sdpa"),)),
     Backend("xformers", "peer", ("attention",), (torch.bfloat16, torch.float16, torch.float32), _xformers_probe,
             _load_peer("xformers_attention"), summary="`xformers.ops.memory_efficient_attention`",
-            where="CUDA, when xformers is installed"),
+            where="CUDA, when xformers is installed",
+            gpu_tests=(("tests/test_backend.py", "-m", "gpu", "-k", "xformers"),)),
 )
 
 # name -> record, in the order above. Tests swap records with monkeypatch.setitem; nothing else
