@@ -51,10 +51,11 @@ signatures of cvt_fast/ops/reference.py, or for an attention peer one differenti
 function like cvt_fast/ops/peers.py's), then add one `Backend(...)` record to `_RECORDS` in
 cvt_fast/ops/backends.py: its name, kind ('kernels' run inside the custom ops, 'peer' is
 called directly), the ops it implements, dtypes, head sizes, kernel-size rule, an
-availability probe that returns why it cannot run (or None), and its loader. The backend
-choice, the model (`backend=`), the benchmarks (cvt_fast-<name> rows) and the tests
-parametrised over backends pick it up from there; run bench/tune.py on a GPU to let `auto`
-choose it where it is fastest, and paste `python -m cvt_fast.ops` into the README.
+availability probe that returns why it cannot run (or None), its loader, and the pytest
+selections of its GPU tests. The backend choice, the model (`backend=`), the benchmarks
+(cvt_fast-<name> rows) and bench/tune.py pick it up from there; run bench/tune.py on a GPU
+to let `auto` choose it where its GPU tests pass and it is fastest, and paste
+`python -m cvt_fast.ops` into the README (a test compares them).
 """
 from __future__ import annotations
 
