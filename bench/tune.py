@@ -23,10 +23,8 @@ backends measured at every shape. `auto` takes the smallest total among the veri
 """
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -111,15 +109,9 @@ def time_attention(setup: common.Prologue, names, args) -> list[dict]:
             count = common.rotation_count(int(attn.flops_and_bytes(shape, mode, element_size)[1]), setup.device)
             sets = attn.make_inputs(shape, mode, setup.device, setup.dtype, count, args.seed)
             for impl in impls:
-                row = {"op": "attention", "shape": shape["label"], "mode": mode, "backend": impl.name[len("cvt_fast-"):]}
-                if impl.fn is None:
-                    result = {"status": "unavailable", "reason": impl.reason}
-                elif setup.deadline.skip_reason():
-                    result = {"status": "skipped", "reason": setup.deadline.skip_reason()}
-                else:
-                    result = common.run_guarded(lambda: attn.measure(impl, shape, mode, sets, setup.device, setup.dtype,
-                                                                     setup.timing), setup.device)
-                rows.append(_row(row, result))
+                rows.append(_measure(setup, "attention", shape["label"], mode, impl,
+                                     lambda: attn.measure(impl, shape, mode, sets, setup.device, setup.dtype,
+                                                          setup.timing)))
             sets = None
             common.free_memory(setup.device)
     return rows
@@ -135,20 +127,26 @@ def time_conv_proj(setup: common.Prologue, names, args) -> list[dict]:
             count = common.rotation_count(int(conv_proj.traffic_bytes(stage, mode, element_size)), setup.device)
             sets = conv_proj.make_inputs(stage, mode, setup.device, setup.dtype, count, args.seed)
             for impl in impls:
-                row = {"op": "conv_proj", "shape": stage["label"], "mode": mode, "backend": impl.name[len("cvt_fast-"):]}
-                if impl.make is None:
-                    result = {"status": "unavailable", "reason": impl.reason}
-                elif setup.deadline.skip_reason():
-                    result = {"status": "skipped", "reason": setup.deadline.skip_reason()}
-                else:
-                    result = common.run_guarded(lambda: conv_proj.measure(impl, module, stage, mode, sets, setup.device,
-                                                                          setup.dtype, setup.timing), setup.device)
-                rows.append(_row(row, result))
+                rows.append(_measure(setup, "conv_proj", stage["label"], mode, impl,
+                                     lambda: conv_proj.measure(impl, module, stage, mode, sets, setup.device,
+                                                               setup.dtype, setup.timing)))
             sets = None
             common.free_memory(setup.device)
         module = None
         common.free_memory(setup.device)
     return rows
+
+
+def _measure(setup: common.Prologue, op: str, shape: str, mode: str, impl, measure) -> dict:
+    """One row: the implementation's timing, or why it was not measured."""
+    if impl.reason is not None:
+        result = {"status": "unavailable", "reason": impl.reason}
+    elif setup.deadline.skip_reason():
+        result = {"status": "skipped", "reason": setup.deadline.skip_reason()}
+    else:
+        result = common.run_guarded(measure, setup.device)
+    row = {"op": op, "shape": shape, "mode": mode, "backend": impl.name[len("cvt_fast-"):]}
+    return _row(row, result)
 
 
 def _row(row: dict, result: dict) -> dict:

@@ -200,8 +200,12 @@ def test_attention_rejects_bad_inputs(change, error, message):
         ops.attention(q, k, v, 0.25, backend="reference")
 
 
-def _fake(mode, t):
-    return mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
+def _call(op, args, trace: bool):
+    """op(*args), or with the tensors as fake tensors (what torch.compile and opcheck trace with)."""
+    if not trace:
+        return op(*args)
+    with FakeTensorMode() as mode:
+        return op(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args))
 
 
 @pytest.mark.parametrize("trace", [False, True], ids=["eager", "fake"])
@@ -209,11 +213,7 @@ def _fake(mode, t):
 def test_attention_op_checks_its_inputs_when_called_directly_or_traced(change, error, message, trace):
     q, k, v = change(*qkv(batch=2, head_dim=32))
     with pytest.raises(error, match=message):
-        if trace:
-            with FakeTensorMode(allow_non_fake_inputs=False) as mode:
-                torch.ops.cvt_fast.attention(*(_fake(mode, t) for t in (q, k, v)), 0.25, "reference")
-        else:
-            torch.ops.cvt_fast.attention(q, k, v, 0.25, "reference")
+        _call(torch.ops.cvt_fast.attention, (q, k, v, 0.25, "reference"), trace)
 
 
 def test_attention_rejects_non_float_or_non_finite_scale():
@@ -238,11 +238,7 @@ def test_attention_backward_op_checks_its_inputs(trace):
              ((out, q, k[..., :16], v, out, lse), ValueError, "head sizes")]
     for args, error, message in cases:
         with pytest.raises(error, match=message):
-            if trace:
-                with FakeTensorMode() as mode:
-                    torch.ops.cvt_fast.attention_backward(*(_fake(mode, t) for t in args), 0.25, "reference")
-            else:
-                torch.ops.cvt_fast.attention_backward(*args, 0.25, "reference")
+            _call(torch.ops.cvt_fast.attention_backward, (*args, 0.25, "reference"), trace)
 
 
 CONV_PROJ_BAD_INPUTS = [
@@ -285,11 +281,7 @@ def test_conv_proj_op_checks_its_inputs_when_called_directly_or_traced(kwargs, e
             a["height"], a["width"], a["has_cls"], a.get("stride_q", 1), a.get("stride_kv", 2), a.get("padding_q", 1),
             a.get("padding_kv", 1), "reference"]
     with pytest.raises(error, match=message):
-        if trace:
-            with FakeTensorMode() as mode:
-                torch.ops.cvt_fast.conv_proj(*(_fake(mode, t) for t in args))
-        else:
-            torch.ops.cvt_fast.conv_proj(*args)
+        _call(torch.ops.cvt_fast.conv_proj, args, trace)
 
 
 def test_conv_proj_op_wants_weights_in_the_dtype_of_x():
@@ -307,13 +299,9 @@ def test_conv_proj_backward_op_checks_its_inputs(trace):
     cases = [((q, q, v), ValueError, "grad_k has shape"), ((q.double(), k, v), TypeError, "grad_q has dtype"),
              ((q, k, v[:1]), ValueError, "grad_v has shape")]
     for grads, error, message in cases:
-        args = (*grads, x, *weights, 5, 4, True, 1, 2, 1, 1, "reference")
         with pytest.raises(error, match=message):
-            if trace:
-                with FakeTensorMode() as mode:
-                    torch.ops.cvt_fast.conv_proj_backward(*(_fake(mode, t) for t in args))
-            else:
-                torch.ops.cvt_fast.conv_proj_backward(*args)
+            _call(torch.ops.cvt_fast.conv_proj_backward, (*grads, x, *weights, 5, 4, True, 1, 2, 1, 1, "reference"),
+                  trace)
 
 
 def test_unavailable_backend_raises_through_the_entry_points():
