@@ -24,9 +24,15 @@ from typing import Any, Callable, ContextManager, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
+from cvt_fast.ops.backends import backends_for  # noqa: E402
 
-IMPLEMENTATIONS = ("cvt_fast-triton", "cvt_fast-cuda", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
-                   "sdpa-math", "xformers", "official")
+# cvt_fast's own kernels, one row each (cvt_fast-<backend> from the backend table); the peers by
+# the library's kernel family.
+CVT_FAST_BACKENDS = backends_for("attention", kinds=("kernels",))
+SDPA_KERNELS = (("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"),
+                ("math", "MATH"))
+IMPLEMENTATIONS = (tuple(f"cvt_fast-{b}" for b in CVT_FAST_BACKENDS) + tuple(f"sdpa-{k}" for k, _ in SDPA_KERNELS)
+                   + ("xformers", "official"))
 MODES = ("fwd", "fwd+bwd")
 
 CONVENTIONS = {
@@ -79,19 +85,17 @@ def reference_attention(q, k, v, scale: float):
     return out.reshape(batch, nq, heads * head_dim)
 
 
-def build_implementations(device, dtype) -> list[AttentionImpl]:
-    import torch
-    impls: list[AttentionImpl] = []
-
-    # cvt_fast through its public op, exactly as the model calls it.
+def cvt_fast_implementations(device, backends) -> list[AttentionImpl]:
+    """cvt_fast.ops.attention with each named backend, exactly as the model calls it; a backend
+    that cannot run here is listed with the reason."""
     try:
         from cvt_fast import ops
-        from cvt_fast.ops.backend import available_backends
-        available = available_backends("attention", device)
+        available = ops.available_backends("attention", device)
         load_error = None
     except Exception as error:  # noqa: BLE001 - report why, keep the peers
         ops, available, load_error = None, {}, f"cvt_fast.ops not importable: {common.describe_error(error)}"
-    for backend in ("triton", "cuda"):
+    impls = []
+    for backend in backends:
         reason = load_error or (available[backend] if backend in available
                                 else f"not listed by available_backends('attention'): {sorted(available)}")
 
@@ -99,49 +103,39 @@ def build_implementations(device, dtype) -> list[AttentionImpl]:
             return ops.attention(q, k, v, scale, backend=_backend)
         impls.append(AttentionImpl(f"cvt_fast-{backend}", run if reason is None else None, reason, False,
                                    f"cvt_fast.ops.attention(backend='{backend}'), reads (B,N,H,d) in place"))
+    return impls
 
-    # PyTorch SDPA, one kernel family at a time.
+
+def build_implementations(device, dtype) -> list[AttentionImpl]:
+    import torch
+    from cvt_fast.ops import peers
+    from cvt_fast.ops.backends import TABLE
+
+    impls = cvt_fast_implementations(device, CVT_FAST_BACKENDS)
+
+    # PyTorch SDPA (through cvt_fast's peer, which does the transposes), one kernel family at a time.
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         sdpa_error = None
     except ImportError as error:
         SDPBackend = sdpa_kernel = None
         sdpa_error = f"torch.nn.attention.sdpa_kernel missing in torch {torch.__version__}: {error}"
-    for short, member in (("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"),
-                          ("cudnn", "CUDNN_ATTENTION"), ("math", "MATH")):
+    for short, member in SDPA_KERNELS:
         reason = sdpa_error
         if reason is None and not hasattr(SDPBackend, member):
             reason = f"SDPBackend.{member} missing in torch {torch.__version__}"
         if reason is None and device.type != "cuda" and short in ("efficient", "cudnn"):
             reason = f"SDPA's {short} kernel is CUDA-only"
         backend_enum = getattr(SDPBackend, member, None) if reason is None else None
-
-        def run(q, k, v, scale):
-            batch, nq, heads, head_dim = q.shape
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
-            return out.transpose(1, 2).reshape(batch, nq, heads * head_dim)
         impls.append(AttentionImpl(
-            f"sdpa-{short}", run if reason is None else None, reason, True,
+            f"sdpa-{short}", peers.sdpa_attention if reason is None else None, reason, True,
             f"F.scaled_dot_product_attention under sdpa_kernel(SDPBackend.{member}), with the transposes "
             f"to (B,H,N,d) and back", context=(lambda b=backend_enum: sdpa_kernel(b)) if reason is None
             else contextlib.nullcontext))
 
-    # xformers (not installed on every machine; no CPU kernels).
-    reason = None
-    xops = None
-    if device.type != "cuda":
-        reason = "xformers has no CPU implementation"
-    else:
-        try:
-            import xformers.ops as xops
-        except Exception as error:  # noqa: BLE001 - ImportError, or a CUDA runtime mismatch
-            reason = f"xformers not usable: {common.describe_error(error)}"
-
-    def run_xformers(q, k, v, scale):
-        batch, nq, heads, head_dim = q.shape
-        return xops.memory_efficient_attention(q, k, v, scale=scale).reshape(batch, nq, heads * head_dim)
-    impls.append(AttentionImpl("xformers", run_xformers if reason is None else None, reason, True,
+    # xformers (not installed on every machine; no CPU kernels): the 'xformers' record's probe.
+    reason = TABLE["xformers"].probe("attention", device.type)
+    impls.append(AttentionImpl("xformers", peers.xformers_attention if reason is None else None, reason, True,
                                "xformers.ops.memory_efficient_attention on (B,N,H,d)"))
 
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 \
@@ -275,36 +269,14 @@ def tables(rows: list[dict], impl_names: list[str]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--models", default=None,
-                        help="comma-separated NAME@IMAGE_SIZE (default: cvt-13/21 at 224 and 384, cvt-w24 at 384)")
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="time CUDA-graph replays (kernel time without host launch overhead) instead of eager calls")
-    parser.add_argument("--stages", default=None, help="comma-separated stage numbers (default: all)")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of fwd,fwd+bwd")
+    common.add_shape_arguments(parser, MODES)
     args = parser.parse_args(argv)
-
-    device = common.resolve_device(args.device, args.quick)
-    common.prepare_triton_for(device.type)
+    setup = common.prologue(args, MODES, IMPLEMENTATIONS)
+    device, dtype, modes, wanted, pairs = setup.device, setup.dtype, setup.modes, setup.wanted, setup.pairs
+    timing_config, deadline, cuda_graph = setup.timing, setup.deadline, setup.cuda_graph
     import torch
 
-    dtype = common.resolve_dtype(args, device)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"--modes entries must be in {MODES}, got {mode!r}")
-    common.check_only_patterns(args.only, IMPLEMENTATIONS)
-    wanted = common.selector(args.only)
-    default_pairs = [("cvt-13", 32)] if args.quick else common.DEFAULT_MODEL_SIZES
-    pairs = common.parse_model_sizes(args.models, default_pairs)
-    shapes = attention_shapes(pairs, args.batch, args.quick)
-    if args.stages:
-        wanted_stages = {int(s) for s in args.stages.split(",") if s.strip()}
-        shapes = [s for s in shapes if s["stage"] in wanted_stages]
-        if not shapes:
-            raise ValueError(f"--stages {args.stages!r} selects no stage of {[f'{m}@{s}' for m, s in pairs]}")
-    timing_config = common.TimingConfig.from_args(args)
-    cuda_graph = bool(args.cuda_graph and device.type == "cuda")
-    deadline = common.Deadline(args.time_budget)
+    shapes = common.select_stages(attention_shapes(pairs, args.batch, args.quick), args.stages, pairs)
 
     run = common.BenchRun("attn", args, device, settings={
         "dtype": args.dtype, "models": [f"{m}@{s}" for m, s in pairs], "modes": modes,

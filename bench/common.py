@@ -184,6 +184,70 @@ class Deadline:
             self.fatal = f"{row.get('impl', '?')}: {row['error'][:200]}"
 
 
+# --------------------------------------------------------------------------- the scripts' shared start
+
+QUICK_MODEL_SIZES: tuple[tuple[str, int], ...] = (("cvt-13", 32),)
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser, modes: Sequence[str], default_modes: Optional[str] = None,
+                        stages: bool = True, modes_note: str = "", models_note: str = "") -> None:
+    """--models, --modes and (kernel benchmarks) --stages and --cuda-graph."""
+    parser.add_argument("--models", default=None,
+                        help="comma-separated NAME@IMAGE_SIZE (default: cvt-13/21 at 224 and 384, cvt-w24 at 384)"
+                             + models_note)
+    parser.add_argument("--modes", default=default_modes if default_modes is not None else ",".join(modes),
+                        help=f"comma-separated subset of {','.join(modes)}{modes_note}")
+    if stages:
+        parser.add_argument("--cuda-graph", action="store_true",
+                            help="time CUDA-graph replays (kernel time without host launch overhead) instead of "
+                                 "eager calls")
+        parser.add_argument("--stages", default=None, help="comma-separated stage numbers (default: all)")
+
+
+@dataclass
+class Prologue:
+    """What every benchmark settles before measuring: device, dtype, modes, which
+    implementations, which models, timing and the time budget."""
+    device: Any
+    dtype: Any
+    modes: list[str]
+    wanted: Callable[[str], bool]
+    pairs: list[tuple[str, int]]
+    timing: "TimingConfig"
+    deadline: "Deadline"
+    cuda_graph: bool
+
+
+def prologue(args: argparse.Namespace, modes: Sequence[str], implementations: Optional[Iterable[str]] = None
+             ) -> Prologue:
+    """Resolve the common options (after parse_args). `implementations`: the names --only must
+    match (None: the script checks --only itself)."""
+    device = resolve_device(args.device, args.quick)
+    prepare_triton_for(device.type)
+    dtype = resolve_dtype(args, device)
+    chosen = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in chosen:
+        if mode not in modes:
+            raise ValueError(f"--modes entries must be in {tuple(modes)}, got {mode!r}")
+    if implementations is not None:
+        check_only_patterns(args.only, implementations)
+    pairs = parse_model_sizes(args.models, QUICK_MODEL_SIZES if args.quick else DEFAULT_MODEL_SIZES)
+    cuda_graph = bool(getattr(args, "cuda_graph", False) and device.type == "cuda")
+    return Prologue(device, dtype, chosen, selector(args.only), pairs, TimingConfig.from_args(args),
+                    Deadline(args.time_budget), cuda_graph)
+
+
+def select_stages(shapes: list[dict], stages: Optional[str], pairs: Sequence[tuple[str, int]]) -> list[dict]:
+    """--stages 1,3: keep those stages' shapes; refuse a selection that keeps nothing."""
+    if not stages:
+        return shapes
+    wanted = {int(s) for s in stages.split(",") if s.strip()}
+    kept = [s for s in shapes if s["stage"] in wanted]
+    if not kept:
+        raise ValueError(f"--stages {stages!r} selects no stage of {[f'{m}@{s}' for m, s in pairs]}")
+    return kept
+
+
 # --------------------------------------------------------------------------- environment
 
 def _run_text(cmd: Sequence[str], timeout: float = 20.0) -> Optional[str]:
@@ -516,7 +580,9 @@ def _per_stage(value: Any, stage: int) -> Any:
 
 
 def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
+    """nn.Conv2d's output size: the one definition, cvt_fast.ops.contract.output_size."""
+    from cvt_fast.ops.contract import output_size
+    return output_size(size, kernel, stride, padding)
 
 
 def stage_geometry(spec: Mapping[str, Any], image_size: int) -> list[dict]:

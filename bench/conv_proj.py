@@ -34,9 +34,12 @@ from typing import Any, Callable, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
+from cvt_fast.ops.backends import backends_for  # noqa: E402
 
-IMPLEMENTATIONS = ("cvt_fast-triton", "cvt_fast-cuda", "official", "official-nchw", "official-channels_last",
-                   "official-compile")
+# cvt_fast's own kernels (the backend table's), then the official path in its variants.
+CVT_FAST_BACKENDS = backends_for("conv_proj", kinds=("kernels",))
+IMPLEMENTATIONS = (tuple(f"cvt_fast-{b}" for b in CVT_FAST_BACKENDS)
+                   + ("official", "official-nchw", "official-channels_last", "official-compile"))
 MODES = ("eval-fwd", "eval-fwd+bwd", "train-fwd", "train-fwd+bwd")
 
 CONVENTIONS = {
@@ -112,12 +115,9 @@ class ProjectionImpl:
     make: Optional[Callable[..., Any]] = None
 
 
-def build_implementations(device, dtype) -> list[ProjectionImpl]:
-    import torch
-    impls: list[ProjectionImpl] = []
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 \
-        else contextlib.nullcontext
-
+def cvt_fast_implementations(device, backends) -> list[ProjectionImpl]:
+    """The model's fused projection (cvt_fast.model.Attention._project_fused) with each named
+    backend; a backend that cannot run here is listed with the reason."""
     try:
         from cvt_fast.model import Attention
         from cvt_fast.ops.backend import available_backends
@@ -126,7 +126,8 @@ def build_implementations(device, dtype) -> list[ProjectionImpl]:
         load_error = None if fused is not None else "cvt_fast.model.Attention has no _project_fused path"
     except Exception as error:  # noqa: BLE001
         available, fused, load_error = {}, None, f"cvt_fast not importable: {common.describe_error(error)}"
-    for backend in ("triton", "cuda"):
+    impls = []
+    for backend in backends:
         reason = load_error or (available[backend] if backend in available
                                 else f"not listed by available_backends('conv_proj'): {sorted(available)}")
 
@@ -137,6 +138,14 @@ def build_implementations(device, dtype) -> list[ProjectionImpl]:
                                     f"cvt_fast.model.Attention._project_fused with backend '{backend}' "
                                     "(ops.conv_proj + BatchNorm on token rows; eval: BatchNorm folded)",
                                     make if reason is None else None))
+    return impls
+
+
+def build_implementations(device, dtype) -> list[ProjectionImpl]:
+    import torch
+    impls = cvt_fast_implementations(device, CVT_FAST_BACKENDS)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 \
+        else contextlib.nullcontext
 
     def official_maker(layout):
         def make(module, stage):
@@ -289,40 +298,17 @@ def tables(rows: list[dict], names: list[str], bandwidth: dict) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--models", default=None,
-                        help="comma-separated NAME@IMAGE_SIZE (default: cvt-13/21 at 224 and 384, cvt-w24 at 384)")
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="time CUDA-graph replays (kernel time without host launch overhead) instead of eager calls")
-    parser.add_argument("--stages", default=None, help="comma-separated stage numbers (default: all)")
-    parser.add_argument("--modes", default=None,
-                        help=f"comma-separated subset of {','.join(MODES)} (default: all; --quick: eval-fwd,train-fwd+bwd)")
+    common.add_shape_arguments(parser, MODES, default_modes="", modes_note=" (default: all; --quick: eval-fwd,train-fwd+bwd)")
     args = parser.parse_args(argv)
-    if args.modes is None:
+    if not args.modes:
         args.modes = "eval-fwd,train-fwd+bwd" if args.quick else ",".join(MODES)
-
-    device = common.resolve_device(args.device, args.quick)
-    common.prepare_triton_for(device.type)
+    setup = common.prologue(args, MODES, IMPLEMENTATIONS)
+    device, dtype, modes, wanted, pairs = setup.device, setup.dtype, setup.modes, setup.wanted, setup.pairs
+    timing_config, deadline, cuda_graph = setup.timing, setup.deadline, setup.cuda_graph
     import torch
 
-    dtype = common.resolve_dtype(args, device)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"--modes entries must be in {MODES}, got {mode!r}")
-    common.check_only_patterns(args.only, IMPLEMENTATIONS)
-    wanted = common.selector(args.only)
     # --quick: a narrow CvT-13 (widths 32/64/128, common.tiny_spec) on 32x32 images.
-    default_pairs = [("cvt-13", 32)] if args.quick else common.DEFAULT_MODEL_SIZES
-    pairs = common.parse_model_sizes(args.models, default_pairs)
-    shapes = projection_shapes(pairs, args.batch, args.quick)
-    if args.stages:
-        wanted_stages = {int(s) for s in args.stages.split(",") if s.strip()}
-        shapes = [s for s in shapes if s["stage"] in wanted_stages]
-        if not shapes:
-            raise ValueError(f"--stages {args.stages!r} selects no stage of {[f'{m}@{s}' for m, s in pairs]}")
-    timing_config = common.TimingConfig.from_args(args)
-    cuda_graph = bool(args.cuda_graph and device.type == "cuda")
-    deadline = common.Deadline(args.time_budget)
+    shapes = common.select_stages(projection_shapes(pairs, args.batch, args.quick), args.stages, pairs)
     # Each shape and mode compiles anew; the default limit (8) would fall back to eager.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 

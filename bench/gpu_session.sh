@@ -6,17 +6,20 @@
 #   STAGE=bench bash bench/gpu_session.sh           # the three benchmarks (~9 min; with 'build'
 #                                                   # first, they get what the build leaves)
 #   STAGE=attn ATTN_ARGS="--models cvt-13@224" bash bench/gpu_session.sh
+#   STAGE=tune TUNE_ARGS="--steps tests" bash bench/gpu_session.sh   # evidence for 'auto' (bench/tune.py);
+#                                                   # then TUNE_ARGS="--steps timings": commit $OUT/tuning.json
+#                                                   # as cvt_fast/ops/tuning.json
 #
-# STAGE: comma-separated steps among build, test, attn, conv_proj, model;
+# STAGE: comma-separated steps among build, test, attn, conv_proj, model, tune;
 #        'bench' = attn,conv_proj,model; 'all' = build,test,attn,conv_proj,model (longer than one
 #        10-minute command: split it). Without 'build', the extension already in the tree is
 #        used (e.g. a cvt_fast/_C*.so from an earlier session's $OUT, carried back).
 # Each step runs under `timeout` (BUILD_TIMEOUT, TEST_TIMEOUT, ATTN_TIMEOUT, CONV_TIMEOUT,
-# MODEL_TIMEOUT, seconds), cut to what is left of SESSION_LIMIT (default 570 s, inside the device
+# MODEL_TIMEOUT, TUNE_TIMEOUT, seconds), cut to what is left of SESSION_LIMIT (default 570 s, inside the device
 # tool's 10-minute command limit; a step with under 30 s left is skipped). Benchmarks also get
 # --time-budget a little shorter than their timeout, so they stop starting measurements in time
 # and still write their results; SIGINT comes next, then SIGKILL.
-# Extra arguments per benchmark: ATTN_ARGS, CONV_ARGS, MODEL_ARGS.
+# Extra arguments per benchmark: ATTN_ARGS, CONV_ARGS, MODEL_ARGS, TUNE_ARGS.
 #
 # The machine: its own python3 with torch and triton, no yacs; Python wheels carried in .whl/ are
 # installed to /tmp/site. Files written to $OUT (at most 8 come back):
@@ -25,6 +28,7 @@
 #   gpu_tests.log    pytest -m gpu output with durations
 #   bench.log        the benchmarks' console output, then their Markdown tables
 #   results.tar.gz   bench/results/<device>-<date>-<script>.{json,md,png}: untar in the repo root
+#   tuning.json      the tuning file after the tune step (cvt_fast/ops/tuning.json)
 #   <_C...so>        the built extension (build stage, KEEP_SO=1 default), to carry to a later call
 set -uo pipefail
 
@@ -40,9 +44,11 @@ TEST_TIMEOUT=${TEST_TIMEOUT:-300}
 ATTN_TIMEOUT=${ATTN_TIMEOUT:-150}
 CONV_TIMEOUT=${CONV_TIMEOUT:-170}
 MODEL_TIMEOUT=${MODEL_TIMEOUT:-230}
+TUNE_TIMEOUT=${TUNE_TIMEOUT:-540}
 ATTN_ARGS=${ATTN_ARGS:-}
 CONV_ARGS=${CONV_ARGS:---modes eval-fwd,train-fwd+bwd}
 MODEL_ARGS=${MODEL_ARGS:---models cvt-13@224,cvt-w24@384}
+TUNE_ARGS=${TUNE_ARGS:-}
 KEEP_SO=${KEEP_SO:-1}
 export PYTHONUNBUFFERED=1
 # Compiled kernels of torch.compile/Triton stay within this session's disk.
@@ -74,7 +80,7 @@ export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 
 {
     echo "# gpu_session $(date -u +%Y-%m-%dT%H:%M:%SZ) STAGE=$STAGE"
-    echo "ATTN_ARGS=$ATTN_ARGS | CONV_ARGS=$CONV_ARGS | MODEL_ARGS=$MODEL_ARGS"
+    echo "ATTN_ARGS=$ATTN_ARGS | CONV_ARGS=$CONV_ARGS | MODEL_ARGS=$MODEL_ARGS | TUNE_ARGS=$TUNE_ARGS"
     echo "git: $(git rev-parse HEAD 2>/dev/null || echo 'no .git here')"
     uname -a
     nvidia-smi 2>&1
@@ -169,6 +175,10 @@ ran_bench=0
 if has_stage attn; then run_bench attn "$ATTN_TIMEOUT" $ATTN_ARGS; ran_bench=1; fi
 if has_stage conv_proj; then run_bench conv_proj "$CONV_TIMEOUT" $CONV_ARGS; ran_bench=1; fi
 if has_stage model; then run_bench model "$MODEL_TIMEOUT" $MODEL_ARGS; ran_bench=1; fi
+if has_stage tune; then
+    run_bench tune "$TUNE_TIMEOUT" $TUNE_ARGS
+    cp cvt_fast/ops/tuning.json "$OUT/tuning.json" && stamp "tuning.json copied to \$OUT"
+fi
 if [ "$ran_bench" = 1 ]; then
     mapfile -t produced < <(find bench/results -type f -newer "$STAMP_FILE" \( -name '*.json' -o -name '*.md' -o -name '*.png' \) | sort)
     if [ "${#produced[@]}" -gt 0 ]; then

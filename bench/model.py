@@ -27,8 +27,10 @@ from typing import Any, Callable, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
+from cvt_fast.ops.backends import TABLE  # noqa: E402
 
-FUSED_BACKENDS = ("triton", "cuda", "sdpa", "xformers")
+# Every backend of the fused ops but the reference (the backend table's): kernels and peers.
+FUSED_BACKENDS = tuple(name for name, record in TABLE.items() if record.kind != "reference")
 # The default set (others: cvt_fast-reference/-auto and hf-compile, through --only).
 IMPLEMENTATIONS = (("official", "hf") + tuple(f"cvt_fast-{b}" for b in FUSED_BACKENDS)
                    + ("official-compile",) + tuple(f"cvt_fast-{b}-compile" for b in FUSED_BACKENDS))
@@ -96,8 +98,8 @@ def build_implementations(device) -> list[ModelImpl]:
         reason = load_error
         if reason is None:
             reasons = [_reason(attention, backend, "attention")]
-            # sdpa and xformers do attention only; the model's conv projection then takes 'auto'.
-            if backend not in ("sdpa", "xformers"):
+            # An attention-only backend (sdpa, xformers) leaves the model's projection to 'auto'.
+            if backend == "auto" or "conv_proj" in TABLE[backend].ops:
                 reasons.append(_reason(projection, backend, "conv_proj"))
             reason = "; ".join(r for r in reasons if r) or None
         for compiled in (False, True):
@@ -376,10 +378,8 @@ def tables(rows: list[dict], names: list[str]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--models", default=None,
-                        help="comma-separated NAME@IMAGE_SIZE (default: cvt-13/21 at 224 and 384, cvt-w24 at 384); "
-                             "--only also takes NAME (its default sizes) or NAME@IMAGE_SIZE entries")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of train,infer")
+    common.add_shape_arguments(parser, MODES, stages=False,
+                               models_note="; --only also takes NAME (its default sizes) or NAME@IMAGE_SIZE entries")
     parser.add_argument("--find-max-batch", action="store_true",
                         help="also search the largest batch that fits, per model, implementation and mode")
     parser.add_argument("--max-batch-limit", type=int, default=None,
@@ -392,15 +392,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.max_batch_granularity is None:
         args.max_batch_granularity = 1 if args.quick else 8
 
-    device = common.resolve_device(args.device, args.quick)
-    common.prepare_triton_for(device.type)
+    # --only is checked below: it may also name models.
+    # --quick: a narrow CvT-13 (widths 32/64/128, depths 1/2/3, common.tiny_spec) on 32x32 images.
+    setup = common.prologue(args, MODES, implementations=None)
+    device, dtype, modes, pairs = setup.device, setup.dtype, setup.modes, setup.pairs
     import torch
 
-    dtype = common.resolve_dtype(args, device)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"--modes entries must be in {MODES}, got {mode!r}")
     all_impls = build_implementations(device)
     # --only may also name models ('cvt-w24' or 'cvt-13@384'), as a shorthand for --models.
     specs = common.model_specs()
@@ -411,9 +408,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     common.check_only_patterns(args.only, [i.name for i in all_impls])
     # The others (cvt_fast-reference/-auto, hf-compile) run only when --only names them.
     wanted = common.selector(args.only) if args.only else (lambda name: name in IMPLEMENTATIONS)
-    # --quick: a narrow CvT-13 (widths 32/64/128, depths 1/2/3, common.tiny_spec) on 32x32 images.
-    default_pairs = [("cvt-13", 32)] if args.quick else common.DEFAULT_MODEL_SIZES
-    pairs = common.parse_model_sizes(args.models, default_pairs)
     if only_models:
         sized = common.parse_model_sizes(",".join(m for m in only_models if "@" in m), [])
         pairs = [p for p in pairs if p[0] in only_models] + sized
@@ -424,14 +418,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         if name not in specs:
             raise ValueError(f"unknown model {name!r}; expected one of {sorted(specs)}")
 
-    timing_config = common.TimingConfig.from_args(args)
+    timing_config = setup.timing
     # A step is long (up to seconds for CvT-W24): fewer repetitions than for kernels, at least
     # 6 timed steps on a GPU after the first step and 2 + 2 warm-up steps.
     timing_config.min_warmup, timing_config.probe, timing_config.min_reps, timing_config.max_reps = 2, 2, 6, 50
     timing_config.rep_ms = args.rep_ms if args.rep_ms is not None else (20.0 if args.quick else 2000.0)
     if args.quick:
         timing_config.cpu_reps = 1  # a smoke run: the first (checked) step plus one timed step
-    deadline = common.Deadline(args.time_budget)
+    deadline = setup.deadline
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
     run = common.BenchRun("model", args, device, settings={

@@ -49,16 +49,19 @@ import torch
 import triton
 import triton.language as tl
 
+from cvt_fast.ops.backends import TABLE
+
 from .interpreter import float64_dot_problem
 
 # Triton decides at decoration time whether kernels are interpreted, so remember the
 # setting that was in force when this module (and its @triton.jit) was imported.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-__all__ = ["attention_forward", "attention_backward", "is_supported", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
+__all__ = ["attention_forward", "attention_backward", "SUPPORTED_HEAD_DIMS"]
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+# The head sizes these kernels are compiled and tuned for: the 'triton' record's, where the
+# backend choice reads them (every power of two from 16, the smallest tl.dot tile, to 128).
+SUPPORTED_HEAD_DIMS = TABLE["triton"].head_dims
 
 # Globals read inside kernels must be tl.constexpr instances (an annotation is not enough).
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -369,7 +372,8 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> trit
 
 # bf16/fp16 on the GPU: short autotune lists (every config is compiled once per shape and
 # dtype), split by head dim because the register budget is what limits the tiles. Every
-# config listed compiles for sm_90 without register spills (checked with cuobjdump).
+# config listed compiles for sm_90 without register spills and with every 16-bit tl.dot on
+# wgmma (checked in CI without a GPU: bench/kernels_report.py, tests/test_kernels_report.py).
 # - forward: BLOCK_M=128 x BLOCK_N=64, 4 warps, 3 stages is the usual Hopper/Ampere
 #   choice for d=64 (q tile and accumulator in registers, three K/V tiles in flight in
 #   shared memory); BLOCK_M=64 doubles the number of programs, which matters for CvT
@@ -386,8 +390,10 @@ _GPU_CONFIGS = {
         128: [_config(128, 64, 8, 2), _config(64, 64, 4, 3), _config(64, 32, 4, 3)],
     },
     "dkdv": {
-        # 32-row K/V tiles give CvT stage 1 (Nkv=784, H=1) enough programs at small batch.
-        64: [_config(32, 128, 8, 3), _config(64, 64, 4, 3), _config(32, 64, 4, 3), _config(32, 32, 4, 3)],
+        # Every dot here has BLOCK_N (the owned K/V rows) as its M dimension, and Hopper's wgmma
+        # needs 64 rows per warp group: a 32-row K/V tile (once listed for more programs at CvT
+        # stage 1, Nkv=784, H=1, small batch) compiles to mma.sync instead (bench/kernels_report.py).
+        64: [_config(32, 128, 8, 3), _config(64, 64, 4, 3), _config(32, 64, 4, 3)],
         128: [_config(32, 64, 8, 3), _config(64, 64, 8, 2)],
     },
     "dq": {
@@ -419,75 +425,52 @@ _TUNED = {} if _INTERPRET else {
 
 
 def _launch(name: str, grid, args: tuple, head_dim: int, dtype: torch.dtype, **constexprs) -> None:
-    """Launch kernel `name` with the config for this device and dtype; grid(meta) -> launch grid."""
+    """Launch kernel `name` with the config for this device and dtype; grid(meta) -> launch grid.
+    With _run below, the only places this module launches kernels (bench/kernels_report.py
+    records the launches there to compile them ahead of time)."""
     if _INTERPRET or dtype == torch.float32:
         cfg = _INTERPRETER_CONFIGS[name] if _INTERPRET else _GPU_FP32_CONFIG
         launch = {} if _INTERPRET else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-        _KERNELS[name][grid(cfg.kwargs)](*args, HEAD_DIM=head_dim, **cfg.kwargs, **constexprs, **launch)
+        _run(_KERNELS[name], grid(cfg.kwargs), args, HEAD_DIM=head_dim, **cfg.kwargs, **constexprs, **launch)
     else:
         _TUNED[(name, 64 if head_dim <= 64 else 128)][grid](*args, HEAD_DIM=head_dim, **constexprs)
+
+
+def _run(kernel, grid: tuple, args: tuple, **meta) -> None:
+    """Launch one kernel with fixed meta-parameters (constexprs, num_warps, num_stages)."""
+    kernel[grid](*args, **meta)
 
 
 # --------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------
-def _check_device(t: torch.Tensor, name: str) -> None:
-    if t.device.type == "cpu":
+def _check_device(q: torch.Tensor) -> None:
+    if q.device.type == "cpu":
         if not _INTERPRET:
             raise ValueError(
-                f"{name} is a CPU tensor but Triton kernels need a GPU: set TRITON_INTERPRET=1 before "
-                f"importing triton (and cvt_fast.kernels.attention) to run them on the CPU, or use a CUDA tensor"
-            )
-    elif t.device.type != "cuda":
-        raise ValueError(f"{name} is on device {t.device}; the Triton attention kernels take CUDA tensors "
+                "q is a CPU tensor but Triton kernels need a GPU: set TRITON_INTERPRET=1 before "
+                "importing triton (and cvt_fast.kernels.attention) to run them on the CPU, or use a CUDA tensor")
+    elif q.device.type != "cuda":
+        raise ValueError(f"q is on device {q.device}; the Triton attention kernels take CUDA tensors "
                          f"(or CPU tensors under TRITON_INTERPRET=1)")
 
 
-def _check_last_dim_contiguous(t: torch.Tensor, name: str) -> None:
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {tuple(t.stride())}")
-
-
-def _validate_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, N, H, d), got shape {tuple(t.shape)}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"q has dtype {q.dtype}; supported: bfloat16, float16, float32, float64")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k, v must share one dtype")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; q, k, v must share one device")
-    B, _, H, d = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[2] != H or v.shape[2] != H:
-        raise ValueError(f"head counts differ: q {H}, k {k.shape[2]}, v {v.shape[2]}")
-    if k.shape[3] != d or v.shape[3] != d:
-        raise ValueError(f"head dims differ: q {d}, k {k.shape[3]}, v {v.shape[3]}")
-    if k.shape[1] != v.shape[1]:
-        raise ValueError(f"k has {k.shape[1]} tokens but v has {v.shape[1]}; they must match")
-    if k.shape[1] < 1:
-        raise ValueError("k and v have no tokens (Nkv=0); the softmax needs at least one key")
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim d={d} is not supported by the Triton attention kernels; "
+def _check_launch(q: torch.Tensor) -> None:
+    """What these kernels need to launch. The inputs themselves were checked by the op that
+    calls them (cvt_fast/ops/contract.py): shapes, dtypes, devices and strides are trusted here."""
+    _check_device(q)
+    head_dim = q.shape[-1]
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim d={head_dim} is not supported by the Triton attention kernels; "
                          f"supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))} "
                          f"(the reference backend takes any d)")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_last_dim_contiguous(t, name)
-    _check_device(q, "q")
-    if q.device.type == "cuda" and q.dtype == torch.float64 and not _INTERPRET:
-        raise TypeError("float64 is not supported by the Triton attention kernels on the GPU (tl.dot has no "
-                        "fp64 path there); use bfloat16/float16/float32, or the reference backend for float64")
-    if _INTERPRET and q.dtype == torch.float64:
+    if q.dtype == torch.float64:
+        if not _INTERPRET:
+            raise TypeError("float64 is not supported by the Triton attention kernels on the GPU (tl.dot has no "
+                            "fp64 path there); use bfloat16/float16/float32, or the reference backend for float64")
         problem = float64_dot_problem()
         if problem:
             raise TypeError(problem)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite Python float, got {scale!r}")
 
 
 def _split_fp32(x: float) -> Tuple[float, float]:
@@ -518,25 +501,17 @@ def _device_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def is_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0) -> bool:
-    """Whether attention_forward/backward accept these inputs (for a backend's fallback choice)."""
-    try:
-        _validate_qkv(q, k, v, scale)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused attention forward.
 
     q: (B, Nq, H, d), k, v: (B, Nkv, H, d), any strides with a contiguous last dim; one dtype
-    (bf16, fp16, fp32; fp64 only under the interpreter); d in 16/32/64/128.
+    (bf16, fp16, fp32; fp64 only under the interpreter); d in 16/32/64/128. Inputs as the op
+    checks them (cvt_fast.ops.contract.check_attention); only the launch itself is checked here.
     Returns out (B, Nq, H*d) contiguous in q's dtype, and lse (B, H, Nq) float32, the
     natural-log log-sum-exp of each row of scale * q k^T.
     """
-    _validate_qkv(q, k, v, scale)
+    _check_launch(q)
     B, Nq, H, d = q.shape
     Nkv = k.shape[1]
     out = torch.empty((B, Nq, H * d), dtype=q.dtype, device=q.device)
@@ -568,31 +543,13 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     q, k, v, scale as given to attention_forward; lse (B, H, Nq) float32 from it.
     Returns (dq, dk, dv), contiguous, shaped and typed like q, k, v.
     """
-    _validate_qkv(q, k, v, scale)
+    _check_launch(q)
     B, Nq, H, d = q.shape
     Nkv = k.shape[1]
-    if isinstance(grad_out, torch.Tensor) and grad_out.stride(-1) != 1:
-        # Autograd hands over expanded gradients (e.g. from out.sum(), all strides 0);
-        # only then is a copy made.
+    if grad_out.stride(-1) != 1:
+        # The kernels read rows of grad_out contiguously; autograd may hand over an expanded
+        # gradient (e.g. of out.sum(), all strides 0): only then is a copy made.
         grad_out = grad_out.contiguous()
-    for name, t in (("grad_out", grad_out), ("out", out)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if tuple(t.shape) != (B, Nq, H * d):
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(B, Nq, H * d)}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}, expected q's dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-        _check_last_dim_contiguous(t, name)
-    if not isinstance(lse, torch.Tensor):
-        raise TypeError(f"lse must be a torch.Tensor, got {type(lse).__name__}")
-    if tuple(lse.shape) != (B, H, Nq):
-        raise ValueError(f"lse has shape {tuple(lse.shape)}, expected {(B, H, Nq)}")
-    if lse.dtype != torch.float32:
-        raise TypeError(f"lse has dtype {lse.dtype}, expected torch.float32")
-    if lse.device != q.device:
-        raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
 
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
@@ -607,22 +564,18 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     delta = torch.empty((B, H, Nq), dtype=torch.float64 if is_fp64 else torch.float32, device=q.device)
     with _device_guard(q):
         delta_block = _INTERPRETER_CONFIGS["fwd"].kwargs["BLOCK_M"] if _INTERPRET else _DELTA_BLOCK_M
-        _attn_bwd_delta_kernel[(triton.cdiv(Nq, delta_block), B * H)](
-            out, grad_out, delta,
-            out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
-            H, Nq,
-            HEAD_DIM=d, BLOCK_M=delta_block, ACC_DTYPE=flags["ACC_DTYPE"],
-            **({} if _INTERPRET else {"num_warps": _DELTA_NUM_WARPS}),
-        )
+        _run(_attn_bwd_delta_kernel, (triton.cdiv(Nq, delta_block), B * H),
+             (out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), H, Nq),
+             HEAD_DIM=d, BLOCK_M=delta_block, ACC_DTYPE=flags["ACC_DTYPE"],
+             **({} if _INTERPRET else {"num_warps": _DELTA_NUM_WARPS}))
         if is_fp64:
-            # fp64 runs only under the interpreter (rejected on the GPU by _validate_qkv).
+            # fp64 runs only under the interpreter (rejected on the GPU by _check_launch).
             lse_rows = torch.empty((B, H, Nq), dtype=torch.float64, device=q.device)
             blocks = _INTERPRETER_CONFIGS["fwd"].kwargs
-            _attn_bwd_lse2_kernel[(triton.cdiv(Nq, blocks["BLOCK_M"]), B * H)](
-                q, k, lse_rows,
-                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                H, Nq, Nkv, qk_hi, qk_lo,
-                HEAD_DIM=d, **blocks, **flags)
+            _run(_attn_bwd_lse2_kernel, (triton.cdiv(Nq, blocks["BLOCK_M"]), B * H),
+                 (q, k, lse_rows, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                  H, Nq, Nkv, qk_hi, qk_lo),
+                 HEAD_DIM=d, **blocks, **flags)
         else:
             lse_rows = lse
         common = (

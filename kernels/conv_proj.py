@@ -19,7 +19,9 @@
 # every accumulator that uses it (a q parity sub-tile or k/v at the matching tap). Registers
 # hold six fp32 accumulators [TILE_H*TILE_W, BLOCK_C] (4 q parities, k, v) and the current x
 # tile; nothing goes through shared memory explicitly. Loads are vectorised along C, which is
-# contiguous. Other stride combinations use `_fwd_generic_kernel`: one program per output tile
+# contiguous; the host passes the weights tap-major, (K*K, C), so a tap's weights for the
+# channel block are one contiguous load too (in the (C, K*K) layout of nn.Conv2d they would be
+# gathers K*K apart). Other stride combinations use `_fwd_generic_kernel`: one program per output tile
 # of one grid, one load per tap feeding every branch that shares that (stride, padding).
 #
 # Tiling, backward. Gather formulation (no atomics): a program owns a tile of x positions and
@@ -44,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-_SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+from cvt_fast.ops.contract import output_size
 
 # Block choices. BLOCK_C = 64 channels: 128 contiguous bytes in bf16 per row (a full
 # transaction) and divides every CvT width (64, 192, 384, 768, 1024). GPU tiles are 4 x 4
@@ -76,29 +78,25 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _tap_accumulate(acc, xv, w_ptr, c, cmask, DY: tl.constexpr, DX: tl.constexpr, K: tl.constexpr):
-    """acc += xv * w[:, DY, DX] when (DY, DX) is a tap of the k x k kernel (decided at compile time)."""
+def _tap_accumulate(acc, xv, w_ptr, C, c, cmask, DY: tl.constexpr, DX: tl.constexpr, K: tl.constexpr):
+    """acc += xv * w[:, DY, DX] when (DY, DX) is a tap of the k x k kernel (decided at compile time).
+    w_ptr: the weights tap-major, (K*K, C), so one tap's channels are one contiguous vector load."""
     if DY >= 0:
         if DY < K:
             if DX >= 0:
                 if DX < K:
-                    w = tl.load(w_ptr + c * (K * K) + (DY * K + DX), mask=cmask, other=0.0).to(acc.dtype)
+                    w = tl.load(w_ptr + (DY * K + DX) * C + c, mask=cmask, other=0.0).to(acc.dtype)
                     acc += xv * w[None, :]
     return acc
 
 
 @triton.jit
-def _tap_backward(gx, gw, xv, g, w_ptr, c, cmask, kk,
-                  DY: tl.constexpr, DX: tl.constexpr, K: tl.constexpr):
-    """For a valid tap: gx += g * w[:, DY, DX] and row DY*K+DX of gw += sum over positions of x * g."""
-    if DY >= 0:
-        if DY < K:
-            if DX >= 0:
-                if DX < K:
-                    w = tl.load(w_ptr + c * (K * K) + (DY * K + DX), mask=cmask, other=0.0).to(gx.dtype)
-                    gx += g * w[None, :]
-                    part = tl.sum(xv * g, axis=0)
-                    gw += tl.where(kk[:, None] == DY * K + DX, part[None, :], 0.0)
+def _tap_backward(gx, gw, xv, g, w_ptr, C, c, cmask, kk, tap):
+    """gx += g * w[:, tap] and row `tap` of gw += sum over positions of x * g (w tap-major, (K*K, C))."""
+    w = tl.load(w_ptr + tap * C + c, mask=cmask, other=0.0).to(gx.dtype)
+    gx += g * w[None, :]
+    part = tl.sum(xv * g, axis=0)
+    gw += tl.where(kk[:, None] == tap, part[None, :], 0.0)
     return gx, gw
 
 
@@ -145,12 +143,12 @@ def _fwd_s1s2_kernel(
             offs = (HAS_CLS + xr * W + xc).to(tl.int64) * x_stride_t
             xv = tl.load(x_base + offs[:, None] + c[None, :], mask=ok[:, None] & cmask[None, :],
                          other=0.0).to(ACC)
-            q00 = _tap_accumulate(q00, xv, wq_ptr, c, cmask, ty - R_OFF + PQ, tx - R_OFF + PQ, K)
-            q01 = _tap_accumulate(q01, xv, wq_ptr, c, cmask, ty - R_OFF + PQ, tx - R_OFF - 1 + PQ, K)
-            q10 = _tap_accumulate(q10, xv, wq_ptr, c, cmask, ty - R_OFF - 1 + PQ, tx - R_OFF + PQ, K)
-            q11 = _tap_accumulate(q11, xv, wq_ptr, c, cmask, ty - R_OFF - 1 + PQ, tx - R_OFF - 1 + PQ, K)
-            kacc = _tap_accumulate(kacc, xv, wk_ptr, c, cmask, ty - R_OFF + PKV, tx - R_OFF + PKV, K)
-            vacc = _tap_accumulate(vacc, xv, wv_ptr, c, cmask, ty - R_OFF + PKV, tx - R_OFF + PKV, K)
+            q00 = _tap_accumulate(q00, xv, wq_ptr, C, c, cmask, ty - R_OFF + PQ, tx - R_OFF + PQ, K)
+            q01 = _tap_accumulate(q01, xv, wq_ptr, C, c, cmask, ty - R_OFF + PQ, tx - R_OFF - 1 + PQ, K)
+            q10 = _tap_accumulate(q10, xv, wq_ptr, C, c, cmask, ty - R_OFF - 1 + PQ, tx - R_OFF + PQ, K)
+            q11 = _tap_accumulate(q11, xv, wq_ptr, C, c, cmask, ty - R_OFF - 1 + PQ, tx - R_OFF - 1 + PQ, K)
+            kacc = _tap_accumulate(kacc, xv, wk_ptr, C, c, cmask, ty - R_OFF + PKV, tx - R_OFF + PKV, K)
+            vacc = _tap_accumulate(vacc, xv, wv_ptr, C, c, cmask, ty - R_OFF + PKV, tx - R_OFF + PKV, K)
 
     if HAS_BQ:
         bias = tl.load(bq_ptr + c, mask=cmask, other=0.0).to(ACC)
@@ -223,11 +221,11 @@ def _fwd_generic_kernel(
             offs = (HAS_CLS + xr * W + xc).to(tl.int64) * x_stride_t
             xv = tl.load(x_base + offs[:, None] + c[None, :], mask=ok[:, None] & cmask[None, :],
                          other=0.0).to(ACC)
-            acc0 = _tap_accumulate(acc0, xv, w0_ptr, c, cmask, dy, dx, K)
+            acc0 = _tap_accumulate(acc0, xv, w0_ptr, C, c, cmask, dy, dx, K)
             if NUM_OUT >= 2:
-                acc1 = _tap_accumulate(acc1, xv, w1_ptr, c, cmask, dy, dx, K)
+                acc1 = _tap_accumulate(acc1, xv, w1_ptr, C, c, cmask, dy, dx, K)
             if NUM_OUT >= 3:
-                acc2 = _tap_accumulate(acc2, xv, w2_ptr, c, cmask, dy, dx, K)
+                acc2 = _tap_accumulate(acc2, xv, w2_ptr, C, c, cmask, dy, dx, K)
 
     if HAS_B0:
         acc0 += tl.load(b0_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
@@ -355,7 +353,7 @@ def _bwd_s1s2_kernel(
                 for tap in range(K * K):
                     dy = tap // K
                     dx = tap % K
-                    w = tl.load(wq_ptr + c * (K * K) + tap, mask=cmask, other=0.0).to(ACC)
+                    w = tl.load(wq_ptr + tap * C + c, mask=cmask, other=0.0).to(ACC)
                     prod = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
                     for pi in tl.static_range(2):
                         orow = 2 * a + (pi + PQ - dy)
@@ -390,13 +388,13 @@ def _bwd_s1s2_kernel(
                                 tok = (HAS_CLS + orow * Wk + ocol).to(tl.int64)
                                 gk = tl.load(gk_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
                                              other=0.0).to(ACC)
-                                w = tl.load(wk_ptr + c * (K * K) + tap, mask=cmask, other=0.0).to(ACC)
+                                w = tl.load(wk_ptr + tap * C + c, mask=cmask, other=0.0).to(ACC)
                                 delta += gk * w[None, :]
                                 gwk += tl.where(kk[:, None] == tap, tl.sum(xv * gk, axis=0)[None, :], 0.0)
                                 if HAS_GV:
                                     gv = tl.load(gv_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
                                                  other=0.0).to(ACC)
-                                    w = tl.load(wv_ptr + c * (K * K) + tap, mask=cmask, other=0.0).to(ACC)
+                                    w = tl.load(wv_ptr + tap * C + c, mask=cmask, other=0.0).to(ACC)
                                     delta += gv * w[None, :]
                                     gwv += tl.where(kk[:, None] == tap, tl.sum(xv * gv, axis=0)[None, :], 0.0)
                         g00, g01, g10, g11 = _add4(pi, pj, g00, g01, g10, g11, delta)
@@ -482,36 +480,39 @@ def _bwd_generic_kernel(
             gq_base = gq_ptr + img64 * tq * C
             gk_base = gk_ptr + img64 * tk * C
             gv_base = gv_ptr + img64 * tk * C
-            for dy in tl.static_range(K):
-                for dx in tl.static_range(K):
-                    if HAS_GQ:
-                        # x(r) is read by q(o) at tap dy iff o*SQ = r + PQ - dy; masked lanes
-                        # (negative numerators) never load, so C-style % and // are harmless.
-                        nr = r + PQ - dy
-                        nc = s + PQ - dx
-                        orow = nr // SQ
-                        ocol = nc // SQ
-                        ok = ok_x & (nr >= 0) & (nc >= 0) & (nr % SQ == 0) & (nc % SQ == 0) \
-                            & (orow < Hq) & (ocol < Wq)
-                        tok = (HAS_CLS + orow * Wq + ocol).to(tl.int64)
-                        g = tl.load(gq_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
+            # A runtime tap loop, as in the s1s2 backward: unrolled, the compiler hoists every
+            # tap's gradient loads at once and spills (16-bit inputs: 255 registers).
+            for tap in range(K * K):
+                dy = tap // K
+                dx = tap % K
+                if HAS_GQ:
+                    # x(r) is read by q(o) at tap dy iff o*SQ = r + PQ - dy; masked lanes
+                    # (negative numerators) never load, so C-style % and // are harmless.
+                    nr = r + PQ - dy
+                    nc = s + PQ - dx
+                    orow = nr // SQ
+                    ocol = nc // SQ
+                    ok = ok_x & (nr >= 0) & (nc >= 0) & (nr % SQ == 0) & (nc % SQ == 0) \
+                        & (orow < Hq) & (ocol < Wq)
+                    tok = (HAS_CLS + orow * Wq + ocol).to(tl.int64)
+                    g = tl.load(gq_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
+                                other=0.0).to(ACC)
+                    gx, gwq = _tap_backward(gx, gwq, xv, g, wq_ptr, C, c, cmask, kk, tap)
+                if HAS_GKV:
+                    nr = r + PKV - dy
+                    nc = s + PKV - dx
+                    orow = nr // SKV
+                    ocol = nc // SKV
+                    ok = ok_x & (nr >= 0) & (nc >= 0) & (nr % SKV == 0) & (nc % SKV == 0) \
+                        & (orow < Hk) & (ocol < Wk)
+                    tok = (HAS_CLS + orow * Wk + ocol).to(tl.int64)
+                    g = tl.load(gk_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
+                                other=0.0).to(ACC)
+                    gx, gwk = _tap_backward(gx, gwk, xv, g, wk_ptr, C, c, cmask, kk, tap)
+                    if HAS_GV:
+                        g = tl.load(gv_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
                                     other=0.0).to(ACC)
-                        gx, gwq = _tap_backward(gx, gwq, xv, g, wq_ptr, c, cmask, kk, dy, dx, K)
-                    if HAS_GKV:
-                        nr = r + PKV - dy
-                        nc = s + PKV - dx
-                        orow = nr // SKV
-                        ocol = nc // SKV
-                        ok = ok_x & (nr >= 0) & (nc >= 0) & (nr % SKV == 0) & (nc % SKV == 0) \
-                            & (orow < Hk) & (ocol < Wk)
-                        tok = (HAS_CLS + orow * Wk + ocol).to(tl.int64)
-                        g = tl.load(gk_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
-                                    other=0.0).to(ACC)
-                        gx, gwk = _tap_backward(gx, gwk, xv, g, wk_ptr, c, cmask, kk, dy, dx, K)
-                        if HAS_GV:
-                            g = tl.load(gv_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
-                                        other=0.0).to(ACC)
-                            gx, gwv = _tap_backward(gx, gwv, xv, g, wv_ptr, c, cmask, kk, dy, dx, K)
+                        gx, gwv = _tap_backward(gx, gwv, xv, g, wv_ptr, C, c, cmask, kk, tap)
             gx_base = gx_ptr + img64 * t_in * C
             tl.store(gx_base + tok_x[:, None] * C + c[None, :], gx.to(gx_ptr.dtype.element_ty),
                      mask=ok_x[:, None] & m)
@@ -527,75 +528,47 @@ def _bwd_generic_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _out_size(n: int, k: int, stride: int, padding: int) -> int:
-    return (n + 2 * padding - k) // stride + 1
-
-
 def _check_device(x: torch.Tensor) -> None:
-    if x.device.type == "cuda":
-        return
     if x.device.type == "cpu":
         if not _interpreting():
             raise RuntimeError(
                 "conv_proj Triton kernels got CPU tensors but Triton's interpreter is off: set "
                 "TRITON_INTERPRET=1 in the environment before importing triton / cvt_fast.kernels, "
                 "or pass CUDA tensors")
-        return
-    raise ValueError(f"conv_proj Triton kernels run on 'cuda' (or 'cpu' under TRITON_INTERPRET=1), "
-                     f"got device {x.device}")
+    elif x.device.type != "cuda":
+        raise ValueError(f"conv_proj Triton kernels run on 'cuda' (or 'cpu' under TRITON_INTERPRET=1), "
+                         f"got device {x.device}")
 
 
-def _check_common(x: torch.Tensor, weights, height: int, width: int, has_cls: bool,
-                  stride_q: int, stride_kv: int, padding_q: int, padding_kv: int) -> int:
-    """Validate what forward and backward share; returns the kernel size."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"x dtype {x.dtype} is not supported; expected one of {_SUPPORTED_DTYPES}")
-    if x.dim() != 3:
-        raise ValueError(f"x must be (B, T, C) tokens, got shape {tuple(x.shape)}")
-    for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not isinstance(has_cls, bool):
-        raise TypeError(f"has_cls must be a bool, got {has_cls!r}")
-    expected_t = int(has_cls) + height * width
-    if x.shape[1] != expected_t:
-        raise ValueError(f"x has {x.shape[1]} tokens, expected has_cls + height * width = "
-                         f"{int(has_cls)} + {height}*{width} = {expected_t}")
-    channels = x.shape[2]
-    if x.stride(2) != 1:
-        raise ValueError(f"x must have contiguous channels (stride 1 on the last dim), got strides {x.stride()}")
+def _check_launch(x: torch.Tensor, weights, padding_q: int, padding_kv: int) -> int:
+    """What these kernels need to launch; returns the kernel size. The inputs themselves were
+    checked by the op that calls them (cvt_fast/ops/contract.py): shapes, dtypes, devices and
+    the grid's fit are trusted here."""
     _check_device(x)
-    kernel = None
-    for name, w in weights:
-        if not isinstance(w, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
-        if w.dim() != 4 or w.shape[0] != channels or w.shape[1] != 1 or w.shape[2] != w.shape[3]:
-            raise ValueError(f"{name} must be a depthwise weight (C, 1, k, k) = ({channels}, 1, k, k), "
-                             f"got shape {tuple(w.shape)}")
-        if w.dtype != x.dtype:
-            raise TypeError(f"{name} dtype {w.dtype} does not match x dtype {x.dtype}")
-        if w.device != x.device:
-            raise ValueError(f"{name} is on {w.device}, x is on {x.device}")
-        if kernel is None:
-            kernel = w.shape[2]
-        elif w.shape[2] != kernel:
-            raise ValueError(f"all three weights must have the same kernel size; {name} has "
-                             f"{w.shape[2]}, expected {kernel}")
-    if kernel % 2 != 1:
-        raise ValueError(f"kernel size must be odd, got {kernel}")
-    for name, value in (("stride_q", stride_q), ("stride_kv", stride_kv)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    for name, value in (("padding_q", padding_q), ("padding_kv", padding_kv)):
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < kernel:
-            raise ValueError(f"{name} must be an int in [0, {kernel}) for kernel size {kernel}, got {value!r}")
-    for name, stride, padding in (("q", stride_q, padding_q), ("k/v", stride_kv, padding_kv)):
-        if _out_size(height, kernel, stride, padding) < 1 or _out_size(width, kernel, stride, padding) < 1:
-            raise ValueError(f"the {height}x{width} grid is smaller than the {kernel}x{kernel} kernel "
-                             f"with padding {padding}: the {name} output would be empty")
+    # One kernel size K is a compile-time constant of all three branches; odd, so that the tap
+    # ranges of the parity decomposition are symmetric; padding below K keeps every tap range
+    # non-empty.
+    sizes = tuple(w.shape[-1] for w in weights)
+    kernel = sizes[0]
+    if len(set(sizes)) != 1 or kernel % 2 != 1:
+        raise ValueError(f"the Triton conv_proj kernels need one odd kernel size for q, k and v, got {sizes}")
+    for name, padding in (("padding_q", padding_q), ("padding_kv", padding_kv)):
+        if not padding < kernel:
+            raise ValueError(f"{name} must be below the kernel size {kernel} for the Triton kernels, got {padding}")
     return kernel
+
+
+def _run(kernel, grid: tuple, args: tuple, **meta) -> None:
+    """The one place this module launches a kernel (bench/kernels_report.py records the launches
+    here to compile them ahead of time)."""
+    kernel[grid](*args, **meta)
+
+
+def _taps_major(weight: torch.Tensor) -> torch.Tensor:
+    """(C, 1, k, k) depthwise weights as (k*k, C): a tap's weights for a block of channels are
+    then one contiguous (vectorised) load, where the (C, k*k) layout gathers them k*k apart."""
+    channels = weight.shape[0]
+    return weight.reshape(channels, -1).t().contiguous()
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -630,32 +603,20 @@ def conv_proj_forward(
     x: (B, has_cls + height*width, C), channels contiguous; weights (C, 1, k, k), odd k, the same
     for all three; biases (C,) or None; all in x's dtype and on its device. Returns contiguous
     q (B, has_cls + Hq*Wq, C), k and v (B, has_cls + Hk*Wk, C) in x's dtype (fp32 accumulation).
+    Inputs as the op checks them (cvt_fast.ops.contract.check_conv_proj); only the launch is checked here.
     """
-    kernel = _check_common(x, (("weight_q", weight_q), ("weight_k", weight_k), ("weight_v", weight_v)),
-                           height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
+    kernel = _check_launch(x, (weight_q, weight_k, weight_v), padding_q, padding_kv)
     channels = x.shape[2]
-    for name, bias in (("bias_q", bias_q), ("bias_k", bias_k), ("bias_v", bias_v)):
-        if bias is None:
-            continue
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.shape != (channels,):
-            raise ValueError(f"{name} must have shape ({channels},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{name} dtype {bias.dtype} does not match x dtype {x.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"{name} is on {bias.device}, x is on {x.device}")
-
     batch = x.shape[0]
     cls = int(has_cls)
-    hq, wq = _out_size(height, kernel, stride_q, padding_q), _out_size(width, kernel, stride_q, padding_q)
-    hk, wk = _out_size(height, kernel, stride_kv, padding_kv), _out_size(width, kernel, stride_kv, padding_kv)
+    hq, wq = output_size(height, kernel, stride_q, padding_q), output_size(width, kernel, stride_q, padding_q)
+    hk, wk = output_size(height, kernel, stride_kv, padding_kv), output_size(width, kernel, stride_kv, padding_kv)
     q = torch.empty((batch, cls + hq * wq, channels), dtype=x.dtype, device=x.device)
     k = torch.empty((batch, cls + hk * wk, channels), dtype=x.dtype, device=x.device)
     v = torch.empty_like(k)
     if batch == 0:
         return q, k, v
-    weight_q, weight_k, weight_v = weight_q.contiguous(), weight_k.contiguous(), weight_v.contiguous()
+    weight_q, weight_k, weight_v = (_taps_major(w) for w in (weight_q, weight_k, weight_v))
     biases = [bias.contiguous() if bias is not None else None for bias in (bias_q, bias_k, bias_v)]
     block_c = _block_c(channels)
     c_blocks = triton.cdiv(channels, block_c)
@@ -668,10 +629,10 @@ def conv_proj_forward(
         # Offsets ry of the x rows 2a+ry that q (ry = pi - PQ + dy) or k/v (ry = dy - PKV) read.
         r_off, nr = _shift_range(min(-padding_q, -padding_kv), max(kernel - padding_q, kernel - 1 - padding_kv))
         grid = (triton.cdiv(ha, tile_h) * tiles_w, c_blocks, batch)
-        _fwd_s1s2_kernel[grid](
-            x, weight_q, weight_k, weight_v,
-            *(bias if bias is not None else x for bias in biases), q, k, v,
-            channels, height, width, hq, wq, hk, wk, tiles_w, x.stride(0), x.stride(1),
+        _run(
+            _fwd_s1s2_kernel, grid,
+            (x, weight_q, weight_k, weight_v, *(bias if bias is not None else x for bias in biases), q, k, v,
+             channels, height, width, hq, wq, hk, wk, tiles_w, x.stride(0), x.stride(1)),
             HAS_CLS=cls, K=kernel, PQ=padding_q, PKV=padding_kv, R_OFF=r_off, NR=nr,
             HAS_BQ=biases[0] is not None, HAS_BK=biases[1] is not None, HAS_BV=biases[2] is not None,
             TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS,
@@ -692,9 +653,10 @@ def conv_proj_forward(
         outs = tuple(outs) + (outs[0],) * (3 - n)
         tiles_w = triton.cdiv(wo, tile_w)
         grid = (triton.cdiv(ho, tile_h) * tiles_w, c_blocks, batch)
-        _fwd_generic_kernel[grid](
-            x, *ws, *(bias if bias is not None else x for bias in bs), *outs,
-            channels, height, width, ho, wo, tiles_w, x.stride(0), x.stride(1),
+        _run(
+            _fwd_generic_kernel, grid,
+            (x, *ws, *(bias if bias is not None else x for bias in bs), *outs,
+             channels, height, width, ho, wo, tiles_w, x.stride(0), x.stride(1)),
             HAS_CLS=cls, K=kernel, STRIDE=stride, PAD=padding, NUM_OUT=n,
             HAS_B0=bs[0] is not None, HAS_B1=bs[1] is not None, HAS_B2=bs[2] is not None,
             TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS,
@@ -715,33 +677,18 @@ def conv_proj_backward(
     output that received none (treated as zeros). grad_x has x's shape and dtype and includes
     the cls row (grad_q[:, 0] + grad_k[:, 0] + grad_v[:, 0]); grad weights are (C, 1, k, k),
     accumulated in fp32 over batch and positions, returned in the weights' dtype. Bias
-    gradients are not computed here (they are sums of the output gradients over tokens).
+    gradients are not computed here (they are sums of the output gradients over tokens). Inputs as
+    the op checks them (cvt_fast.ops.contract.check_conv_proj_backward); only the launch is checked here.
     """
-    kernel = _check_common(x, (("weight_q", weight_q), ("weight_k", weight_k), ("weight_v", weight_v)),
-                           height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
+    kernel = _check_launch(x, (weight_q, weight_k, weight_v), padding_q, padding_kv)
     batch, _, channels = x.shape
     cls = int(has_cls)
-    hq, wq = _out_size(height, kernel, stride_q, padding_q), _out_size(width, kernel, stride_q, padding_q)
-    hk, wk = _out_size(height, kernel, stride_kv, padding_kv), _out_size(width, kernel, stride_kv, padding_kv)
-    expected = {"grad_q": (batch, cls + hq * wq, channels), "grad_k": (batch, cls + hk * wk, channels),
-                "grad_v": (batch, cls + hk * wk, channels)}
-    grads = {}
-    for name, g in (("grad_q", grad_q), ("grad_k", grad_k), ("grad_v", grad_v)):
-        if g is None:
-            grads[name] = None
-            continue
-        if not isinstance(g, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(g).__name__}")
-        if tuple(g.shape) != expected[name]:
-            raise ValueError(f"{name} has shape {tuple(g.shape)}, expected {expected[name]}")
-        if g.dtype != x.dtype:
-            raise TypeError(f"{name} dtype {g.dtype} does not match x dtype {x.dtype}")
-        if g.device != x.device:
-            raise ValueError(f"{name} is on {g.device}, x is on {x.device}")
-        grads[name] = g.contiguous()
+    hq, wq = output_size(height, kernel, stride_q, padding_q), output_size(width, kernel, stride_q, padding_q)
+    hk, wk = output_size(height, kernel, stride_kv, padding_kv), output_size(width, kernel, stride_kv, padding_kv)
+    # The kernels index the output gradients densely (token * C + channel).
+    gq, gk, gv = (None if g is None else g.contiguous() for g in (grad_q, grad_k, grad_v))
     # The kernels treat k and v as one branch (same grid); a missing grad_k with a present
     # grad_v is handled by swapping the pair's roles, which is symmetric.
-    gq, gk, gv = grads["grad_q"], grads["grad_k"], grads["grad_v"]
     wk_, wv_ = weight_k, weight_v
     swapped = gk is None and gv is not None
     if swapped:
@@ -752,7 +699,7 @@ def conv_proj_backward(
     if batch == 0:
         zeros = torch.zeros_like(weight_q)
         return grad_x, zeros, zeros.clone(), zeros.clone()
-    w3 = (weight_q.contiguous(), wk_.contiguous(), wv_.contiguous())
+    w3 = tuple(_taps_major(w) for w in (weight_q, wk_, wv_))
     block_c = _block_c(channels)
     c_blocks = triton.cdiv(channels, block_c)
     fused = stride_q == 1 and stride_kv == 2
@@ -778,9 +725,9 @@ def conv_proj_backward(
                  TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS)
     grid = (num_tiles, c_blocks, groups)
     if fused:
-        _bwd_s1s2_kernel[grid](*common, PQ=padding_q, PKV=padding_kv, **flags)
+        _run(_bwd_s1s2_kernel, grid, common, PQ=padding_q, PKV=padding_kv, **flags)
     else:
-        _bwd_generic_kernel[grid](*common, SQ=stride_q, PQ=padding_q, SKV=stride_kv, PKV=padding_kv, **flags)
+        _run(_bwd_generic_kernel, grid, common, SQ=stride_q, PQ=padding_q, SKV=stride_kv, PKV=padding_kv, **flags)
 
     gw = gw_part.sum(dim=0)  # (3, k*k, C), fp32 (fp64 for fp64 inputs)
     gw = gw.permute(0, 2, 1).reshape(3, channels, 1, kernel, kernel)

@@ -15,6 +15,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import cvt_fast.ops as ops
+from tiny_spec import tiny_spec
 from tolerances import assert_close
 
 
@@ -78,15 +79,7 @@ def test_compiled_ops_match_eager_in_one_graph_triton():
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_compiled_tiny_cvt_trains_like_eager(compiler):
     model_module = pytest.importorskip("cvt_fast.model")
-    spec = {
-        "NUM_STAGES": 3, "PATCH_SIZE": [7, 3, 3], "PATCH_STRIDE": [4, 2, 2], "PATCH_PADDING": [2, 1, 1],
-        "DIM_EMBED": [16, 32, 48], "NUM_HEADS": [1, 2, 3], "DEPTH": [1, 1, 1],
-        "MLP_RATIO": [2.0, 2.0, 2.0], "ATTN_DROP_RATE": [0.0, 0.0, 0.0], "DROP_RATE": [0.0, 0.0, 0.0],
-        "DROP_PATH_RATE": [0.0, 0.0, 0.0], "QKV_BIAS": [True, True, True],
-        "CLS_TOKEN": [False, False, True], "POS_EMBED": [False, False, False],
-        "QKV_PROJ_METHOD": ["dw_bn", "dw_bn", "dw_bn"], "KERNEL_QKV": [3, 3, 3],
-        "PADDING_KV": [1, 1, 1], "STRIDE_KV": [2, 2, 2], "PADDING_Q": [1, 1, 1], "STRIDE_Q": [1, 1, 1],
-    }
+    spec = tiny_spec(DEPTH=[1, 1, 1], MLP_RATIO=[2.0, 2.0, 2.0])
     eager = model_module.build_model(spec, num_classes=5, backend="reference").train()
     compiled_model = copy.deepcopy(eager)
     images = torch.randn(2, 3, 32, 32)

@@ -8,16 +8,9 @@ from torch import nn
 from cvt_fast.flops import count_flops, count_params, flops_by_part
 from cvt_fast.model import Attention, build_model, create_model
 from cvt_fast.specs import get_spec
+from tests.tiny_spec import tiny_spec
 
-SMALL = {
-    "NUM_STAGES": 3, "PATCH_SIZE": [7, 3, 3], "PATCH_STRIDE": [4, 2, 2], "PATCH_PADDING": [2, 1, 1],
-    "DIM_EMBED": [16, 32, 48], "NUM_HEADS": [1, 2, 3], "DEPTH": [1, 2, 2],
-    "MLP_RATIO": [4.0, 4.0, 4.0], "ATTN_DROP_RATE": [0.0, 0.0, 0.0], "DROP_RATE": [0.0, 0.0, 0.0],
-    "DROP_PATH_RATE": [0.0, 0.0, 0.1], "QKV_BIAS": [True, True, True],
-    "CLS_TOKEN": [False, False, True], "POS_EMBED": [False, False, False],
-    "QKV_PROJ_METHOD": ["dw_bn", "dw_bn", "dw_bn"], "KERNEL_QKV": [3, 3, 3],
-    "PADDING_KV": [1, 1, 1], "STRIDE_KV": [2, 2, 2], "PADDING_Q": [1, 1, 1], "STRIDE_Q": [1, 1, 1],
-}
+SMALL = tiny_spec(DEPTH=[1, 2, 2], DROP_PATH_RATE=[0.0, 0.0, 0.1])
 
 VARIANTS = {
     "default": {},

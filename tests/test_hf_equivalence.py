@@ -19,19 +19,12 @@ from cvt_fast.checkpoint import load_checkpoint  # noqa: E402
 from cvt_fast.hf_convert import hf_config_from_spec, hf_to_official, official_to_hf  # noqa: E402
 from cvt_fast.model import build_model  # noqa: E402
 from cvt_fast.specs import get_spec  # noqa: E402
+from tests.tiny_spec import tiny_spec  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 
 # Hugging Face builds stage i with drop_path_rates[i], a list of DEPTH[i] entries, so
 # every stage needs DEPTH[i] > i or its constructor raises IndexError.
-SMALL = {
-    "NUM_STAGES": 3, "PATCH_SIZE": [7, 3, 3], "PATCH_STRIDE": [4, 2, 2], "PATCH_PADDING": [2, 1, 1],
-    "DIM_EMBED": [16, 32, 48], "NUM_HEADS": [1, 2, 3], "DEPTH": [1, 2, 3],
-    "MLP_RATIO": [4.0, 4.0, 4.0], "ATTN_DROP_RATE": [0.0, 0.0, 0.0], "DROP_RATE": [0.0, 0.0, 0.0],
-    "DROP_PATH_RATE": [0.0, 0.0, 0.0], "QKV_BIAS": [True, True, True],
-    "CLS_TOKEN": [False, False, True], "POS_EMBED": [False, False, False],
-    "QKV_PROJ_METHOD": ["dw_bn", "dw_bn", "dw_bn"], "KERNEL_QKV": [3, 3, 3],
-    "PADDING_KV": [1, 1, 1], "STRIDE_KV": [2, 2, 2], "PADDING_Q": [1, 1, 1], "STRIDE_Q": [1, 1, 1],
-}
+SMALL = tiny_spec(DEPTH=[1, 2, 3])
 NUM_CLASSES = 10
 BACKENDS = ["official", "reference"]
 

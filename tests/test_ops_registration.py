@@ -1,10 +1,13 @@
 """The custom ops as PyTorch sees them: opcheck (schema, fake tensors, autograd registration,
 AOT dispatch), float64 gradcheck through the public entry points, None gradients, autocast,
-and the entry points' input checks. Parametrised over the op backends that run here."""
+and the input checks, which the registered ops make themselves (a direct torch.ops.cvt_fast.*
+call and a fake-tensor trace raise what cvt_fast.ops.* raises). Parametrised over the op
+backends that run here."""
 import importlib.util
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cvt_fast.ops as ops
 from cvt_fast.ops import reference
@@ -172,7 +175,10 @@ def test_autocast_runs_the_ops_in_the_autocast_dtype_with_float32_math():
 
 # --------------------------------------------------------------------------- input checks of the entry points
 
-@pytest.mark.parametrize("change,error,message", [
+# Each case: (change of valid inputs, error, words of the message). The *_PYTHON_TYPES cases
+# concern the Python types of arguments, which the ops' schemas reject before any check of ours:
+# only the entry points (plain Python functions) see them.
+ATTENTION_BAD_INPUTS = [
     (lambda q, k, v: (q, k[:, :, :1], v[:, :, :1]), ValueError, "numbers of heads"),
     (lambda q, k, v: (q, k[..., :16], v[..., :16]), ValueError, "head sizes"),
     (lambda q, k, v: (q, k[:1], v), ValueError, "batch sizes"),
@@ -183,24 +189,61 @@ def test_autocast_runs_the_ops_in_the_autocast_dtype_with_float32_math():
     (lambda q, k, v: (q.int(), k.int(), v.int()), TypeError, "dtype torch.int32"),
     (lambda q, k, v: (q[0], k, v), ValueError, "4-D"),
     (lambda q, k, v: (q, k[:, :0], v[:, :0]), ValueError, "at least one"),
-    (lambda q, k, v: (q.tolist(), k, v), TypeError, "torch.Tensor"),
-])
+]
+ATTENTION_BAD_PYTHON_TYPES = [(lambda q, k, v: (q.tolist(), k, v), TypeError, "torch.Tensor")]
+
+
+@pytest.mark.parametrize("change,error,message", ATTENTION_BAD_INPUTS + ATTENTION_BAD_PYTHON_TYPES)
 def test_attention_rejects_bad_inputs(change, error, message):
     q, k, v = change(*qkv(batch=2, head_dim=32))
     with pytest.raises(error, match=message):
         ops.attention(q, k, v, 0.25, backend="reference")
 
 
-def test_attention_rejects_non_float_scale():
+def _call(op, args, trace: bool):
+    """op(*args), or with the tensors as fake tensors (what torch.compile and opcheck trace with)."""
+    if not trace:
+        return op(*args)
+    with FakeTensorMode() as mode:
+        return op(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args))
+
+
+@pytest.mark.parametrize("trace", [False, True], ids=["eager", "fake"])
+@pytest.mark.parametrize("change,error,message", ATTENTION_BAD_INPUTS)
+def test_attention_op_checks_its_inputs_when_called_directly_or_traced(change, error, message, trace):
+    q, k, v = change(*qkv(batch=2, head_dim=32))
+    with pytest.raises(error, match=message):
+        _call(torch.ops.cvt_fast.attention, (q, k, v, 0.25, "reference"), trace)
+
+
+def test_attention_rejects_non_float_or_non_finite_scale():
     with pytest.raises(TypeError, match="scale"):
         ops.attention(*qkv(), torch.tensor(0.25))
+    with pytest.raises(ValueError, match="scale must be finite"):
+        ops.attention(*qkv(), float("nan"))
+    with pytest.raises(ValueError, match="scale must be finite"):
+        torch.ops.cvt_fast.attention(*qkv(), float("inf"), "reference")
 
 
-@pytest.mark.parametrize("kwargs,error,message", [
+@pytest.mark.parametrize("trace", [False, True], ids=["eager", "fake"])
+def test_attention_backward_op_checks_its_inputs(trace):
+    q, k, v = qkv()
+    out, lse = torch.ops.cvt_fast.attention(q, k, v, 0.25, "reference")
+    every_other = torch.empty(*out.shape, 2)[..., 0].copy_(out)
+    cases = [((out[:, :3], q, k, v, out, lse), ValueError, "grad_out has shape"),
+             ((out, q, k, v, out.double(), lse), TypeError, "out has dtype"),
+             ((out, q, k, v, out, lse.double()), TypeError, "lse has dtype"),
+             ((out, q, k, v, out, lse[:, :1]), ValueError, "lse has shape"),
+             ((out, q, k, v, every_other, lse), ValueError, "out must have a contiguous last dimension"),
+             ((out, q, k[..., :16], v, out, lse), ValueError, "head sizes")]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            _call(torch.ops.cvt_fast.attention_backward, (*args, 0.25, "reference"), trace)
+
+
+CONV_PROJ_BAD_INPUTS = [
     (dict(height=4), ValueError, "21 tokens but has_cls=True, height=4, width=4 need 17"),
     (dict(has_cls=False), ValueError, "need 20"),
-    (dict(has_cls=1), TypeError, "has_cls must be a bool"),
-    (dict(height=5.0), TypeError, "height must be an int"),
     (dict(stride_kv=0), ValueError, "stride_kv must be >= 1"),
     (dict(padding_q=-1), ValueError, "padding_q must be >= 0"),
     (dict(weight_k=torch.randn(3, 3, 3)), ValueError, "weight_k must be 4-D"),
@@ -211,13 +254,54 @@ def test_attention_rejects_non_float_scale():
     (dict(bias_q=torch.randn(3, device="meta")), ValueError, "devices"),
     (dict(x=torch.randn(2, 21, 6)[..., ::2]), ValueError, "contiguous last"),
     (dict(x=torch.randint(0, 3, (2, 21, 3))), TypeError, "dtype torch.int64"),
-])
-def test_conv_proj_rejects_bad_inputs(kwargs, error, message):
+]
+CONV_PROJ_BAD_PYTHON_TYPES = [(dict(has_cls=1), TypeError, "has_cls must be a bool"),
+                              (dict(height=5.0), TypeError, "height must be an int"),
+                              (dict(bias_v=[1.0, 2.0, 3.0]), TypeError, "bias_v must be a torch.Tensor")]
+
+
+def _conv_call(**changes):
     x, weights, _ = conv_inputs()
     args = dict(x=x, weight_q=weights[0], weight_k=weights[1], weight_v=weights[2], height=5, width=4, has_cls=True)
-    args.update(kwargs)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("kwargs,error,message", CONV_PROJ_BAD_INPUTS + CONV_PROJ_BAD_PYTHON_TYPES)
+def test_conv_proj_rejects_bad_inputs(kwargs, error, message):
     with pytest.raises(error, match=message):
-        ops.conv_proj(**args, backend="reference")
+        ops.conv_proj(**_conv_call(**kwargs), backend="reference")
+
+
+@pytest.mark.parametrize("trace", [False, True], ids=["eager", "fake"])
+@pytest.mark.parametrize("kwargs,error,message", CONV_PROJ_BAD_INPUTS)
+def test_conv_proj_op_checks_its_inputs_when_called_directly_or_traced(kwargs, error, message, trace):
+    a = _conv_call(**kwargs)
+    args = [a["x"], a["weight_q"], a["weight_k"], a["weight_v"], a.get("bias_q"), a.get("bias_k"), a.get("bias_v"),
+            a["height"], a["width"], a["has_cls"], a.get("stride_q", 1), a.get("stride_kv", 2), a.get("padding_q", 1),
+            a.get("padding_kv", 1), "reference"]
+    with pytest.raises(error, match=message):
+        _call(torch.ops.cvt_fast.conv_proj, args, trace)
+
+
+def test_conv_proj_op_wants_weights_in_the_dtype_of_x():
+    """The entry point casts; a direct call must cast itself, and is told so."""
+    x, weights, _ = conv_inputs()
+    with pytest.raises(TypeError, match="weight_k has dtype torch.float64 but x has torch.float32"):
+        torch.ops.cvt_fast.conv_proj(x, weights[0], weights[1].double(), weights[2], None, None, None, 5, 4, True,
+                                     1, 2, 1, 1, "reference")
+
+
+@pytest.mark.parametrize("trace", [False, True], ids=["eager", "fake"])
+def test_conv_proj_backward_op_checks_its_inputs(trace):
+    x, weights, _ = conv_inputs()
+    q, k, v = torch.ops.cvt_fast.conv_proj(x, *weights, None, None, None, 5, 4, True, 1, 2, 1, 1, "reference")
+    cases = [((q, q, v), ValueError, "grad_k has shape"), ((q.double(), k, v), TypeError, "grad_q has dtype"),
+             ((q, k, v[:1]), ValueError, "grad_v has shape")]
+    for grads, error, message in cases:
+        with pytest.raises(error, match=message):
+            _call(torch.ops.cvt_fast.conv_proj_backward, (*grads, x, *weights, 5, 4, True, 1, 2, 1, 1, "reference"),
+                  trace)
 
 
 def test_unavailable_backend_raises_through_the_entry_points():
@@ -258,11 +342,11 @@ def test_gpu_backends_pass_opcheck_and_match_reference(backend, dtype):
 
 
 @pytest.mark.gpu
-def test_auto_on_gpu_picks_the_cuda_extension_when_built():
-    from cvt_fast.extension import extension_status, load_extension
-
-    if load_extension() is None:
-        pytest.skip(f"cvt_fast._C: {extension_status()}")
+def test_auto_on_gpu_takes_what_explain_backend_says():
     q = qkv(head_dim=64, dtype=torch.float16)[0].cuda()
-    assert ops.resolve_backend("attention", "auto", q) == "cuda"
-    assert ops.resolve_backend("conv_proj", "auto", torch.randn(2, 5, 8, device="cuda")) == "cuda"
+    x = torch.randn(2, 5, 8, device="cuda")
+    for op, tensors in (("attention", (q,)), ("conv_proj", (x,))):
+        choice = ops.explain_backend(op, *tensors)
+        assert ops.resolve_backend(op, "auto", *tensors) == choice.backend, choice
+        if "no tuning entry" in choice.reason:  # no measurement for this GPU: Triton
+            assert choice.backend == "triton", choice

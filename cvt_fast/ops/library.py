@@ -9,23 +9,26 @@
                                    -> (grad_x, grad_wq, grad_wk, grad_wv)
 
 Semantics and shapes are those of cvt_fast/ops/__init__.py. `backend` is always a concrete
-name ('reference', 'triton' or 'cuda'), resolved before the call (cvt_fast/ops/backend.py),
-so it is a plain string constant in a compiled graph. The ops are torch.library.custom_op
-functions: they run eagerly on any device, have fake implementations for torch.compile and
-opcheck, and the body launches the chosen implementation (Triton kernels from
-cvt_fast.kernels, or the CUDA extension's torch.ops.cvt_fast.*_cuda ops), imported only when
-that backend is used. The CUDA extension registers its kernels under *_cuda names in the same
+name of an op backend (kind 'reference' or 'kernels' in cvt_fast/ops/backends.py), resolved
+before the call (cvt_fast/ops/backend.py), so it is a plain string constant in a compiled graph.
+The ops are torch.library.custom_op functions: they run eagerly on any device, have fake
+implementations for torch.compile and opcheck, and the body launches the chosen implementation,
+loaded by the backend's record only when that backend is used. Both the bodies and the fake
+implementations first check their inputs (cvt_fast/ops/contract.py): this is the one door every
+caller passes, so a direct torch.ops.cvt_fast.* call gets the same clear errors as
+cvt_fast.ops.*. The CUDA extension registers its kernels under *_cuda names in the same
 namespace, so these definitions and the C++ ones do not collide.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from cvt_fast.ops import reference
+from cvt_fast.ops import contract, reference
+from cvt_fast.ops.backends import TABLE, Implementation, backends_for
+from cvt_fast.ops.contract import LSE_DTYPE
 
 ATTENTION_SCHEMA = "(Tensor q, Tensor k, Tensor v, float scale, str backend) -> (Tensor, Tensor)"
 ATTENTION_BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
@@ -37,27 +40,15 @@ CONV_PROJ_BACKWARD_SCHEMA = ("(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tens
                              "Tensor wv, int height, int width, bool has_cls, int stride_q, int stride_kv, "
                              "int padding_q, int padding_kv, str backend) -> (Tensor, Tensor, Tensor, Tensor)")
 
-# The dtype of the saved log-sum-exp, whatever the input dtype (the contract's).
-LSE_DTYPE = torch.float32
 
-
-def _implementation(op: str, backend: str) -> tuple[Callable, Callable]:
-    """(forward, backward) callables of `op` ('attention' or 'conv_proj') for a concrete backend."""
-    if backend == "reference":
-        return getattr(reference, f"{op}_reference"), getattr(reference, f"{op}_backward_reference")
-    if backend == "triton":
-        # Imported on first use: it imports Triton (and decorates the kernels, which is when
-        # TRITON_INTERPRET is read).
-        kernels = importlib.import_module(f"cvt_fast.kernels.{op}")
-        return getattr(kernels, f"{op}_forward"), getattr(kernels, f"{op}_backward")
-    if backend == "cuda":
-        from cvt_fast.extension import extension_status, load_extension
-
-        if load_extension() is None:
-            raise RuntimeError(f"cvt_fast {op}: the CUDA extension cvt_fast._C is {extension_status()}")
-        return getattr(torch.ops.cvt_fast, f"{op}_forward_cuda"), getattr(torch.ops.cvt_fast, f"{op}_backward_cuda")
-    raise ValueError(f"cvt_fast {op}: backend {backend!r} is not an op backend; expected 'reference', "
-                     "'triton' or 'cuda' (resolve 'auto' with cvt_fast.ops.backend.resolve_backend first)")
+def _implementation(op: str, backend: str) -> Implementation:
+    """Forward and backward of `op` for a concrete op backend (not a peer, not 'auto')."""
+    able = backends_for(op, kinds=("reference", "kernels"))
+    if backend not in able:
+        raise ValueError(f"cvt_fast {op}: backend {backend!r} is not an op backend; expected one of "
+                         f"{', '.join(map(repr, able))} (resolve 'auto' with cvt_fast.ops.resolve_backend first; "
+                         "peers are called by cvt_fast.ops.attention directly)")
+    return TABLE[backend].load(op)
 
 
 def _no_autocast(t: Tensor):
@@ -76,6 +67,7 @@ def _fresh(t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
 
 @torch.library.custom_op("cvt_fast::attention", mutates_args=(), schema=ATTENTION_SCHEMA)
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    contract.check_attention(q, k, v, scale)
     forward, _ = _implementation("attention", backend)
     with _no_autocast(q):
         out, lse = forward(q, k, v, scale)
@@ -84,6 +76,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> tu
 
 @attention.register_fake
 def _attention_fake(q, k, v, scale, backend):
+    contract.check_attention(q, k, v, scale)
     batch, n_q, heads, head_dim = q.shape
     return q.new_empty((batch, n_q, heads * head_dim)), q.new_empty((batch, heads, n_q), dtype=LSE_DTYPE)
 
@@ -91,6 +84,7 @@ def _attention_fake(q, k, v, scale, backend):
 @torch.library.custom_op("cvt_fast::attention_backward", mutates_args=(), schema=ATTENTION_BACKWARD_SCHEMA)
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                        scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    contract.check_attention_backward(grad_out, q, k, v, out, lse, scale)
     _, backward = _implementation("attention", backend)
     with _no_autocast(q):
         dq, dk, dv = backward(grad_out, q, k, v, out, lse, scale)
@@ -99,6 +93,7 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
 
 @attention_backward.register_fake
 def _attention_backward_fake(grad_out, q, k, v, out, lse, scale, backend):
+    contract.check_attention_backward(grad_out, q, k, v, out, lse, scale)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -124,18 +119,12 @@ attention.register_autograd(_attention_autograd, setup_context=_attention_setup_
 
 # --------------------------------------------------------------------------- conv projection
 
-def _tokens_out(x: Tensor, kernel: int, height: int, width: int, has_cls: bool, stride: int,
-                padding: int) -> tuple:
-    """Shape (B, has_cls + Ho*Wo, C) of one conv_proj output."""
-    rows = (reference.output_size(height, kernel, stride, padding)
-            * reference.output_size(width, kernel, stride, padding))
-    return (x.shape[0], int(has_cls) + rows, x.shape[2])
-
-
 @torch.library.custom_op("cvt_fast::conv_proj", mutates_args=(), schema=CONV_PROJ_SCHEMA)
 def conv_proj(x: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, bq: Optional[Tensor], bk: Optional[Tensor],
               bv: Optional[Tensor], height: int, width: int, has_cls: bool, stride_q: int, stride_kv: int,
               padding_q: int, padding_kv: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    geometry = (height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
+    contract.check_conv_proj(x, (wq, wk, wv), (bq, bk, bv), *geometry)
     forward, _ = _implementation("conv_proj", backend)
     with _no_autocast(x):
         outputs = forward(x, wq, wk, wv, bq, bk, bv, height, width, has_cls, stride_q, stride_kv, padding_q,
@@ -146,16 +135,17 @@ def conv_proj(x: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, bq: Optional[Tensor
 @conv_proj.register_fake
 def _conv_proj_fake(x, wq, wk, wv, bq, bk, bv, height, width, has_cls, stride_q, stride_kv, padding_q,
                     padding_kv, backend):
-    # Each output follows its own weight's kernel size.
-    return (x.new_empty(_tokens_out(x, wq.shape[2], height, width, has_cls, stride_q, padding_q)),
-            x.new_empty(_tokens_out(x, wk.shape[2], height, width, has_cls, stride_kv, padding_kv)),
-            x.new_empty(_tokens_out(x, wv.shape[2], height, width, has_cls, stride_kv, padding_kv)))
+    geometry = (height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
+    contract.check_conv_proj(x, (wq, wk, wv), (bq, bk, bv), *geometry)
+    return tuple(x.new_empty(shape) for shape in contract.conv_proj_output_shapes(x, (wq, wk, wv), *geometry))
 
 
 @torch.library.custom_op("cvt_fast::conv_proj_backward", mutates_args=(), schema=CONV_PROJ_BACKWARD_SCHEMA)
 def conv_proj_backward(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, x: Tensor, wq: Tensor, wk: Tensor,
                        wv: Tensor, height: int, width: int, has_cls: bool, stride_q: int, stride_kv: int,
                        padding_q: int, padding_kv: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    contract.check_conv_proj_backward((grad_q, grad_k, grad_v), x, (wq, wk, wv), height, width, has_cls, stride_q,
+                                      stride_kv, padding_q, padding_kv)
     _, backward = _implementation("conv_proj", backend)
     with _no_autocast(x):
         grads = backward(grad_q, grad_k, grad_v, x, wq, wk, wv, height, width, has_cls, stride_q, stride_kv,
@@ -174,6 +164,8 @@ def _strided_like(g: Tensor, t: Tensor) -> Tensor:
 @conv_proj_backward.register_fake
 def _conv_proj_backward_fake(grad_q, grad_k, grad_v, x, wq, wk, wv, height, width, has_cls, stride_q,
                              stride_kv, padding_q, padding_kv, backend):
+    contract.check_conv_proj_backward((grad_q, grad_k, grad_v), x, (wq, wk, wv), height, width, has_cls, stride_q,
+                                      stride_kv, padding_q, padding_kv)
     return x.new_empty(x.shape), wq.new_empty(wq.shape), wk.new_empty(wk.shape), wv.new_empty(wv.shape)
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cvt_fast.ops.contract import output_size
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the arithmetic runs in: float32 for the 16-bit types, else the dtype itself."""
@@ -59,11 +61,6 @@ def attention_backward_reference(grad_out: Tensor, q: Tensor, k: Tensor, v: Tens
 
 
 # --------------------------------------------------------------------------- conv projection
-
-def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    """Spatial size after a convolution (floor mode), as nn.Conv2d computes it."""
-    return (size + 2 * padding - kernel) // stride + 1
-
 
 def _grid(x: Tensor, height: int, width: int, has_cls: bool) -> tuple[Tensor, Tensor]:
     """Tokens (B, [1+]H*W, C) -> (cls rows (B, 0 or 1, C), NCHW grid (B, C, H, W))."""

@@ -1,0 +1,234 @@
+"""Every backend of the fused ops, one record each: the table that everything else reads.
+
+A record says which ops a backend implements, for which dtypes, head sizes and kernel sizes,
+why it cannot run somewhere (its availability probe), and how to load its implementation. The
+backend choice (backend.py), the op registration (library.py), the entry points (__init__.py),
+the model, the benchmarks and the README's backend table all derive from TABLE; nothing else
+lists backend names. Nothing here imports Triton, xformers or the CUDA extension: the probes and
+loaders do, when they are called.
+
+Kinds:
+- "reference": plain PyTorch, the ground truth, runs anywhere;
+- "kernels": cvt_fast's own fused kernels, run inside the registered custom ops
+  (torch.ops.cvt_fast.*), which call `load(op)`'s forward and backward;
+- "peer": another library's attention, differentiable on its own, called directly by
+  cvt_fast.ops.attention (not through the custom ops: it has no log-sum-exp to save).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from cvt_fast.ops.contract import FLOAT_DTYPES, dtype_names
+
+OPS = ("attention", "conv_proj")
+KINDS = ("reference", "kernels", "peer")
+
+
+class Implementation(NamedTuple):
+    """What `Backend.load(op)` returns. kernels/reference: forward(*op inputs) -> the op's outputs
+    and backward(*backward inputs) -> gradients, as the custom ops' bodies call them. peer:
+    forward(q, k, v, scale) -> out, differentiable by autograd; backward None."""
+    forward: Callable
+    backward: Optional[Callable]
+
+
+@dataclass(frozen=True)
+class DtypeLimit:
+    """A dtype a backend does not take for one op on one device type, and why."""
+    op: str
+    device_type: str
+    dtype: torch.dtype
+    why: str
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    kind: str                                  # one of KINDS
+    ops: tuple[str, ...]                       # the ops it implements
+    dtypes: tuple[torch.dtype, ...]
+    probe: Callable[[str, str], Optional[str]]  # (op, device type) -> why it cannot run there, or None
+    load: Callable[[str], Implementation]
+    summary: str                               # what computes (README table)
+    where: str                                 # where it runs (README table)
+    head_dims: Optional[tuple[int, ...]] = None  # attention head sizes; None: any
+    kernel_rule: Optional[Callable[[str, tuple[int, ...]], Optional[str]]] = None  # (name, conv_proj k_q/k_k/k_v)
+    dtype_limits: tuple[DtypeLimit, ...] = field(default=())
+    # The GPU tests that verify this backend on a device, as pytest argument lists (one pytest run
+    # each): bench/tune.py runs them, and 'auto' takes a measured backend only where they passed.
+    gpu_tests: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def attention_only(self) -> bool:
+        return self.ops == ("attention",)
+
+
+# --------------------------------------------------------------------------- probes
+
+def module_present(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _runs_anywhere(op: str, device_type: str) -> Optional[str]:
+    return None
+
+
+def _triton_probe(op: str, device_type: str) -> Optional[str]:
+    if not module_present("triton"):
+        return "triton is not installed (pip install triton)"
+    kernel_module = f"cvt_fast.kernels.{op}"
+    if not module_present(kernel_module):
+        return f"the Triton kernels module {kernel_module} is missing from this installation"
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return ("the tensors are on the CPU and TRITON_INTERPRET is not 1: set TRITON_INTERPRET=1 "
+                    "before importing triton to run the kernels on the CPU through the interpreter")
+        from cvt_fast.kernels.interpreter import interpreter_problem
+
+        return interpreter_problem()
+    if device_type != "cuda":
+        return f"Triton kernels run on CUDA tensors (or the CPU interpreter), not on {device_type!r}"
+    return None
+
+
+def _cuda_probe(op: str, device_type: str) -> Optional[str]:
+    reasons = []
+    if device_type != "cuda":
+        reasons.append(f"the CUDA kernels need CUDA tensors, got {device_type!r} tensors")
+        if not torch.cuda.is_available():
+            reasons.append("no CUDA GPU is available (torch.cuda.is_available() is False)")
+    from cvt_fast.extension import extension_status, load_extension
+
+    if load_extension() is None:
+        reasons.append(f"the CUDA extension cvt_fast._C is {extension_status()}")
+    elif not hasattr(torch.ops.cvt_fast, f"{op}_forward_cuda"):
+        reasons.append(f"the CUDA extension is built but registers no cvt_fast::{op}_forward_cuda "
+                       "(rebuild it from this version's csrc/)")
+    return "; ".join(reasons) or None
+
+
+@functools.lru_cache(maxsize=1)
+def xformers_import_error() -> Optional[str]:
+    """Why `import xformers.ops` fails (it needs a matching CUDA runtime), or None if it works."""
+    if not module_present("xformers"):
+        return "xformers is not installed"
+    try:
+        importlib.import_module("xformers.ops")
+    except Exception as error:  # ImportError, or OSError for a missing libcudart
+        return f"xformers is installed but fails to import ({type(error).__name__}: {error})"
+    return None
+
+
+def _xformers_probe(op: str, device_type: str) -> Optional[str]:
+    if device_type != "cuda":
+        return f"xformers has no implementation for {device_type!r} tensors (CUDA only)"
+    return xformers_import_error()
+
+
+# --------------------------------------------------------------------------- kernel-size rules
+
+def one_kernel_size(name: str, kernel_sizes: tuple[int, ...]) -> Optional[str]:
+    if len(set(kernel_sizes)) != 1:
+        return (f"the fused {name!r} projection needs one kernel size for q, k and v, got "
+                f"{tuple(kernel_sizes)} ('reference' takes any)")
+    return None
+
+
+def one_odd_kernel_size(name: str, kernel_sizes: tuple[int, ...]) -> Optional[str]:
+    reason = one_kernel_size(name, kernel_sizes)
+    if reason is None and kernel_sizes[0] % 2 != 1:
+        return f"the fused {name!r} projection needs an odd kernel size, got {kernel_sizes[0]} ('reference' takes any)"
+    return reason
+
+
+# --------------------------------------------------------------------------- loaders
+
+def _load_reference(op: str) -> Implementation:
+    from cvt_fast.ops import reference
+
+    return Implementation(getattr(reference, f"{op}_reference"), getattr(reference, f"{op}_backward_reference"))
+
+
+def _load_triton(op: str) -> Implementation:
+    # Imported on first use: it imports Triton and decorates the kernels, which is when
+    # TRITON_INTERPRET is read.
+    kernels = importlib.import_module(f"cvt_fast.kernels.{op}")
+    return Implementation(getattr(kernels, f"{op}_forward"), getattr(kernels, f"{op}_backward"))
+
+
+def _load_cuda(op: str) -> Implementation:
+    from cvt_fast.extension import extension_status, load_extension
+
+    if load_extension() is None:
+        raise RuntimeError(f"cvt_fast {op}: the CUDA extension cvt_fast._C is {extension_status()}")
+    return Implementation(getattr(torch.ops.cvt_fast, f"{op}_forward_cuda"),
+                          getattr(torch.ops.cvt_fast, f"{op}_backward_cuda"))
+
+
+def _load_peer(function_name: str) -> Callable[[str], Implementation]:
+    def load(op: str) -> Implementation:
+        from cvt_fast.ops import peers
+
+        return Implementation(getattr(peers, function_name), None)
+    return load
+
+
+# --------------------------------------------------------------------------- the table
+
+_RECORDS = (
+    Backend("reference", "reference", OPS, FLOAT_DTYPES, _runs_anywhere, _load_reference,
+            summary="plain PyTorch (conv2d; einsum, softmax, einsum)", where="any device; the ground truth"),
+    Backend("triton", "kernels", OPS, FLOAT_DTYPES, _triton_probe, _load_triton,
+            summary="Triton kernels (`kernels/`)", where="CUDA GPUs; CPU tensors under `TRITON_INTERPRET=1`",
+            head_dims=(16, 32, 64, 128), kernel_rule=one_odd_kernel_size,
+            dtype_limits=(DtypeLimit("attention", "cuda", torch.float64,
+                                     "float64 attention is not supported by the Triton kernels on the GPU "
+                                     "(tl.dot has no fp64 path there)"),),
+            gpu_tests=(("tests/test_kernels_attention.py", "tests/test_kernels_conv_proj.py", "-m", "gpu"),
+                       ("tests/test_ops_registration.py", "-m", "gpu", "-k", "triton"))),
+    Backend("cuda", "kernels", OPS, (torch.bfloat16, torch.float16, torch.float32), _cuda_probe, _load_cuda,
+            summary="CUDA C++ kernels (`csrc/`, built into `cvt_fast._C`)",
+            where="CUDA GPUs, when `cvt_fast._C` is built", head_dims=(32, 64, 128), kernel_rule=one_kernel_size,
+            gpu_tests=(("tests/test_cuda_extension.py", "-m", "gpu"),
+                       ("tests/test_ops_registration.py", "-m", "gpu", "-k", "cuda"))),
+    Backend("sdpa", "peer", ("attention",), FLOAT_DTYPES, _runs_anywhere, _load_peer("sdpa_attention"),
+            summary="`torch.nn.functional.scaled_dot_product_attention`", where="any device",
+            gpu_tests=(("tests/test_backend.py", "-m", "gpu", "-k", "sdpa"),)),
+    Backend("xformers", "peer", ("attention",), (torch.bfloat16, torch.float16, torch.float32), _xformers_probe,
+            _load_peer("xformers_attention"), summary="`xformers.ops.memory_efficient_attention`",
+            where="CUDA, when xformers is installed",
+            gpu_tests=(("tests/test_backend.py", "-m", "gpu", "-k", "xformers"),)),
+)
+
+# name -> record, in the order above. Tests swap records with monkeypatch.setitem; nothing else
+# should change it at run time.
+TABLE: dict[str, Backend] = {record.name: record for record in _RECORDS}
+# Every name the backend choice accepts: 'auto' (chosen per call, see backend.py) and the table's.
+BACKENDS: tuple[str, ...] = ("auto",) + tuple(TABLE)
+
+
+def backends_for(op: str, kinds: tuple[str, ...] = KINDS) -> tuple[str, ...]:
+    """Names of the backends that implement `op`, of the given kinds, in table order."""
+    return tuple(b.name for b in TABLE.values() if op in b.ops and b.kind in kinds)
+
+
+def markdown_table() -> str:
+    """The README's backend table, written from the records (`python -m cvt_fast.ops` prints it)."""
+    lines = ["| backend | ops | implementation | dtypes | head sizes | where |", "|---|---|---|---|---|---|"]
+    for b in TABLE.values():
+        ops = ", ".join(b.ops) + ("" if b.ops == OPS else " (conv_proj: `auto`'s choice)")
+        dtypes = dtype_names(b.dtypes) + "".join(
+            f"; no {dtype_names((lim.dtype,))} {lim.op} on {lim.device_type}" for lim in b.dtype_limits)
+        head_dims = "any" if b.head_dims is None else ", ".join(map(str, b.head_dims))
+        lines.append(f"| `{b.name}` | {ops} | {b.summary} | {dtypes} | {head_dims} | {b.where} |")
+    return "\n".join(lines)
