@@ -61,6 +61,18 @@ def get_backend() -> str:
     return "auto"
 
 
+def constant_at_trace_time(fn):
+    """Mark `fn` as torch.compiler.assume_constant_result does, without importing torch._dynamo.
+
+    That decorator imports torch._dynamo (and through it Triton), which costs seconds at
+    `import cvt_fast` and breaks the promise that Triton stays unimported until a Triton
+    kernel is used. Its whole effect is this attribute (torch 2.6 to 2.14);
+    tests/test_ops_on_import.py checks that it still is.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def _check_op(op: str) -> None:
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
@@ -70,7 +82,7 @@ def _check_op(op: str) -> None:
 
 # torch.compile runs this at trace time and bakes the answer into the graph: the probes
 # (imports, the extension's loading) are not traceable, and their answers do not change.
-@torch.compiler.assume_constant_result
+@constant_at_trace_time
 def unavailable_reason(op: str, name: str, device_type: str, dtype: Optional[torch.dtype] = None,
                        head_dim: Optional[int] = None, kernel_sizes: Optional[tuple] = None) -> Optional[str]:
     """Why backend `name` (not 'auto') cannot run `op` on such tensors, or None if it can.
@@ -162,7 +174,7 @@ def choose_auto(op: str, device_type: str, dtype: Optional[torch.dtype], head_di
 
 
 # The tuning file and the device name are read outside the graph, like the probes.
-@torch.compiler.assume_constant_result
+@constant_at_trace_time
 def _auto(op: str, device_type: str, device_index: Optional[int], dtype: Optional[torch.dtype],
           head_dim: Optional[int], kernel_sizes: Optional[tuple] = None) -> str:
     name = cuda_device_name(device_index) if device_type == "cuda" else None
