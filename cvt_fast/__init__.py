@@ -9,6 +9,7 @@ Triton or the CUDA extension until they are used):
     load_checkpoint(model, path_or_state_dict, strict=True, ...)
     set_backend(name) / get_backend()                 # global default for the fused ops
     count_flops(model, image_size) / count_params(model)
+    inference_model(model, example_input=None, cuda_graphs=None)   # eval, BatchNorm folded, CUDA graphs
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ _LAZY = {
     "BackendUnavailableError": "cvt_fast.ops.backend",
     "count_flops": "cvt_fast.flops",
     "count_params": "cvt_fast.flops",
+    "inference_model": "cvt_fast.inference",
+    "InferenceModel": "cvt_fast.inference",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

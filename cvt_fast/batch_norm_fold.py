@@ -85,6 +85,11 @@ class FoldedBatchNormCache:
     def is_filled(self) -> bool:
         return self._entry is not None
 
+    @property
+    def stored(self) -> Optional[FoldedWeights]:
+        """The folded tensors of the last stored fold (what a CUDA graph captured after it reads)."""
+        return None if self._entry is None else self._entry.folded
+
     def get(self, branches: Sequence[nn.Module], dtype: torch.dtype) -> FoldedWeights:
         """Folded (w_q, w_k, w_v, b_q, b_k, b_v) in `dtype` for `branches` (conv + bn modules)."""
         sources = [t for b in branches for t in _sources(b) if t is not None]

@@ -175,6 +175,7 @@ def _add_cvt_fast_keys(c: CN) -> None:
     c.TRAIN.SKIP_NONFINITE_LOSS = False
     c.TRAIN.MAX_STEPS = 0                # 0: no limit
     c.DATASET.SKIP_UNREADABLE = True
+    c.TEST.INFERENCE_PATH = "eager"      # eager | inference_model (BatchNorm folded once, CUDA graphs on a GPU)
 
 
 def get_default_config() -> CN:
