@@ -90,7 +90,7 @@ def export_program(model: nn.Module, example_input: Optional[Tensor] = None, *, 
         if x.shape[0] < 2:
             raise ValueError(f"example_input has batch size {x.shape[0]}; use >= 2 for a dynamic batch "
                              "(torch.export turns sizes 0 and 1 into constants)")
-        dynamic_shapes = (({0: torch.export.Dim(BATCH_DIM_NAME, min=1)}),)
+        dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM_NAME, min=1)},)
     model.eval()
     with torch.no_grad():
         return torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes)

@@ -53,8 +53,10 @@ def test_timm_lists_the_cvt_models_and_their_pretrained_tags():
 
 
 def test_create_model_takes_timms_arguments():
-    model = timm.create_model("cvt_13", pretrained=False, num_classes=10, in_chans=1, drop_rate=0.0,
-                              drop_path_rate=0.2, global_pool=None)
+    # The call timm's train.py makes (None values are dropped by create_model).
+    model = timm.create_model("cvt_13", pretrained=False, in_chans=1, num_classes=10, drop_rate=0.0,
+                              drop_path_rate=0.2, drop_block_rate=None, global_pool=None, bn_momentum=None,
+                              bn_eps=None, scriptable=False, checkpoint_path=None)
     assert isinstance(model, ConvolutionalVisionTransformer) and model.num_classes == 10
     assert model.stage0.patch_embed.proj.in_channels == 1 and model.pretrained_cfg["crop_pct"] == 0.875
     assert model.get_classifier() is model.head and model.head.out_features == 10
@@ -84,6 +86,8 @@ def test_timm_data_config_reproduces_the_official_test_transform(name, official_
         config = timm.data.resolve_data_config({}, model=timm_cvt13)
     else:  # the registry's config, without building CvT-21
         config = timm.data.resolve_data_config({}, pretrained_cfg=timm.models.get_pretrained_cfg(name).to_dict())
+    if name == "cvt_13" and hasattr(timm.data, "resolve_input_data_config"):  # validate.py's resolver
+        assert timm.data.resolve_input_data_config(timm_cvt13, {}, use_test_size=True) == config
     size = 224 if name == "cvt_13" else 384
     assert config["input_size"] == (3, size, size) and config["interpolation"] == "bicubic"
     assert config["mean"] == (0.485, 0.456, 0.406) and config["std"] == (0.229, 0.224, 0.225)
