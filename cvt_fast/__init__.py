@@ -13,6 +13,9 @@ Public API (imported lazily):
     load_checkpoint(model, path_or_state_dict, strict=True, ...)
     set_backend(name) / get_backend()                 # global default for the fused ops
     count_flops(model, image_size) / count_params(model)
+    inference_model(model, example_input=None, cuda_graphs=None)   # eval, BatchNorm folded, CUDA graphs
+    export_program(model, image_size=224) / export_onnx(model, path, image_size=224)
+    (and timm.create_model("cvt_13"), ...: registered once timm is imported; cvt_fast/timm_hook.py)
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import importlib
 from typing import Any
 
 from cvt_fast import ops  # noqa: F401  (registers torch.ops.cvt_fast.*)
+from cvt_fast.timm_hook import register_with_timm as _register_with_timm
 
 __version__ = "0.1.0"
 
@@ -37,9 +41,16 @@ _LAZY = {
     "BackendUnavailableError": "cvt_fast.ops.backend",
     "count_flops": "cvt_fast.flops",
     "count_params": "cvt_fast.flops",
+    "inference_model": "cvt_fast.inference",
+    "InferenceModel": "cvt_fast.inference",
+    "export_program": "cvt_fast.export",
+    "export_onnx": "cvt_fast.export",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
+
+
+_register_with_timm()
 
 
 def __getattr__(name: str) -> Any:

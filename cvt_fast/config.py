@@ -182,6 +182,7 @@ def _add_cvt_fast_keys(c: CN) -> None:
     # (and the run's metrics and weights) to OUTPUT_DIR/<name>/previous-<time>/ and starts over.
     c.TRAIN.START_OVER = False
     c.DATASET.SKIP_UNREADABLE = True
+    c.TEST.INFERENCE_PATH = "eager"      # eager | inference_model (BatchNorm folded once, CUDA graphs on a GPU)
 
 
 def get_default_config() -> CN:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvt_fast.batch_norm_fold import FoldedBatchNormCache, conv_dtype
 from cvt_fast.lean_layer_norm import SIXTEEN_BIT, layer_norm_16bit
 from cvt_fast.lean_mlp import act_then_linear, quick_gelu
 from cvt_fast.ops.backends import BACKENDS, TABLE
@@ -149,6 +150,8 @@ class Attention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim_out, dim_out)
         self.proj_drop = nn.Dropout(proj_drop)
+        # Eval: conv_proj's weights with BatchNorm folded in, kept until a source tensor changes.
+        self._folded_bn = FoldedBatchNormCache()
 
     @staticmethod
     def _projection(dim: int, kernel_size: int, padding: int, stride: int, method: str):
@@ -212,11 +215,11 @@ class Attention(nn.Module):
                                  has_cls, self.stride_q, self.stride_kv, self.padding_q,
                                  self.padding_kv, backend=self._conv_backend())
             return [_batch_norm_tokens(c.bn, t, has_cls) for c, t in zip(convs, outs)]
-        # Eval: BatchNorm is an affine map per channel; fold it into the convolution.
-        folded = [_fold_batch_norm(c.conv.weight, c.bn) for c in convs]
-        return ops.conv_proj(x, *(w for w, _ in folded), height, width, has_cls, self.stride_q,
-                             self.stride_kv, self.padding_q, self.padding_kv, *(b for _, b in folded),
-                             backend=self._conv_backend())
+        # Eval: BatchNorm is an affine map per channel, folded into the convolution (once per
+        # weight state: cvt_fast/batch_norm_fold.py).
+        wq, wk, wv, bq, bk, bv = self._folded_bn.get(convs, conv_dtype(x))
+        return ops.conv_proj(x, wq, wk, wv, height, width, has_cls, self.stride_q, self.stride_kv,
+                             self.padding_q, self.padding_kv, bq, bk, bv, backend=self._conv_backend())
 
     def _conv_backend(self) -> str | None:
         # An attention-only backend (sdpa, xformers) leaves the projection to the default.
@@ -236,14 +239,6 @@ class Attention(nn.Module):
         v = self.proj_v(v).view(batch, v.shape[1], self.num_heads, -1)
         out = ops.attention(q, k, v, self.scale, backend=self.backend)
         return self.proj_drop(self.proj(out))
-
-
-def _fold_batch_norm(weight: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise conv weight and bias equal to conv followed by `bn` in eval mode."""
-    scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
-    folded_weight = weight.float() * scale.view(-1, 1, 1, 1)
-    folded_bias = bn.bias.float() - bn.running_mean.float() * scale
-    return folded_weight, folded_bias
 
 
 def _batch_norm_tokens(bn: nn.BatchNorm2d, tokens: torch.Tensor, has_cls: bool) -> torch.Tensor:

@@ -6,6 +6,7 @@ TEST.CENTER_CROP, TEST.INTERPOLATION). Weights: our checkpoints (final_state.pth
 model_best.pth, checkpoints/ckpt_*.pth), official model-zoo files and Hugging Face
 CvtForImageClassification files, all through cvt_fast.checkpoint.load_checkpoint.
 Without TEST.MODEL_FILE it evaluates OUTPUT_DIR/<config name>/final_state.pth.
+TEST.INFERENCE_PATH inference_model evaluates through cvt_fast.inference_model (CUDA graphs on a GPU).
 Runs under torchrun too (the val set is split over the processes, counts summed).
 """
 from __future__ import annotations
@@ -55,6 +56,12 @@ def evaluate_config(cfg: Any, model_file: str | None = None) -> dict[str, float]
     channels_last = bool(cfg.TRAIN.CHANNELS_LAST)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if cfg.TEST.INFERENCE_PATH == "inference_model":
+        from cvt_fast.inference import inference_model
+
+        model = inference_model(model)
+    elif cfg.TEST.INFERENCE_PATH != "eager":
+        raise ValueError(f"TEST.INFERENCE_PATH={cfg.TEST.INFERENCE_PATH!r}; expected 'eager' or 'inference_model'")
     result = evaluate(model, loader, info.device, _amp_dtype(cfg), channels_last)
     result["model_file"] = path
     return result
