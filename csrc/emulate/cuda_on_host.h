@@ -4,7 +4,8 @@
 // csrc/*.cpp only; this folder is built by tests/test_cuda_extension.py).
 //
 // Model: every CUDA thread of a block is a fiber (POSIX ucontext) on the calling OS thread, run
-// cooperatively: a fiber runs until it waits at a barrier, then the next runnable one runs. Blocks
+// cooperatively: a fiber runs until it waits at a barrier, then the next runnable one runs (see
+// Barrier for the order). Blocks
 // run one after another, so a `__shared__` array (a function-local static here) belongs to one block
 // at a time, and so does the dynamic shared memory (poisoned with 0xFF bytes, NaN in every float
 // type, at block start). __syncthreads is a barrier over the block, __syncwarp one over the warp.
@@ -100,13 +101,20 @@ inline ThreadState& current_thread() { return tl_scheduler->threads[tl_scheduler
 // Suspends the current fiber; it runs again once something puts it back on the run queue.
 inline void suspend() { swapcontext(&current_thread().context, &tl_scheduler->launcher); }
 
-// A barrier over `count` fibers. The last to arrive releases the others and runs on.
+// A barrier over `count` fibers. The last to arrive releases the others and runs on. Fibers released
+// by a warp barrier run next (so one warp runs ahead until it waits at a block barrier, the largest
+// skew between warps that the barriers allow); those released by a block barrier queue behind.
 struct Barrier {
-  explicit Barrier(int count_) : count(count_) {}
+  Barrier(int count_, bool run_released_next_) : count(count_), run_released_next(run_released_next_) {}
   void arrive_and_wait() {
     if (++arrived == count) {
       arrived = 0;
-      for (int fiber : waiting) tl_scheduler->runnable.push_back(fiber);
+      auto& queue = tl_scheduler->runnable;
+      if (run_released_next) {
+        queue.insert(queue.begin(), waiting.begin(), waiting.end());
+      } else {
+        queue.insert(queue.end(), waiting.begin(), waiting.end());
+      }
       waiting.clear();
     } else {
       waiting.push_back(tl_scheduler->current);
@@ -114,6 +122,7 @@ struct Barrier {
     }
   }
   int count;
+  bool run_released_next;
   int arrived = 0;
   std::vector<int> waiting;
 };
@@ -130,9 +139,11 @@ struct WarpExchange {
 
 struct BlockContext {
   BlockContext(int threads, size_t shared_bytes)
-      : block_barrier(threads), exchange((threads + kWarpSize - 1) / kWarpSize), dynamic_shared(shared_bytes, 0xFF) {
+      : block_barrier(threads, false),
+        exchange((threads + kWarpSize - 1) / kWarpSize),
+        dynamic_shared(shared_bytes, 0xFF) {
     for (int w = 0; w < (threads + kWarpSize - 1) / kWarpSize; ++w) {
-      warp_barriers.emplace_back(std::min(kWarpSize, threads - w * kWarpSize));
+      warp_barriers.emplace_back(std::min(kWarpSize, threads - w * kWarpSize), true);
     }
   }
   Barrier block_barrier;
