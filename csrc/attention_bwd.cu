@@ -267,6 +267,8 @@ attention_bwd_dkdv_kernel(const scalar_t* __restrict__ grad_out, const scalar_t*
 //      scale * dQ in q's dtype directly, no accumulator, no reductions, deterministic.
 //      dK_w, dV_w (16 x d fp32 each) stay in registers over the whole loop and are stored once,
 //      16 bytes per lane through shared memory. K_w, V_w fragments stay in registers for d <= 64.
+//      In the last block, warps whose keys are all past Nkv skip their products and dQ skips their
+//      rows (CvT-13 stage 2: 196 keys are three blocks and 4 keys).
 //   3. attention_bwd_dq_convert_kernel: dq = scale * accumulator, in q's dtype (16-byte stores); skipped
 //      when block 2 wrote dq directly.
 // Shared memory (rows padded by 8 elements for conflict-free ldmatrix): K, V tiles, 2 stages of
@@ -534,7 +536,9 @@ attention_bwd_tc_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* _
       ldmatrix_x4(v_frag[kk].reg, v_rows + (lane % 16) * kPitch + kk * 16 + lane / 16 * 8);
     }
   }
-  const bool key_valid[2] = {key0 + warp * 16 + g < n_kv, key0 + warp * 16 + g + 8 < n_kv};
+  const int block_keys = n_kv - key0;           // real keys of this block (> 0; < 64 in the last block)
+  const int warp_keys = block_keys - warp * 16;  // of this warp's 16 (may be <= 0)
+  const bool key_valid[2] = {g < warp_keys, g + 8 < warp_keys};
   FragC dk_acc[D / 8];
   FragC dv_acc[D / 8];
 #pragma unroll
@@ -554,8 +558,10 @@ attention_bwd_tc_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* _
     const T* q_tile = stage_rows(tile % kStages);
     const T* do_tile = q_tile + kBlockM * kPitch;
     const float* stats = stage_stats(tile % kStages);
-    bwd_tc_key_grads<T, D>(dk_acc, dv_acc, k_frag, v_frag, k_rows, v_rows, q_tile, do_tile, stats,
-                           stats + kBlockM, ds_smem + warp * 16 * Tile::kDsPitch, key_valid, scale_log2);
+    if (warp_keys > 0) {  // a warp whose 16 keys are all past Nkv has nothing to add (its dS^T rows go unread)
+      bwd_tc_key_grads<T, D>(dk_acc, dv_acc, k_frag, v_frag, k_rows, v_rows, q_tile, do_tile, stats,
+                             stats + kBlockM, ds_smem + warp * 16 * Tile::kDsPitch, key_valid, scale_log2);
+    }
     __syncthreads();  // the whole dS^T tile is written
 
     // -- dQ block = dS K over the block's 64 keys
@@ -564,6 +570,7 @@ attention_bwd_tc_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* _
     for (int j = 0; j < Tile::kDqCols / 8; ++j) dq_part[j] = FragC{{0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
     for (int kc = 0; kc < Tile::kBlockN / 16; ++kc) {
+      if (16 * kc >= block_keys) break;  // warp kc's keys are all past Nkv
       FragA dsa;
       ldmatrix_x4_trans(dsa.reg, ds_smem + (kc * 16 + lane % 8 + lane / 16 * 8) * Tile::kDsPitch + dq_row0 +
                                      (lane / 8) % 2 * 8);

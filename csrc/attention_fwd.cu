@@ -210,7 +210,8 @@ struct FwdTile {
 static_assert(2 * FwdTile<64>::kSmemBytes <= 227 * 1024, "two d = 64 forward blocks must fit on an SM");
 
 // One K/V tile of the forward: S, the online-softmax update, O += P V. kMasked: the last, partial
-// tile, whose keys >= valid_keys must not count.
+// tile, whose keys >= valid_keys must not count (and whose 16-key chunks wholly past them are skipped:
+// CvT-13 stage 2 has 196 keys, three tiles and 4 keys).
 template <typename T, int D, bool kMasked>
 __device__ __forceinline__ void fwd_tc_tile(const FragA (&q_frag)[FwdTile<D>::kMTiles][D / 16],
                                             FragC (&o)[FwdTile<D>::kMTiles][D / 8],
@@ -234,6 +235,7 @@ __device__ __forceinline__ void fwd_tc_tile(const FragA (&q_frag)[FwdTile<D>::kM
   for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
     for (int np = 0; np < kNTiles / 2; ++np) {
+      if (kMasked && 16 * np >= valid_keys) break;  // keys wholly past Nkv: their scores stay masked
       uint32_t kb[4];
       ldmatrix_x4(kb, k_tile + (np * 16 + lane % 8 + (lane / 16) * 8) * kPitch + kk * 16 + (lane / 8) % 2 * 8);
       const FragB b0{{kb[0], kb[1]}};
@@ -295,6 +297,7 @@ __device__ __forceinline__ void fwd_tc_tile(const FragA (&q_frag)[FwdTile<D>::kM
   //    one ldmatrix.x4.trans of V gives the B fragments of two 8-column d-tiles.
 #pragma unroll
   for (int kc = 0; kc < Tile::kBlockN / 16; ++kc) {
+    if (kMasked && 16 * kc >= valid_keys) break;  // P = 0 there
     FragA p_frag[kMTiles];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
