@@ -8,8 +8,9 @@ the PTX fragment layouts), at tiny odd sizes, with tolerances set from the kerne
 On a GPU (tests marked `gpu`): every op against a float64 plain-PyTorch reference written here,
 forward and backward (backward against autograd of the reference), for bfloat16, float16 and
 float32, head_dim 32/64/128, at odd sizes (partial tiles, Nkv = 1), strided views, odd grids
-with and without a cls token, the real CvT-13 stage shapes, and the 16-bit attention forward on
-both the tensor-core and the CUDA-core (CVT_FAST_CUDA_ATTENTION=simt) kernels.
+with and without a cls token, the real CvT-13 stage shapes, the 16-bit attention on both the
+tensor-core and the CUDA-core (CVT_FAST_CUDA_ATTENTION=simt) kernels, rows not 16-byte aligned,
+and the backward's deterministic mode.
 """
 import ctypes
 import pathlib
@@ -588,7 +589,9 @@ def test_emulated_conv_proj_reads_strided_tokens_without_bias(emulated):
 
 # ---------------------------------------------------------------- GPU: attention
 
-ATTENTION_SIZES = [(197, 50), (37, 13), (37, 1), (64, 32), (1, 7)]
+# (133, 70): partial query block and tile, dq from two key blocks by reductions; (20, 150): the forward's
+# cp.async pipeline wraps around its buffers, three key blocks.
+ATTENTION_SIZES = [(197, 50), (37, 13), (37, 1), (64, 32), (1, 7), (133, 70), (20, 150)]
 
 
 @pytest.mark.gpu
@@ -625,6 +628,37 @@ def test_simt_attention_matches_reference_for_16_bit(cuda_kernels, monkeypatch, 
     monkeypatch.setenv("CVT_FAST_CUDA_ATTENTION", "simt")
     q, k, v = random_qkv(2, n_q, n_kv, 3, head_dim, dtype, "cuda", layout="strided")
     check_attention(cuda_kernels, q, k, v, head_dim ** -0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("misalign", ["base", "token_stride"])
+def test_attention_reads_rows_not_16_byte_aligned(cuda_kernels, misalign):
+    # The tensor-core kernels read 16-byte chunks; such inputs take the CUDA-core kernels instead.
+    q, k, v = random_qkv(2, 77, 21, 2, 64, torch.bfloat16, "cuda")
+    if misalign == "base":
+        q = torch.randn(q.numel() + 1, device="cuda").to(torch.bfloat16)[1:].view(q.shape)
+    else:
+        k = torch.randn(2, 21, 2, 68, device="cuda").to(torch.bfloat16)[..., :64]
+    check_attention(cuda_kernels, q, k, v, 0.125)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_backward_is_reproducible_in_deterministic_mode(cuda_kernels, dtype):
+    # Nkv > 64: the tensor-core backward sums dq by fp32 reductions in no fixed order; under
+    # torch.use_deterministic_algorithms(True) the launcher takes the CUDA-core pair, bit for bit repeatable.
+    q, k, v = random_qkv(2, 197, 150, 3, 64, dtype, "cuda", layout="strided")
+    out, lse = cuda_kernels.attention_forward(q, k, v, 0.1)
+    grad_out = torch.randn_like(out)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = cuda_kernels.attention_backward(grad_out, q, k, v, out, lse, 0.1)
+        second = cuda_kernels.attention_backward(grad_out, q, k, v, out, lse, 0.1)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    check_attention(cuda_kernels, q, k, v, 0.1)
 
 
 @pytest.mark.gpu
