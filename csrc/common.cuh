@@ -47,12 +47,10 @@ struct TensorCoreType;  // float has none: fp32 inputs use the CUDA-core kernels
 template <>
 struct TensorCoreType<c10::Half> {
   using type = __half;
-  static __device__ __forceinline__ type from(float x) { return __float2half(x); }
 };
 template <>
 struct TensorCoreType<c10::BFloat16> {
   using type = __nv_bfloat16;
-  static __device__ __forceinline__ type from(float x) { return __float2bfloat16(x); }
 };
 
 // Sum over the `kGroup` consecutive lanes of a warp that share one row (kGroup is a power
