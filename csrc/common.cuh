@@ -12,7 +12,6 @@
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
 // c10/cuda headers, not ATen/cuda/CUDAContext.h: that one also pulls cuSPARSE/cuBLAS headers,
 // which a bare CUDA toolkit lacks. c10::cuda::getCurrentCUDAStream is at::cuda's.
@@ -39,23 +38,19 @@ __device__ __forceinline__ scalar_t from_float(float x) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Tensor-core (WMMA m16n16k16) helpers shared by the attention kernels. Shared-memory rows of
-// 16-bit tiles are padded by kTcPad16 elements and fp32 tiles by kTcPad32, which keeps every
-// leading dimension a multiple of 16 bytes (WMMA's rule) and staggers the banks.
-constexpr int kTcPad16 = 8;
-constexpr int kTcPad32 = 4;
+constexpr float kLog2e = 1.44269504088896340736f;  // exp(x) = exp2(x * kLog2e)
+constexpr float kLn2 = 0.69314718055994530942f;
 
+// The CUDA type of a 16-bit c10 type, for the tensor-core kernels (csrc/ptx.cuh).
 template <typename scalar_t>
 struct TensorCoreType;  // float has none: fp32 inputs use the CUDA-core kernels
 template <>
 struct TensorCoreType<c10::Half> {
   using type = __half;
-  static __device__ __forceinline__ type from(float x) { return __float2half(x); }
 };
 template <>
 struct TensorCoreType<c10::BFloat16> {
   using type = __nv_bfloat16;
-  static __device__ __forceinline__ type from(float x) { return __float2bfloat16(x); }
 };
 
 // Sum over the `kGroup` consecutive lanes of a warp that share one row (kGroup is a power

@@ -9,9 +9,10 @@
 
 namespace cvt_fast {
 
-// Whether the attention kernels for this dtype and device run on the tensor cores (see
-// attention_fwd.cu: float16/bfloat16 on sm_80+, unless CVT_FAST_CUDA_ATTENTION=simt).
-bool attention_use_tensor_cores(at::ScalarType dtype, const at::Device& device);
+// Whether the attention kernels for these inputs run on the tensor cores (see attention_fwd.cu:
+// float16/bfloat16 on sm_80+ with 16-byte aligned rows and scale >= 0, unless
+// CVT_FAST_CUDA_ATTENTION=simt).
+bool attention_use_tensor_cores(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
 
 // Shape/dtype/device/stride checks of q, k, v shared by the attention forward and backward.
 void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

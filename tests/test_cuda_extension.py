@@ -3,12 +3,14 @@
 On the CPU: the extension imports, registers the four torch.ops.cvt_fast.*_cuda ops with
 their schemas, gives the right shapes on meta and fake tensors, and refuses CPU tensors
 with a clear error; and the kernels themselves, compiled by g++ from the same sources through
-csrc/emulate/ (one OS thread per CUDA thread, WMMA emulated at the API level), at tiny odd sizes.
+csrc/emulate/ (CUDA threads as fibers; mma.sync, ldmatrix and cp.async emulated lane by lane with
+the PTX fragment layouts), at tiny odd sizes, with tolerances set from the kernels' own roundings.
 On a GPU (tests marked `gpu`): every op against a float64 plain-PyTorch reference written here,
 forward and backward (backward against autograd of the reference), for bfloat16, float16 and
 float32, head_dim 32/64/128, at odd sizes (partial tiles, Nkv = 1), strided views, odd grids
-with and without a cls token, the real CvT-13 stage shapes, and the 16-bit attention forward on
-both the tensor-core and the CUDA-core (CVT_FAST_CUDA_ATTENTION=simt) kernels.
+with and without a cls token, the real CvT-13 stage shapes, the 16-bit attention on both the
+tensor-core and the CUDA-core (CVT_FAST_CUDA_ATTENTION=simt) kernels, rows not 16-byte aligned,
+and the backward's deterministic mode.
 """
 import ctypes
 import pathlib
@@ -20,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tolerances import RELATIVE_TOLERANCE, assert_close
+from tolerances import RELATIVE_TOLERANCE, assert_close, relative_error
 
 from cvt_fast.extension import extension_status, load_extension
 
@@ -203,9 +205,10 @@ def test_conv_proj_on_cpu_tensors_raises_clear_error(ops):
 # ---------------------------------------------------------------- two ways to run the kernels
 #
 # "cuda": the registered ops on a GPU. "emulated": the same kernel source compiled by the host
-# C++ compiler (csrc/emulate/), one OS thread per CUDA thread, with the production grid and
-# block shapes: it checks index math, masks, barriers and shuffles on machines without a GPU
-# (slow, so its shapes are tiny). Both return exactly what the ops return.
+# C++ compiler (csrc/emulate/), every CUDA thread a fiber, with the production grid, block and
+# shared-memory shapes and the launchers' choice of kernel: it checks index math, fragment layouts,
+# masks, barriers, shuffles and the cp.async pipeline on machines without a GPU (slow, so its
+# shapes are tiny). Both return exactly what the ops return.
 
 class CudaKernels:
     device = "cuda"
@@ -235,30 +238,31 @@ class EmulatedKernels:
 
     device = "cpu"
 
-    def __init__(self, lib, tensor_cores=True):
+    def __init__(self, lib, tensor_cores=True, deterministic=False):
         self.lib = lib
-        self.tensor_cores = tensor_cores  # as on sm_80+: float16/bfloat16 attention on WMMA
+        self.tensor_cores = tensor_cores  # as on sm_80+ (False: as with CVT_FAST_CUDA_ATTENTION=simt)
+        self.deterministic = deterministic  # as under torch.use_deterministic_algorithms(True)
+        self.ran_tensor_cores = {}  # "forward"/"backward" -> whether the last call took the tensor-core kernels
 
     def attention_forward(self, q, k, v, scale):
         batch, n_q, heads, head_dim = q.shape
-        out = torch.empty(batch, n_q, heads * head_dim, dtype=q.dtype)
-        lse = torch.empty(batch, heads, n_q)
+        out = torch.full((batch, n_q, heads * head_dim), float("nan"), dtype=q.dtype)
+        lse = torch.full((batch, heads, n_q), float("nan"))
         strides = (ctypes.c_int64 * 9)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
-        self.lib.emu_attention_forward(DTYPE_CODE[q.dtype], head_dim, _ptr(q), _ptr(k), _ptr(v), _ptr(out),
-                                       _ptr(lse), batch, n_q, k.shape[1], heads, strides, ctypes.c_float(scale),
-                                       int(self.tensor_cores))
+        self.ran_tensor_cores["forward"] = bool(self.lib.emu_attention_forward(
+            DTYPE_CODE[q.dtype], head_dim, _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), batch, n_q, k.shape[1],
+            heads, strides, ctypes.c_float(scale), int(self.tensor_cores)))
         return out, lse
 
     def attention_backward(self, grad_out, q, k, v, out, lse, scale):
         batch, n_q, heads, head_dim = q.shape
         grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
-        delta = torch.full((batch, heads, n_q), float("nan"))
         dq, dk, dv = (torch.full(t.shape, float("nan"), dtype=t.dtype) for t in (q, k, v))
         strides = (ctypes.c_int64 * 9)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
-        self.lib.emu_attention_backward(DTYPE_CODE[q.dtype], head_dim, _ptr(grad_out), _ptr(q), _ptr(k), _ptr(v),
-                                        _ptr(out), _ptr(lse), _ptr(delta), _ptr(dq), _ptr(dk), _ptr(dv), batch,
-                                        n_q, k.shape[1], heads, strides, ctypes.c_float(scale),
-                                        int(self.tensor_cores))
+        self.ran_tensor_cores["backward"] = bool(self.lib.emu_attention_backward(
+            DTYPE_CODE[q.dtype], head_dim, _ptr(grad_out), _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), _ptr(dq),
+            _ptr(dk), _ptr(dv), batch, n_q, k.shape[1], heads, strides, ctypes.c_float(scale), int(self.tensor_cores),
+            int(self.deterministic)))
         return dq, dk, dv
 
     @staticmethod
@@ -302,7 +306,7 @@ EMULATION_SOURCES = ["emulate_attention_fwd.cpp", "emulate_attention_bwd.cpp", "
 I64, F32, INT, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 EMULATION_SIGNATURES = {
     "emu_attention_forward": [INT, INT, PTR, PTR, PTR, PTR, PTR, INT, INT, INT, INT, ctypes.POINTER(I64), F32, INT],
-    "emu_attention_backward": [INT, INT] + [PTR] * 10 + [INT] * 4 + [ctypes.POINTER(I64), F32, INT],
+    "emu_attention_backward": [INT, INT] + [PTR] * 9 + [INT] * 4 + [ctypes.POINTER(I64), F32, INT, INT],
     "emu_conv_proj_forward": [INT, PTR, I64, I64] + [PTR] * 9 + [INT] * 9,
     "emu_conv_proj_backward": [INT] + [PTR] * 7 + [I64, I64, PTR, PTR] + [INT] * 9,
 }
@@ -310,7 +314,7 @@ EMULATION_SIGNATURES = {
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    """Compile csrc/emulate/ with the host C++ compiler (about 20 s) and load it."""
+    """Compile csrc/emulate/ with the host C++ compiler (about 30 s) and load it."""
     from torch.utils.cpp_extension import include_paths
 
     compiler = shutil.which("g++") or shutil.which("c++")
@@ -318,7 +322,8 @@ def emulated(tmp_path_factory):
         pytest.skip("no host C++ compiler (g++) to build the kernel emulation")
     csrc = pathlib.Path(__file__).resolve().parent.parent / "csrc"
     library = tmp_path_factory.mktemp("emulate") / "cvt_fast_emulate.so"
-    command = [compiler, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", f"-I{csrc}",
+    # -fno-strict-aliasing: the kernels pun 16-bit pairs through 32-bit words, as GPU code does.
+    command = [compiler, "-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC", "-pthread", f"-I{csrc}",
                *(f"-I{p}" for p in include_paths()[:1]), *(str(csrc / "emulate" / s) for s in EMULATION_SOURCES),
                "-o", str(library)]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -326,7 +331,7 @@ def emulated(tmp_path_factory):
     lib = ctypes.CDLL(str(library))
     for name, argtypes in EMULATION_SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = None
+        getattr(lib, name).restype = ctypes.c_int if name.startswith("emu_attention") else None
     return EmulatedKernels(lib)
 
 
@@ -354,13 +359,42 @@ def random_qkv(batch, n_q, n_kv, heads, head_dim, dtype, device, layout="contigu
     return q, k, v
 
 
-def check_attention(kernels, q, k, v, scale, backward=True):
+def default_attention_limits(dtype):
+    """The suite's dtype tolerances: relative errors of out, of lse (fp32), of the gradients."""
+    return {"out": RELATIVE_TOLERANCE[dtype], "lse": RELATIVE_TOLERANCE[torch.float32],
+            "grad": RELATIVE_TOLERANCE[dtype] * BACKWARD_FACTOR[dtype]}
+
+
+# The emulation runs the kernels' fp32 arithmetic on exactly the values the float64 reference gets, so
+# its only errors are the kernels' own roundings: outputs rounded to the dtype, delta = dO . O taken from
+# the rounded O, and on the tensor cores P and dS rounded to 16 bits before their products
+# (FlashAttention's choice). Largest errors measured over 3-20 seeds at the shapes of the tests below
+# (relative, norm-wise): out bf16 2.3e-3, fp16 2.8e-4, fp32 4.1e-7; lse 1.9e-7; gradients bf16 3.4e-3,
+# fp16 4.6e-4, fp32 9.4e-7. The limits are 1.3-2x that, so a key-mask error (one padded key let into
+# the softmax moves out by ~1e-2 and lse by ~3e-3) fails by a wide margin: lse by four orders of
+# magnitude, out by 3x (bf16) to 10^4x (fp32).
+EMULATED_LIMITS = {
+    torch.bfloat16: {"out": 4e-3, "lse": 5e-7, "grad": 6e-3},
+    torch.float16: {"out": 5e-4, "lse": 5e-7, "grad": 8e-4},
+    torch.float32: {"out": 1e-6, "lse": 5e-7, "grad": 1.5e-6},
+}
+
+
+def assert_within(actual, expected, limit, what):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what} has NaN or Inf"
+    err = relative_error(actual, expected)
+    assert err <= limit, f"{what}: relative error {err:.3e} > {limit:.1e}"
+
+
+def check_attention(kernels, q, k, v, scale, backward=True, limits=None):
     dtype = q.dtype
+    limits = limits or default_attention_limits(dtype)
     out, lse = kernels.attention_forward(q, k, v, scale)
     ref_out, ref_lse = reference_attention(q, k, v, scale)
     assert out.dtype == dtype and out.is_contiguous()
-    assert_close(out, ref_out, dtype)
-    assert_close(lse, ref_lse, torch.float32)
+    assert_within(out, ref_out, limits["out"], "out")
+    assert_within(lse, ref_lse, limits["lse"], "lse")
     if not backward:
         return
     grad_out = torch.randn_like(out)
@@ -375,7 +409,7 @@ def check_attention(kernels, q, k, v, scale, backward=True):
             limit = RELATIVE_TOLERANCE[dtype] * BACKWARD_FACTOR[dtype] * leaves[2].grad.abs().max().item()
             assert got.abs().max().item() <= limit, name
             continue
-        assert_close(got, leaf.grad, dtype, factor=BACKWARD_FACTOR[dtype])
+        assert_within(got, leaf.grad, limits["grad"], name)
 
 
 # ---------------------------------------------------------------- conv_proj checks
@@ -429,13 +463,40 @@ CONV_CASES = [
 
 # ---------------------------------------------------------------- CPU: the kernels, emulated
 
+def check_emulated_attention(kernels, q, k, v, scale, backward=True, tensor_cores=None, limits=None):
+    """check_attention with the emulation's limits; tensor_cores: which kernels must have run
+    (default: the tensor-core ones exactly for 16-bit inputs)."""
+    check_attention(kernels, q, k, v, scale, backward=backward, limits=limits or EMULATED_LIMITS[q.dtype])
+    expected = q.dtype != torch.float32 if tensor_cores is None else tensor_cores
+    assert kernels.ran_tensor_cores["forward"] == expected
+    if backward:
+        assert kernels.ran_tensor_cores["backward"] == expected
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_emulated_attention_matches_reference_with_partial_tiles(emulated, dtype, head_dim):
-    # 70 queries: a full and a partial 64-row tile; 37 keys: a full and a partial 32-key tile.
-    q, k, v = random_qkv(1, 70, 37, 2, head_dim, dtype, "cpu", layout="strided")
-    check_attention(emulated, q, k, v, 0.7 * head_dim ** -0.5)
+    # 133 queries: a full and a partial query block of the forward (128 rows; 64 at d = 128) and three
+    # query tiles of the backward (64; 32 at d = 128), so its 2-stage pipeline wraps around; 70 keys: a full
+    # and a 6-key K/V tile (forward) and key block (backward: dq summed from two blocks by reductions).
+    q, k, v = random_qkv(1, 133, 70, 2, head_dim, dtype, "cpu", layout="strided")
+    check_emulated_attention(emulated, q, k, v, 0.7 * head_dim ** -0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,n_q,n_kv", [(8, 5, 1), (8, 1, 3), (2, 13, 64), (2, 20, 150)])
+def test_emulated_attention_matches_reference_at_edge_sizes(emulated, dtype, batch, n_q, n_kv):
+    # One key; one query; exactly one full tile (no masked tile, dq written directly); three K/V tiles,
+    # so the forward's pipeline reuses its first buffer, and three key blocks in the backward.
+    q, k, v = random_qkv(batch, n_q, n_kv, 1, 64, dtype, "cpu")
+    limits = EMULATED_LIMITS[dtype]
+    if n_q == 1:
+        # One query row: its dq and the dk are sums over 3 keys that nearly cancel (sum_j ds_j = 0), so
+        # their relative error is not bounded by the roundings (it reaches 1e-2 in bf16 for some seeds).
+        limits = dict(limits, grad=default_attention_limits(dtype)["grad"])
+    check_emulated_attention(emulated, q, k, v, 0.3, limits=limits)
 
 
 @pytest.mark.slow
@@ -444,15 +505,46 @@ def test_emulated_attention_matches_reference_with_partial_tiles(emulated, dtype
 def test_emulated_simt_attention_matches_reference_for_16_bit(emulated, dtype, head_dim):
     # The fp32 CUDA-core kernels that CVT_FAST_CUDA_ATTENTION=simt selects for 16-bit inputs.
     q, k, v = random_qkv(1, 70, 37, 2, head_dim, dtype, "cpu", layout="strided")
-    check_attention(EmulatedKernels(emulated.lib, tensor_cores=False), q, k, v, 0.7 * head_dim ** -0.5)
+    simt = EmulatedKernels(emulated.lib, tensor_cores=False)
+    check_emulated_attention(simt, q, k, v, 0.7 * head_dim ** -0.5, tensor_cores=False)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n_q,n_kv", [(5, 1), (1, 3), (13, 64)])
-def test_emulated_attention_matches_reference_at_edge_sizes(emulated, dtype, n_q, n_kv):
-    q, k, v = random_qkv(2, n_q, n_kv, 1, 32, dtype, "cpu")
-    check_attention(emulated, q, k, v, 0.3)
+@pytest.mark.parametrize("misalign", ["base", "token_stride"])
+def test_emulated_attention_takes_simt_kernels_for_rows_not_16_byte_aligned(emulated, misalign):
+    # cp.async moves 16-byte chunks: q at an odd element offset, or k/v rows 68 elements apart, cannot be
+    # read by the tensor-core kernels, and the launchers give such inputs to the CUDA-core ones.
+    q, k, v = random_qkv(1, 37, 21, 2, 64, torch.bfloat16, "cpu")
+    if misalign == "base":
+        q = torch.randn(q.numel() + 1).to(torch.bfloat16)[1:].view(q.shape)
+    else:
+        k = torch.randn(1, 21, 2, 68).to(torch.bfloat16)[..., :64]
+        v = torch.randn(1, 21, 2, 68).to(torch.bfloat16)[..., 4:]
+    check_emulated_attention(emulated, q, k, v, 0.125, tensor_cores=False)
+
+
+@pytest.mark.slow
+def test_emulated_attention_takes_simt_kernels_for_a_negative_scale(emulated):
+    # The tensor-core forward scales the row max of the raw scores, which is only right for scale >= 0.
+    q, k, v = random_qkv(1, 37, 21, 1, 32, torch.float16, "cpu")
+    check_emulated_attention(emulated, q, k, v, -0.2, tensor_cores=False)
+
+
+@pytest.mark.slow
+def test_emulated_attention_backward_is_deterministic_when_asked(emulated):
+    # Nkv > 64: the tensor-core backward would sum dq by reductions from two key blocks; in deterministic
+    # mode the CUDA-core pair runs instead, and two runs agree bit for bit.
+    q, k, v = random_qkv(1, 37, 70, 1, 32, torch.bfloat16, "cpu")
+    kernels = EmulatedKernels(emulated.lib, deterministic=True)
+    out, lse = kernels.attention_forward(q, k, v, 0.2)
+    grad_out = torch.randn_like(out)
+    first = kernels.attention_backward(grad_out, q, k, v, out, lse, 0.2)
+    assert not kernels.ran_tensor_cores["backward"]
+    second = kernels.attention_backward(grad_out, q, k, v, out, lse, 0.2)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    # Up to 64 keys one block writes dq directly: the tensor-core backward stays, deterministic as it is.
+    q, k, v = random_qkv(1, 37, 64, 1, 32, torch.bfloat16, "cpu")
+    check_emulated_attention(kernels, q, k, v, 0.2)
 
 
 @pytest.mark.slow
@@ -461,7 +553,24 @@ def test_emulated_attention_with_large_scores_stays_finite(emulated, dtype):
     # Scores of a hundred and more: exp overflows unless the softmax subtracts the row max.
     q, k, v = random_qkv(1, 20, 37, 1, 32, torch.float32, "cpu")
     q, k, v = (t.to(dtype) for t in (q * 4, k * 4, v))
-    check_attention(emulated, q, k, v, 1.0, backward=False)
+    # Scores this large carry absolute rounding errors ~1e-5 into exp: the suite's dtype tolerances.
+    check_emulated_attention(emulated, q, k, v, 1.0, backward=False, limits=default_attention_limits(dtype))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_attention_backward_with_very_negative_scores_stays_finite(emulated, dtype):
+    # Every score near -200, so lse is too: a padded key (score 0) would get p = exp(200) = inf, and inf
+    # times its zero k row is NaN in dq, unless the backward masks keys past Nkv.
+    direction = torch.randn(32)
+    direction = 14 * direction / direction.norm()
+    q = (direction + 0.3 * torch.randn(1, 20, 1, 32)).to(dtype)
+    k = (-direction + 0.3 * torch.randn(1, 37, 1, 32)).to(dtype)
+    v = torch.randn(1, 37, 1, 32).to(dtype)
+    # The keys share one large component that cancels in dq = sum_j ds_j k_j (sum_j ds_j = 0), which
+    # multiplies its relative error by about 10; what this test guards is finiteness.
+    limits = dict(EMULATED_LIMITS[dtype], grad=10 * EMULATED_LIMITS[dtype]["grad"])
+    check_emulated_attention(emulated, q, k, v, 1.0, limits=limits)
 
 
 # The emulated conv_proj kernels are tested in tests/test_cuda_conv_proj_emulated.py (element-wise
@@ -470,7 +579,9 @@ def test_emulated_attention_with_large_scores_stays_finite(emulated, dtype):
 
 # ---------------------------------------------------------------- GPU: attention
 
-ATTENTION_SIZES = [(197, 50), (37, 13), (37, 1), (64, 32), (1, 7)]
+# (133, 70): partial query block and tile, dq from two key blocks by reductions; (20, 150): the forward's
+# cp.async pipeline wraps around its buffers, three key blocks.
+ATTENTION_SIZES = [(197, 50), (37, 13), (37, 1), (64, 32), (1, 7), (133, 70), (20, 150)]
 
 
 @pytest.mark.gpu
@@ -507,6 +618,37 @@ def test_simt_attention_matches_reference_for_16_bit(cuda_kernels, monkeypatch, 
     monkeypatch.setenv("CVT_FAST_CUDA_ATTENTION", "simt")
     q, k, v = random_qkv(2, n_q, n_kv, 3, head_dim, dtype, "cuda", layout="strided")
     check_attention(cuda_kernels, q, k, v, head_dim ** -0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("misalign", ["base", "token_stride"])
+def test_attention_reads_rows_not_16_byte_aligned(cuda_kernels, misalign):
+    # The tensor-core kernels read 16-byte chunks; such inputs take the CUDA-core kernels instead.
+    q, k, v = random_qkv(2, 77, 21, 2, 64, torch.bfloat16, "cuda")
+    if misalign == "base":
+        q = torch.randn(q.numel() + 1, device="cuda").to(torch.bfloat16)[1:].view(q.shape)
+    else:
+        k = torch.randn(2, 21, 2, 68, device="cuda").to(torch.bfloat16)[..., :64]
+    check_attention(cuda_kernels, q, k, v, 0.125)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_backward_is_reproducible_in_deterministic_mode(cuda_kernels, dtype):
+    # Nkv > 64: the tensor-core backward sums dq by fp32 reductions in no fixed order; under
+    # torch.use_deterministic_algorithms(True) the launcher takes the CUDA-core pair, bit for bit repeatable.
+    q, k, v = random_qkv(2, 197, 150, 3, 64, dtype, "cuda", layout="strided")
+    out, lse = cuda_kernels.attention_forward(q, k, v, 0.1)
+    grad_out = torch.randn_like(out)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = cuda_kernels.attention_backward(grad_out, q, k, v, out, lse, 0.1)
+        second = cuda_kernels.attention_backward(grad_out, q, k, v, out, lse, 0.1)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    check_attention(cuda_kernels, q, k, v, 0.1)
 
 
 @pytest.mark.gpu

@@ -1,24 +1,35 @@
 // Just enough of CUDA for a host C++ compiler to run the cvt_fast kernels on the CPU, so
-// their index math, masks, barriers and warp shuffles are tested on machines without a GPU.
+// their index math, masks, barriers and warp-level exchanges are tested on machines without a GPU.
 // Not a performance tool and not part of the extension (setup.py compiles csrc/*.cu and
 // csrc/*.cpp only; this folder is built by tests/test_cuda_extension.py).
 //
-// Model: every CUDA thread of a block is an OS thread; blocks run one after another, so a
-// `__shared__` array (a function-local static here) belongs to one block at a time.
-// __syncthreads is a barrier over the block; __shfl_xor_sync exchanges values through a
-// per-warp slot array between two barriers over the warp, so, as on the GPU, every lane of
-// the warp must reach it (a divergent shuffle deadlocks here instead of giving garbage).
-// Left out: memory alignment, register limits, the cost of anything.
+// Model: every CUDA thread of a block is a fiber (POSIX ucontext) on the calling OS thread, run
+// cooperatively: a fiber runs until it waits at a barrier, then the next runnable one runs (see
+// Barrier for the order). Blocks
+// run one after another, so a `__shared__` array (a function-local static here) belongs to one block
+// at a time, and so does the dynamic shared memory (poisoned with 0xFF bytes, NaN in every float
+// type, at block start). __syncthreads is a barrier over the block, __syncwarp one over the warp.
+// Warp-collective operations (__shfl_xor_sync here, mma / ldmatrix in ptx_on_host.h) post each
+// lane's operands in a per-warp exchange area and pass one barrier over the warp; so, as on the GPU,
+// every lane of the warp must reach them. The schedule is deterministic and lets each thread run as
+// far ahead as the barriers allow, so a missing barrier shows as reads of poison (NaN) or of stale
+// data rather than passing by luck; a barrier or collective that some thread never reaches stops
+// the run with a message ("deadlock") instead of hanging.
+// Kernels that pun 16-bit pairs through 32-bit stores (as GPU code does) need -fno-strict-aliasing.
+// Left out: register limits, bank conflicts, the cost of anything.
 #pragma once
 
 #include <math.h>
+#include <ucontext.h>
 
 #include <algorithm>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
 #include <memory>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -30,8 +41,16 @@ struct dim3 {
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
-struct float4 {
+struct alignas(8) float2 {
+  float x, y;
+};
+
+struct alignas(16) float4 {
   float x, y, z, w;
+};
+
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
 };
 
 #define __global__
@@ -45,77 +64,204 @@ struct float4 {
 namespace cvt_emu {
 
 constexpr int kWarpSize = 32;
+constexpr size_t kFiberStackBytes = 256 * 1024;
 
-struct BlockContext {
-  explicit BlockContext(int threads) : block_barrier(threads), slots(threads) {
-    for (int w = 0; w < (threads + kWarpSize - 1) / kWarpSize; ++w) {
-      const int lanes = std::min(kWarpSize, threads - w * kWarpSize);
-      warp_barriers.push_back(std::make_unique<std::barrier<>>(lanes));
-    }
-  }
-  std::barrier<> block_barrier;
-  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-  std::vector<float> slots;  // one per thread, for shuffles
+// A cp.async in flight (ptx_on_host.h): lands at the wait that retires its group.
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  int bytes;
+  bool fill;
 };
 
-inline thread_local dim3 tl_thread_idx;
-inline thread_local dim3 tl_block_idx;
-inline thread_local int tl_linear_tid = 0;
+// What a CUDA thread has of its own besides its stack.
+struct ThreadState {
+  ucontext_t context;
+  dim3 thread_idx;
+  int linear_tid = 0;
+  bool finished = false;
+  int exchange_parity = 0;  // see WarpExchange
+  std::vector<PendingCopy> open_copies;
+  std::deque<std::vector<PendingCopy>> committed_copies;
+};
+
+// The fibers of the block being run, and the queue of those ready to run.
+struct Scheduler {
+  ucontext_t launcher;
+  std::vector<ThreadState> threads;
+  std::deque<int> runnable;
+  int current = 0;
+  dim3 block_idx;
+};
+
+inline thread_local Scheduler* tl_scheduler = nullptr;
+
+inline ThreadState& current_thread() { return tl_scheduler->threads[tl_scheduler->current]; }
+
+// Suspends the current fiber; it runs again once something puts it back on the run queue.
+inline void suspend() { swapcontext(&current_thread().context, &tl_scheduler->launcher); }
+
+// A barrier over `count` fibers. The last to arrive releases the others and runs on. Fibers released
+// by a warp barrier run next (so one warp runs ahead until it waits at a block barrier, the largest
+// skew between warps that the barriers allow); those released by a block barrier queue behind.
+struct Barrier {
+  Barrier(int count_, bool run_released_next_) : count(count_), run_released_next(run_released_next_) {}
+  void arrive_and_wait() {
+    if (++arrived == count) {
+      arrived = 0;
+      auto& queue = tl_scheduler->runnable;
+      if (run_released_next) {
+        queue.insert(queue.begin(), waiting.begin(), waiting.end());
+      } else {
+        queue.insert(queue.end(), waiting.begin(), waiting.end());
+      }
+      waiting.clear();
+    } else {
+      waiting.push_back(tl_scheduler->current);
+      suspend();
+    }
+  }
+  int count;
+  bool run_released_next;
+  int arrived = 0;
+  std::vector<int> waiting;
+};
+
+// Per warp, two alternating sets of 32 lane slots for warp-collective operations. A lane posts
+// into set (its op count % 2), passes the warp barrier, reads the others' slots and returns. One
+// barrier per operation is enough: a lane can post into the same set again only two operations
+// later, after the barrier of the operation in between, which every lane reaches only once done
+// reading this set.
+struct WarpExchange {
+  static constexpr int kWords = 8;
+  uint64_t slot[2][kWarpSize][kWords];
+};
+
+struct BlockContext {
+  BlockContext(int threads, size_t shared_bytes)
+      : block_barrier(threads, false),
+        exchange((threads + kWarpSize - 1) / kWarpSize),
+        dynamic_shared(shared_bytes, 0xFF) {
+    for (int w = 0; w < (threads + kWarpSize - 1) / kWarpSize; ++w) {
+      warp_barriers.emplace_back(std::min(kWarpSize, threads - w * kWarpSize), true);
+    }
+  }
+  Barrier block_barrier;
+  std::vector<Barrier> warp_barriers;
+  std::vector<WarpExchange> exchange;
+  std::vector<unsigned char> dynamic_shared;
+};
+
 inline thread_local BlockContext* tl_block = nullptr;
 inline dim3 g_grid_dim;
 inline dim3 g_block_dim;
 
-// Runs kernel<<<grid, block>>>(args...) to completion.
+// The kernel call of the launch being run, type-erased for the fiber entry point.
+inline thread_local void (*tl_body)(void*) = nullptr;
+inline thread_local void* tl_body_arg = nullptr;
+
+inline void fiber_entry() {
+  tl_body(tl_body_arg);
+  current_thread().finished = true;
+}  // returns to the launcher through uc_link
+
+// Runs kernel<<<grid, block, shared_bytes>>>(args...) to completion.
 template <typename... Params, typename... Args>
-void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args... args) {
+void launch_with_shared(dim3 grid, dim3 block, size_t shared_bytes, void (*kernel)(Params...), Args... args) {
   g_grid_dim = grid;
   g_block_dim = block;
   const int threads = static_cast<int>(block.x * block.y * block.z);
+  auto body = [&] { kernel(static_cast<Params>(args)...); };
+  tl_body = [](void* call) { (*static_cast<decltype(body)*>(call))(); };
+  tl_body_arg = &body;
+  std::vector<std::unique_ptr<char[]>> stacks;
+  for (int t = 0; t < threads; ++t) stacks.emplace_back(new char[kFiberStackBytes]);
+  Scheduler* const outer = tl_scheduler;
   for (unsigned bz = 0; bz < grid.z; ++bz) {
     for (unsigned by = 0; by < grid.y; ++by) {
       for (unsigned bx = 0; bx < grid.x; ++bx) {
-        BlockContext context(threads);
-        std::vector<std::thread> workers;
-        workers.reserve(threads);
+        BlockContext context(threads, shared_bytes);
+        Scheduler scheduler;
+        scheduler.block_idx = dim3(bx, by, bz);
+        scheduler.threads.resize(threads);
         for (int t = 0; t < threads; ++t) {
-          workers.emplace_back([&, t] {
-            tl_block = &context;
-            tl_linear_tid = t;
-            tl_block_idx = dim3(bx, by, bz);
-            tl_thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            kernel(static_cast<Params>(args)...);
-          });
+          ThreadState& thread = scheduler.threads[t];
+          thread.linear_tid = t;
+          thread.thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+          getcontext(&thread.context);
+          thread.context.uc_stack.ss_sp = stacks[t].get();
+          thread.context.uc_stack.ss_size = kFiberStackBytes;
+          thread.context.uc_link = &scheduler.launcher;
+          makecontext(&thread.context, &fiber_entry, 0);
+          scheduler.runnable.push_back(t);
         }
-        for (auto& worker : workers) worker.join();
+        tl_block = &context;
+        tl_scheduler = &scheduler;
+        while (!scheduler.runnable.empty()) {
+          scheduler.current = scheduler.runnable.front();
+          scheduler.runnable.pop_front();
+          swapcontext(&scheduler.launcher, &scheduler.threads[scheduler.current].context);
+        }
+        for (const ThreadState& thread : scheduler.threads) {
+          if (!thread.finished) {
+            std::fprintf(stderr,
+                         "cvt_fast emulation: deadlock in block (%u, %u, %u): thread %d waits at a barrier or warp "
+                         "collective that other threads of its block or warp never reach\n",
+                         bx, by, bz, thread.linear_tid);
+            std::abort();
+          }
+        }
+        tl_scheduler = outer;
+        tl_block = nullptr;
       }
     }
   }
 }
 
+// Runs kernel<<<grid, block>>>(args...) to completion.
+template <typename... Params, typename... Args>
+void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args... args) {
+  launch_with_shared(grid, block, 0, kernel, args...);
+}
+
+inline int linear_tid() { return current_thread().linear_tid; }
+inline int lane_id() { return linear_tid() % kWarpSize; }
+
+// Posts `count` 64-bit words of this lane, waits for the whole warp, and returns the warp's slot set
+// (valid until this lane's next warp-collective operation). See WarpExchange.
+inline const uint64_t (*warp_exchange(const uint64_t* words, int count))[WarpExchange::kWords] {
+  ThreadState& thread = current_thread();
+  const int warp = thread.linear_tid / kWarpSize;
+  auto& set = tl_block->exchange[warp].slot[thread.exchange_parity];
+  thread.exchange_parity ^= 1;
+  std::copy(words, words + count, set[thread.linear_tid % kWarpSize]);
+  tl_block->warp_barriers[warp].arrive_and_wait();
+  return set;
+}
+
 }  // namespace cvt_emu
 
-#define threadIdx (cvt_emu::tl_thread_idx)
-#define blockIdx (cvt_emu::tl_block_idx)
+#define threadIdx (cvt_emu::current_thread().thread_idx)
+#define blockIdx (cvt_emu::tl_scheduler->block_idx)
 #define blockDim (cvt_emu::g_block_dim)
 #define gridDim (cvt_emu::g_grid_dim)
 
 inline void __syncthreads() { cvt_emu::tl_block->block_barrier.arrive_and_wait(); }
 
-inline float __shfl_xor_sync(unsigned /*mask*/, float value, int lane_mask) {
-  cvt_emu::BlockContext& block = *cvt_emu::tl_block;
-  const int tid = cvt_emu::tl_linear_tid;
-  const int warp = tid / cvt_emu::kWarpSize;
-  const int lane = tid % cvt_emu::kWarpSize;
-  block.slots[tid] = value;
-  block.warp_barriers[warp]->arrive_and_wait();
-  const float other = block.slots[warp * cvt_emu::kWarpSize + (lane ^ lane_mask)];
-  block.warp_barriers[warp]->arrive_and_wait();
+// The value of lane (this lane ^ lane_mask); any 4-byte type.
+template <typename T>
+inline T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask) {
+  static_assert(sizeof(T) == 4, "the emulation shuffles 4-byte values");
+  uint64_t word = 0;
+  std::memcpy(&word, &value, sizeof(T));
+  const auto slots = cvt_emu::warp_exchange(&word, 1);
+  T other;
+  std::memcpy(&other, &slots[cvt_emu::lane_id() ^ lane_mask][0], sizeof(T));
   return other;
 }
 
 inline void __syncwarp(unsigned /*mask*/ = 0xffffffffu) {
-  const int warp = cvt_emu::tl_linear_tid / cvt_emu::kWarpSize;
-  cvt_emu::tl_block->warp_barriers[warp]->arrive_and_wait();
+  cvt_emu::tl_block->warp_barriers[cvt_emu::linear_tid() / cvt_emu::kWarpSize].arrive_and_wait();
 }
 
 inline float __expf(float x) { return std::exp(x); }
@@ -126,65 +272,6 @@ using __nv_bfloat16 = c10::BFloat16;
 inline __half __float2half(float x) { return c10::Half(x); }
 inline __nv_bfloat16 __float2bfloat16(float x) { return c10::BFloat16(x); }
 
-// WMMA (m16n16k16 only). Every lane holds the whole 16 x 16 tile (row-major, in fp32), so the
-// emulation needs no fragment layout; the kernels never index fragments, only load, store, fill
-// and multiply them. Products of 16-bit values are exact in fp32, as on the tensor cores.
-namespace nvcuda {
-namespace wmma {
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static_assert(M == 16 && N == 16 && K == 16, "the emulation knows m16n16k16 only");
-  float x[16 * 16];
-};
-
-template <typename Use, typename T, typename Layout>
-inline void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, float value) {
-  for (float& e : f.x) e = value;
-}
-
-template <typename Use, typename T, typename Layout, typename Element>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const Element* ptr, unsigned ldm) {
-  static_assert(std::is_same_v<T, Element>, "fragment and memory element types differ");
-  for (int r = 0; r < 16; ++r) {
-    for (int c = 0; c < 16; ++c) {
-      const Element e = std::is_same_v<Layout, row_major> ? ptr[r * ldm + c] : ptr[c * ldm + r];
-      f.x[r * 16 + c] = static_cast<float>(e);
-    }
-  }
-}
-
-inline void store_matrix_sync(float* ptr, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
-                              layout_t layout) {
-  for (int r = 0; r < 16; ++r) {
-    for (int c = 0; c < 16; ++c) {
-      ptr[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[r * 16 + c];
-    }
-  }
-}
-
-template <typename TA, typename LA, typename TB, typename LB>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
-                     const fragment<matrix_b, 16, 16, 16, TB, LB>& b,
-                     const fragment<accumulator, 16, 16, 16, float>& c) {
-  float result[16 * 16];
-  for (int r = 0; r < 16; ++r) {
-    for (int n = 0; n < 16; ++n) {
-      float sum = c.x[r * 16 + n];
-      for (int kk = 0; kk < 16; ++kk) sum += a.x[r * 16 + kk] * b.x[kk * 16 + n];
-      result[r * 16 + n] = sum;
-    }
-  }
-  std::copy(result, result + 16 * 16, d.x);
-}
-}  // namespace wmma
-}  // namespace nvcuda
 
 using std::max;
 using std::min;
