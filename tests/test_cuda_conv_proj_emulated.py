@@ -45,7 +45,7 @@ def lib(tmp_path_factory):
         pytest.skip("no host C++ compiler (g++) to build the kernel emulation")
     csrc = pathlib.Path(__file__).resolve().parent.parent / "csrc"
     library = tmp_path_factory.mktemp("emulate_conv_proj") / "conv_proj_emulate.so"
-    command = [compiler, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", f"-I{csrc}",
+    command = [compiler, "-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC", "-pthread", f"-I{csrc}",
                *(f"-I{p}" for p in include_paths()[:1]), str(csrc / "emulate" / "emulate_conv_proj.cpp"),
                "-o", str(library)]
     result = subprocess.run(command, capture_output=True, text=True)
