@@ -81,6 +81,15 @@ class DropPath(nn.Module):
         mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
         return x * mask / keep
 
+    def sample_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The per-sample factors (B,) float32 that forward() multiplies x by (0 or 1 / keep), drawn
+        from the same random numbers as forward() would; None when it is the identity."""
+        if self.rate == 0.0 or not self.training:
+            return None
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return mask.reshape(-1).to(torch.float32) / keep
+
     def extra_repr(self) -> str:
         return f"rate={self.rate}"
 
@@ -93,19 +102,25 @@ class Mlp(nn.Module):
         self.act = QuickGELU() if act == "quick_gelu" else nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
-        # Off on the 'official' backend (autograd keeps what the official code keeps); on the
-        # others the backward recomputes the activation instead of keeping it (lean_mlp.py).
+        # Off on the 'official' backend (the official code's ops, and autograd keeps what the
+        # official code keeps); on the others fc1's bias and the activation are one fused pass
+        # and the backward recomputes the activation instead of keeping it (lean_mlp.py).
         self.recompute_activation = True
+        self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.fc1(x)
-        # The lean step has no dropout between the activation and fc2: used when that
-        # dropout is off, and only when a backward can follow.
-        lean = (self.recompute_activation and torch.is_grad_enabled()
-                and (self.drop.p == 0.0 or not self.training))
-        if lean:
-            return self.drop(act_then_linear(hidden, self.fc2.weight, self.fc2.bias, self.act_name))
-        return self.drop(self.fc2(self.drop(self.act(hidden))))
+        out, pending_bias = self.forward_without_output_bias(x)
+        return out if pending_bias is None else out + pending_bias
+
+    def forward_without_output_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(out, bias): the MLP's output is out + bias. On the fused path fc2's bias is left to the
+        caller (the residual step adds it in its own pass) and returned; else it is in out, bias None."""
+        # The lean step has no dropout between the activation and fc2: used when that dropout is off.
+        if self.recompute_activation and (self.drop.p == 0.0 or not self.training):
+            hidden = F.linear(x, self.fc1.weight)  # fc1's bias is added by the fused activation
+            return act_then_linear(hidden, self.fc2.weight, None, self.act_name, hidden_bias=self.fc1.bias,
+                                   backend=self.backend), self.fc2.bias
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x))))), None
 
 
 class ConvEmbed(nn.Module):
@@ -280,10 +295,37 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act, drop)
+        # Off on the 'official' backend; on the others each residual add, its drop path and the
+        # LayerNorm that follows are one fused pass (cvt_fast.ops.residual_layer_norm).
+        self.fuse_residuals = True
+        self.backend: str | None = None
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), height, width))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        if not self.fuse_residuals:
+            x = x + self.drop_path(self.attn(self.norm1(x), height, width))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        return self.forward_chained(x, self.norm1(x), height, width, next_norm=None)[0]
+
+    def forward_chained(self, x: torch.Tensor, normed: torch.Tensor, height: int, width: int,
+                        next_norm: "LayerNorm | None") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused path: (x, norm1(x)) in, (x', next_norm(x')) out, where x' is this block's output
+        and next_norm the following block's norm1 (None for the last block: then None out)."""
+        from cvt_fast import ops
+
+        branch = self.attn(normed, height, width)
+        x, normed = ops.residual_layer_norm(x, branch, self.norm2.weight, self.norm2.bias, self.norm2.eps,
+                                            scale=self._drop_path_scale(x), backend=self.backend)
+        branch, branch_bias = self.mlp.forward_without_output_bias(normed)
+        if next_norm is None:
+            if branch_bias is not None:
+                branch = branch + branch_bias
+            return x + self.drop_path(branch), None
+        return ops.residual_layer_norm(x, branch, next_norm.weight, next_norm.bias, next_norm.eps,
+                                       branch_bias=branch_bias, scale=self._drop_path_scale(x),
+                                       backend=self.backend)
+
+    def _drop_path_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        return self.drop_path.sample_scale(x) if isinstance(self.drop_path, DropPath) else None
 
 
 class Stage(nn.Module):
@@ -314,8 +356,17 @@ class Stage(nn.Module):
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
         x = self.pos_drop(x)
-        for block in self.blocks:
-            x = block(x, height, width)
+        blocks = list(self.blocks)
+        if blocks and all(b.fuse_residuals for b in blocks):
+            # Each residual add is fused with the LayerNorm after it, which for the second add of
+            # a block is the next block's norm1.
+            normed = blocks[0].norm1(x)
+            for block, following in zip(blocks, blocks[1:] + [None]):
+                x, normed = block.forward_chained(x, normed, height, width,
+                                                  None if following is None else following.norm1)
+        else:
+            for block in blocks:
+                x = block(x, height, width)
         cls_token = None
         if self.cls_token is not None:
             cls_token, x = torch.split(x, [1, height * width], dim=1)
@@ -383,6 +434,10 @@ class ConvolutionalVisionTransformer(nn.Module):
                 m.backend = backend
             elif isinstance(m, Mlp):
                 m.recompute_activation = backend != "official"
+                m.backend = backend
+            elif isinstance(m, Block):
+                m.fuse_residuals = backend != "official"
+                m.backend = backend
             elif isinstance(m, LayerNorm):
                 m.keep_16bit_input = backend != "official"
         return self

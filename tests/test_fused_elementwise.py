@@ -21,6 +21,7 @@ TRITON = pytest.param("triton", marks=pytest.mark.skipif(
 BACKENDS = ["reference", TRITON]
 ACTS = ["quick_gelu", "gelu"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+DTYPE_IDS = ["float32", "bfloat16", "float16", "float64"]
 
 
 def official_activation(act, z):
@@ -96,7 +97,7 @@ def _compare(got, want, dtype):
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_triton_activation_matches_reference(dtype, act, with_bias):
     x, bias = activation_inputs(dtype)
     bias = bias if with_bias else None
@@ -119,7 +120,7 @@ def test_triton_activation_backward_loops_over_row_groups(monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["plain", "scale", "branch_bias", "scale_and_branch_bias"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_triton_residual_layer_norm_matches_reference(dtype, variant):
     x, branch, weight, bias, branch_bias, scale = residual_inputs(dtype)
     weight, bias = weight.float(), bias.float()  # the model's LayerNorm parameters stay float32
