@@ -26,13 +26,16 @@ Conventions (also written into the JSON):
   path a few copies that a GPU makes (about 6 MB of CvT-13's 750 per image).
 
 Usage: python bench/traffic.py [--models cvt-13@224] [--batch 2] [--backends official,reference]
+       [--no-weights] [--by-site]
 Writes bench/results/traffic-<model>-<size>.json and .md (or --out PATH.json) and prints the table.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import datetime as _dt
+import re
 import sys
 import time
 from collections import defaultdict
@@ -94,11 +97,14 @@ def op_name(func: Any) -> str:
 
 
 class TrafficCounter(TorchDispatchMode):
-    """Adds up, per op name, the calls and the bytes read and written by every dispatched op."""
+    """Adds up, per op name, the calls and the bytes read and written by every dispatched op;
+    with a SiteTracker, also per (model site, forward or backward, op)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sites: Optional["SiteTracker"] = None) -> None:
         super().__init__()
         self.ops: dict[str, OpTraffic] = defaultdict(OpTraffic)
+        self.sites = sites
+        self.by_site: dict[tuple[str, str, str], OpTraffic] = defaultdict(OpTraffic)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -110,11 +116,81 @@ class TrafficCounter(TorchDispatchMode):
         skip_first = func.overloadpacket.__name__ in WRITE_ONLY_INPLACE
         inputs = [a for i, a in enumerate(args) if not (skip_first and i == 0)]
         inputs += [v for k, v in kwargs.items() if k != "out"]
-        record = self.ops[name]
-        record.calls += 1
-        record.read += sum(_tensor_bytes(t) for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor))
-        record.written += sum(_tensor_bytes(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        read = sum(_tensor_bytes(t) for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor))
+        written = sum(_tensor_bytes(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        records = [self.ops[name]]
+        if self.sites is not None:
+            records.append(self.by_site[self.sites.current() + (name,)])
+        for record in records:
+            record.calls += 1
+            record.read += read
+            record.written += written
         return out
+
+
+class SiteTracker:
+    """Names the code each op comes from, as (site, 'forward' or 'backward').
+
+    The site is the innermost function of cvt_fast's model code (cvt_fast/*.py: model.py,
+    lean_mlp.py, lean_layer_norm.py; not the ops layer or torch) on the Python stack: the live
+    stack in the forward and in Python backward functions, else the stack recorded when the
+    autograd node being run was created (anomaly mode records it), e.g. 'Block.forward_chained'
+    for the residual steps, '_batch_norm_tokens' for the training BatchNorm, 'Mlp._forward'."""
+
+    def __init__(self) -> None:
+        import cvt_fast
+
+        self.package_dir = Path(cvt_fast.__file__).resolve().parent
+        self._functions: dict[str, list[tuple[int, int, str]]] = {}
+        self._anomaly = torch.autograd.set_detect_anomaly(True, check_nan=False)
+
+    def __enter__(self) -> "SiteTracker":
+        self._anomaly.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._anomaly.__exit__(*exc)
+
+    def current(self) -> tuple[str, str]:
+        node = torch._C._current_autograd_node()
+        phase = "forward" if node is None else "backward"
+        frame = sys._getframe(1)
+        while frame is not None:
+            site = self._site(frame.f_code.co_filename, frame.f_lineno)
+            if site:
+                return site, phase
+            frame = frame.f_back
+        for line in reversed(node.metadata.get("traceback_", []) if node is not None else []):
+            match = re.match(r'\s*File "(.+)", line (\d+), in ', line)
+            site = match and self._site(match.group(1), int(match.group(2)))
+            if site:
+                return site, phase
+        return "loss", phase
+
+    def _site(self, filename: str, line: int) -> Optional[str]:
+        path = Path(filename)
+        if path.parent != self.package_dir or path.suffix != ".py":
+            return None
+        if filename not in self._functions:
+            self._functions[filename] = _function_spans(path)
+        inside = [(start, name) for start, end, name in self._functions[filename] if start <= line <= end]
+        return max(inside)[1] if inside else path.stem
+
+
+def _function_spans(path: Path) -> list[tuple[int, int, str]]:
+    """(first line, last line, qualified name) of every function defined in a Python file."""
+    spans = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = prefix + child.name
+                if not isinstance(child, ast.ClassDef):
+                    spans.append((child.lineno, child.end_lineno, name))
+                visit(child, name + ".")
+
+    visit(ast.parse(path.read_text()), "")
+    return spans
 
 
 @contextlib.contextmanager
@@ -145,12 +221,13 @@ def build_meta_model(model: str, backend: str, num_classes: int = 1000, **kwargs
         return cvt_fast.build_model(model, num_classes=num_classes, backend=backend, **kwargs)
 
 
-def count_step(model: torch.nn.Module, image_size: int, batch: int, mode: str) -> dict[str, OpTraffic]:
+def count_step(model: torch.nn.Module, image_size: int, batch: int, mode: str,
+               counter: Optional[TrafficCounter] = None) -> dict[str, OpTraffic]:
     """Per-op traffic (whole batch) of one training step or inference forward of a meta-device model."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     images = torch.empty(batch, model.in_chans, image_size, image_size, device="meta")
-    counter = TrafficCounter()
+    counter = counter or TrafficCounter()
     model.train(mode == "train")
     with _autocast_off_on_meta():
         if mode == "train":
@@ -166,11 +243,15 @@ def count_step(model: torch.nn.Module, image_size: int, batch: int, mode: str) -
 
 
 def measure(model: str, image_size: int, batch: int, backend: str, mode: str,
-            weights_excluded: bool = False, **model_kwargs: Any) -> dict:
-    """One row: per-image bytes by op (MB) and in total, for one model, backend and mode."""
+            weights_excluded: bool = False, by_site: bool = False, **model_kwargs: Any) -> dict:
+    """One row: per-image bytes by op (MB) and in total, for one model, backend and mode; with
+    by_site, also by (site, phase, op)."""
     net = build_meta_model(model, backend, **model_kwargs)
     started = time.perf_counter()
-    ops = count_step(net, image_size, batch, mode)
+    sites = SiteTracker() if by_site else None
+    counter = TrafficCounter(sites)
+    with sites or contextlib.nullcontext():
+        ops = count_step(net, image_size, batch, mode, counter)
     row = {
         "model": model if isinstance(model, str) else "spec", "image_size": image_size, "batch": batch,
         "backend": backend, "mode": mode,
@@ -180,6 +261,9 @@ def measure(model: str, image_size: int, batch: int, backend: str, mode: str,
                        "written_mb_per_image": r.written / batch / MB, "mb_per_image": r.total / batch / MB}
                 for name, r in sorted(ops.items(), key=lambda kv: -kv[1].total)},
     }
+    if by_site:
+        row["sites"] = [{"site": site, "phase": phase, "op": name, "calls": r.calls, "mb_per_image": r.total / batch / MB}
+                        for (site, phase, name), r in sorted(counter.by_site.items(), key=lambda kv: -kv[1].total)]
     if weights_excluded and batch > 1:
         single = count_step(net, image_size, 1, mode)
         row["weights_excluded_mb_per_image"] = (sum(r.total for r in ops.values())
@@ -224,7 +308,21 @@ def markdown(rows: list[dict], backends: Sequence[str]) -> str:
         what = "training step (forward + backward)" if mode == "train" else "inference forward"
         sections.append(f"## {model} at {size}x{size}, {what}: MB per image, batch {batch}\n\n"
                         + common.markdown_table(["op"] + list(present), table))
+        for backend in present:
+            if "sites" in by_backend[backend]:
+                sections.append(f"### where the bytes go, backend {backend} ({what}; MB per image, largest "
+                                f"first, entries under {SITE_TABLE_FLOOR_MB} MB left out)\n\n"
+                                + site_table(by_backend[backend]["sites"]))
     return "\n\n".join(sections)
+
+
+SITE_TABLE_FLOOR_MB = 0.5
+
+
+def site_table(sites: list[dict]) -> str:
+    rows = [[s["site"], s["phase"], s["op"], s["calls"], s["mb_per_image"]]
+            for s in sites if s["mb_per_image"] >= SITE_TABLE_FLOOR_MB]
+    return common.markdown_table(["site", "phase", "op", "calls", "MB"], rows)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -237,6 +335,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of train,infer")
     parser.add_argument("--no-weights", action="store_true",
                         help="also count at batch 1 and report the large-batch limit (activations only)")
+    parser.add_argument("--by-site", action="store_true",
+                        help="also attribute the bytes to the model code that issued each op, forward and backward")
     parser.add_argument("--out", type=Path, default=None,
                         help="results JSON (default bench/results/traffic-<model>-<size>.json; .md beside it)")
     args = parser.parse_args(argv)
@@ -252,7 +352,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for model, size in pairs:
         for mode in modes:
             for backend in backends:
-                rows.append(measure(model, size, args.batch, backend, mode, weights_excluded=args.no_weights))
+                rows.append(measure(model, size, args.batch, backend, mode, weights_excluded=args.no_weights,
+                                    by_site=args.by_site))
     add_ratios(rows)
     out = args.out or common.RESULTS_DIR / ("traffic-" + "_".join(f"{m}-{s}" for m, s in pairs) + ".json")
     payload = {

@@ -109,17 +109,20 @@ class Mlp(nn.Module):
         self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, pending_bias = self.forward_without_output_bias(x)
-        return out if pending_bias is None else out + pending_bias
+        return self._forward(x, leave_output_bias=False)[0]
 
     def forward_without_output_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(out, bias): the MLP's output is out + bias. On the fused path fc2's bias is left to the
         caller (the residual step adds it in its own pass) and returned; else it is in out, bias None."""
+        return self._forward(x, leave_output_bias=True)
+
+    def _forward(self, x: torch.Tensor, leave_output_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         # The lean step has no dropout between the activation and fc2: used when that dropout is off.
         if self.recompute_activation and (self.drop.p == 0.0 or not self.training):
             hidden = F.linear(x, self.fc1.weight)  # fc1's bias is added by the fused activation
-            return act_then_linear(hidden, self.fc2.weight, None, self.act_name, hidden_bias=self.fc1.bias,
-                                   backend=self.backend), self.fc2.bias
+            out = act_then_linear(hidden, self.fc2.weight, None if leave_output_bias else self.fc2.bias,
+                                  self.act_name, hidden_bias=self.fc1.bias, backend=self.backend)
+            return out, self.fc2.bias if leave_output_bias else None
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x))))), None
 
 
@@ -315,11 +318,9 @@ class Block(nn.Module):
         branch = self.attn(normed, height, width)
         x, normed = ops.residual_layer_norm(x, branch, self.norm2.weight, self.norm2.bias, self.norm2.eps,
                                             scale=self._drop_path_scale(x), backend=self.backend)
+        if next_norm is None:  # the stage's last block: no LayerNorm follows
+            return x + self.drop_path(self.mlp(normed)), None
         branch, branch_bias = self.mlp.forward_without_output_bias(normed)
-        if next_norm is None:
-            if branch_bias is not None:
-                branch = branch + branch_bias
-            return x + self.drop_path(branch), None
         return ops.residual_layer_norm(x, branch, next_norm.weight, next_norm.bias, next_norm.eps,
                                        branch_bias=branch_bias, scale=self._drop_path_scale(x),
                                        backend=self.backend)
