@@ -9,10 +9,12 @@ Each attention module runs on one of two paths:
 - backend 'official': plain eager PyTorch, op for op like the official code
   (rearrange to NCHW, depthwise Conv2d, BatchNorm2d, einsum-softmax-einsum);
 - any other backend: the conv projection and the attention go through the fused ops
-  of `cvt_fast.ops` (the model does not know which implementation answers), and the
-  MLP's backward recomputes its activation instead of keeping it (`cvt_fast.lean_mlp`)
-  and the LayerNorms keep 16-bit inputs rather than their float32 copies
-  (`cvt_fast.lean_layer_norm`).
+  of `cvt_fast.ops` (the model does not know which implementation answers); the MLP runs
+  as two fused products with the activation in their epilogues, keeping only fc1's output
+  for the backward (`cvt_fast.lean_mlp`); each residual add, its drop path and the LayerNorm
+  after it are one op (`cvt_fast.ops.residual_layer_norm`; the second add of a block feeds
+  the next block's norm1, so Stage chains the blocks); and the other LayerNorms keep 16-bit
+  inputs rather than their float32 copies (`cvt_fast.lean_layer_norm`).
 Both paths use the same parameters and buffers, so checkpoints are interchangeable.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvt_fast.lean_layer_norm import SIXTEEN_BIT, layer_norm_16bit
-from cvt_fast.lean_mlp import act_then_linear, quick_gelu
+from cvt_fast.lean_mlp import lean_mlp, quick_gelu
 from cvt_fast.specs import get_spec
 
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -103,8 +105,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
         # Off on the 'official' backend (the official code's ops, and autograd keeps what the
-        # official code keeps); on the others fc1's bias and the activation are one fused pass
-        # and the backward recomputes the activation instead of keeping it (lean_mlp.py).
+        # official code keeps); on the others the activation runs in fc1's product's epilogue and
+        # the backward recomputes it in fc2's input-gradient product's epilogue (lean_mlp.py).
         self.recompute_activation = True
         self.backend: str | None = None
 
@@ -119,9 +121,8 @@ class Mlp(nn.Module):
     def _forward(self, x: torch.Tensor, leave_output_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         # The lean step has no dropout between the activation and fc2: used when that dropout is off.
         if self.recompute_activation and (self.drop.p == 0.0 or not self.training):
-            hidden = F.linear(x, self.fc1.weight)  # fc1's bias is added by the fused activation
-            out = act_then_linear(hidden, self.fc2.weight, None if leave_output_bias else self.fc2.bias,
-                                  self.act_name, hidden_bias=self.fc1.bias, backend=self.backend)
+            out = lean_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                           None if leave_output_bias else self.fc2.bias, self.act_name, backend=self.backend)
             return out, self.fc2.bias if leave_output_bias else None
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x))))), None
 

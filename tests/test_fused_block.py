@@ -1,6 +1,6 @@
-"""The model on the fused elementwise steps: every backend but 'official' runs each residual add,
-its drop path and the LayerNorm after it as one op, and the MLP's bias + activation as one op
-(cvt_fast.ops.residual_layer_norm, cvt_fast.ops.mlp_activation). Same logits and gradients as
+"""The model on the fused steps: every backend but 'official' runs each residual add, its drop
+path and the LayerNorm after it as one op (cvt_fast.ops.residual_layer_norm), and the MLP as two
+products with the activation in their epilogues (cvt_fast.lean_mlp). Same logits and gradients as
 the official path, with drop path drawing the same random numbers, in float32, under bfloat16
 autocast, with exact GELU, and on the Triton kernels; the official path dispatches none of them."""
 import copy
@@ -53,19 +53,21 @@ def test_fused_path_matches_the_official_path_with_drop_path_in_training(act):
 
 
 def test_fused_path_under_bfloat16_autocast_is_as_close_to_float32_as_the_official_path():
-    # Both bfloat16 paths are about 1 % from the float32 model (and so from each other): each
-    # rounds at other places. The fused path must not be further from float32 than the official.
+    # Both bfloat16 paths are 1-2 % from the float32 model (and so from each other): each rounds
+    # at other places. Averaged over two drop-path draws (one alone is noisy: either path can be
+    # the closer one), the fused path must not be further from float32 than the official path.
     official, fused = paired(tiny_spec(**DROP_PATH))
     images = torch.randn(3, 3, 40, 32)
-    exact, exact_grads = train_step(copy.deepcopy(official), images, seed=5)
-    errors = {}
-    for name, model in (("fused", fused), ("official", official)):
-        logits, grads = train_step(model, images, seed=5, autocast=True)
-        assert logits.dtype == torch.bfloat16
-        assert all(grads[n].dtype == p.dtype for n, p in model.named_parameters())
-        errors[name] = (relative_error(logits.float(), exact),
-                        relative_error(torch.cat([g.flatten() for g in grads.values()]),
-                                       torch.cat([g.flatten() for g in exact_grads.values()])))
+    errors = {"fused": [0.0, 0.0], "official": [0.0, 0.0]}
+    for seed in (5, 6):
+        exact, exact_grads = train_step(copy.deepcopy(official), images, seed=seed)
+        for name, model in (("fused", fused), ("official", official)):
+            logits, grads = train_step(model, images, seed=seed, autocast=True)
+            assert logits.dtype == torch.bfloat16
+            assert all(grads[n].dtype == p.dtype for n, p in model.named_parameters())
+            errors[name][0] += relative_error(logits.float(), exact) / 2
+            errors[name][1] += relative_error(torch.cat([g.flatten().float() for g in grads.values()]),
+                                              torch.cat([g.flatten() for g in exact_grads.values()])) / 2
     for what, fused_error, official_error in zip(("logits", "gradients"), errors["fused"], errors["official"]):
         assert fused_error <= 1.25 * official_error + 1e-3, (what, errors)
         assert fused_error <= 3e-2, (what, errors)
@@ -116,7 +118,7 @@ def test_only_the_fused_backends_dispatch_the_fused_elementwise_ops():
     official, fused = paired(tiny_spec(**DROP_PATH))
     images = torch.randn(2, 3, 32, 32)
     fused_ops = {"cvt_fast::residual_layer_norm", "cvt_fast::residual_layer_norm_backward",
-                 "cvt_fast::mlp_activation", "cvt_fast::mlp_activation_backward"}
+                 "cvt_fast::linear_activation", "cvt_fast::activation_grad_through_linear"}
     assert fused_ops <= ops_dispatched(fused.train(), images)
     official_ops = ops_dispatched(official.train(), images)
     assert not any(name.startswith("cvt_fast::") for name in official_ops)

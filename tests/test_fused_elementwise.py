@@ -1,4 +1,5 @@
-"""The fused elementwise steps (cvt_fast.ops.mlp_activation, cvt_fast.ops.residual_layer_norm):
+"""The fused steps (cvt_fast.ops.mlp_activation, cvt_fast.ops.linear_activation and its backward
+partner cvt_fast::activation_grad_through_linear, cvt_fast.ops.residual_layer_norm):
 references against the official formulas, the Triton kernels (under the interpreter on the CPU)
 against the references at odd shapes in every dtype, float64 gradcheck through the public
 entry points, opcheck of the four registered ops, torch.compile without a graph break, the
@@ -151,7 +152,64 @@ def test_triton_residual_layer_norm_at_cvt13_stage3_width_looping_over_row_group
                for b in ("triton", "reference")), torch.bfloat16)
 
 
+def linear_inputs(dtype=torch.float32, rows=(3, 13), width=45, hidden=75, requires_grad=False):
+    """Odd sizes: 39 rows, K = 45 (two K steps of the interpreter's 32) and N = 75 fill no tile."""
+    x = torch.randn(*rows, width, dtype=dtype, requires_grad=requires_grad)
+    weight = (torch.randn(hidden, width, dtype=dtype) / width ** 0.5).requires_grad_(requires_grad)
+    bias = torch.randn(hidden, dtype=dtype, requires_grad=requires_grad)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_linear_activation_reference_is_the_official_linear_then_activation(act):
+    x, weight, bias = linear_inputs(torch.float64)
+    y, hidden = reference.linear_activation_reference(x, weight, bias, act, True)
+    assert_close(hidden, F.linear(x, weight))
+    assert_close(y, official_activation(act, F.linear(x, weight, bias)))
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_triton_linear_activation_matches_reference(dtype, act, with_bias):
+    x, weight, bias = linear_inputs(dtype)
+    bias = bias if with_bias else None
+    for keep_hidden in (True, False):
+        _compare(*(torch.ops.cvt_fast.linear_activation(x, weight, bias, act, keep_hidden, b)
+                   for b in ("triton", "reference")), dtype)
+    # Its backward partner, for out = act(hidden + bias) @ fc2_weight^T with fc2_weight (40, 75).
+    hidden = torch.ops.cvt_fast.linear_activation(x, weight, bias, act, True, "reference")[1]
+    grad_out = torch.randn(3, 13, 40, dtype=dtype)
+    fc2_weight = (torch.randn(40, 75) / 75 ** 0.5).to(dtype)
+    for with_activation in (True, False):
+        _compare(*(torch.ops.cvt_fast.activation_grad_through_linear(grad_out, fc2_weight, hidden, bias, act,
+                                                                     with_activation, b)
+                   for b in ("triton", "reference")), dtype)
+
+
 # --------------------------------------------------------------------------- gradcheck and opcheck
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_activation_gradcheck_float64(backend, act):
+    x, weight, bias = linear_inputs(torch.float64, rows=(2, 3), width=4, hidden=5, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: ops.linear_activation(*t, act=act, backend=backend), (x, weight, bias),
+                                    fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_activation_ops_pass_opcheck(backend):
+    x, weight, bias = linear_inputs(rows=(2, 5), width=6, hidden=12, requires_grad=True)
+    for keep_hidden in (True, False):
+        _assert_opcheck(torch.ops.cvt_fast.linear_activation.default, (x, weight, bias, "quick_gelu", keep_hidden,
+                                                                       backend))
+    _assert_opcheck(torch.ops.cvt_fast.linear_activation.default, (x, weight, None, "gelu", True, backend))
+    hidden = torch.randn(2, 5, 12)
+    grad_out, fc2_weight = torch.randn(2, 5, 6), torch.randn(6, 12)
+    for bias_or_none, with_activation in ((bias.detach(), True), (None, False)):
+        _assert_opcheck(torch.ops.cvt_fast.activation_grad_through_linear.default,
+                        (grad_out, fc2_weight, hidden, bias_or_none, "quick_gelu", with_activation, backend))
+
 
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -281,6 +339,11 @@ def test_bad_inputs_raise_clear_errors():
         ops.mlp_activation(x.long())
     with pytest.raises(ValueError, match="unknown backend"):
         ops.mlp_activation(x, backend="cudnn")
+    x, weight, bias = linear_inputs()
+    with pytest.raises(ValueError, match=r"weight must be \(N, 45\)"):
+        ops.linear_activation(x, weight.t(), bias)
+    with pytest.raises(TypeError, match="cast them to one dtype"):
+        ops.linear_activation(x, weight.double(), bias)
     x, branch, weight, bias, branch_bias, scale = residual_inputs()
     with pytest.raises(ValueError, match="branch must have x's shape"):
         ops.residual_layer_norm(x, branch[:, :5], weight, bias)

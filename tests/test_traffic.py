@@ -1,11 +1,11 @@
 """bench/traffic.py, the memory-traffic counter, and the byte ratios it holds the fused path to.
 
 The counter runs the model on the meta device (shapes only), so CvT-13 at 224 is counted in
-seconds without a GPU. The ratios are issue 18's targets (CvT-13 at 224, bf16-equivalent bytes
-per image, training step at most 0.5x the official path's, inference at most 0.45x), checked in
-the large-batch limit where parameter traffic vanishes, and at batch 2 (the convention of the
-issue's "before" numbers, where each image also carries half of the weights' traffic) against
-what the fused path reaches there today: a change that brings an elementwise pass back fails.
+seconds without a GPU. Issue 18's targets (CvT-13 at 224, bf16-equivalent bytes per image,
+training step at most 0.5x the official path's, inference at most 0.45x) are checked at batch 2,
+the convention of the issue's "before" numbers (each image also carries half of the weights'
+traffic); in the large-batch limit, where parameter traffic vanishes, the ratios reached today are
+held. A change that brings an elementwise pass back fails either.
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import traffic  # noqa: E402
 
-# Ratios of the fused path's bytes to the official path's (bench/results/traffic-cvt-13-224.md).
-TARGETS_LARGE_BATCH = {"train": 0.50, "infer": 0.45}
-HELD_AT_BATCH_2 = {"train": 0.53, "infer": 0.47}
+# Ratios of the fused path's bytes to the official path's (bench/results/traffic-cvt-13-224.md:
+# 0.478 and 0.381 at batch 2, 0.433 and 0.313 in the large-batch limit).
+TARGETS_AT_BATCH_2 = {"train": 0.50, "infer": 0.45}
+HELD_LARGE_BATCH = {"train": 0.45, "infer": 0.33}
 
 
 def test_counter_counts_reads_and_writes_and_leaves_views_free():
@@ -79,5 +80,5 @@ def test_fused_path_moves_at_most_the_target_share_of_the_official_bytes(cvt13_c
     official, fused = cvt13_counts["official", mode], cvt13_counts["reference", mode]
     large_batch = (fused[2] - fused[1]) / (official[2] - official[1])
     at_batch_2 = fused[2] / official[2]
-    assert large_batch <= TARGETS_LARGE_BATCH[mode], (mode, large_batch)
-    assert at_batch_2 <= HELD_AT_BATCH_2[mode], (mode, at_batch_2)
+    assert at_batch_2 <= TARGETS_AT_BATCH_2[mode], (mode, at_batch_2)
+    assert large_batch <= HELD_LARGE_BATCH[mode], (mode, large_batch)

@@ -51,7 +51,7 @@ from cvt_fast.ops import peers
 from cvt_fast.ops.backend import (BACKENDS, BackendUnavailableError, available_backends, get_backend,
                                   resolve_backend, set_backend)
 from cvt_fast.ops.reference import avg_proj_reference, linear_proj_reference, output_size
-from cvt_fast.ops.fused_elementwise import mlp_activation, residual_layer_norm  # noqa: F401  (issue 18)
+from cvt_fast.ops.fused_elementwise import linear_activation, mlp_activation, residual_layer_norm  # noqa: F401  (issue 18)
 
 __all__ = ["attention", "conv_proj", "avg_proj", "linear_proj", "set_backend", "get_backend",
            "resolve_backend", "available_backends", "BackendUnavailableError", "BACKENDS"]

@@ -1,4 +1,6 @@
-"""Plain-PyTorch references of the fused elementwise steps: the ground truth of their kernels.
+"""Plain-PyTorch references of the fused steps around the MLP and the residual stream: the
+ground truth of their kernels (the activation, alone or in a matrix product's epilogue, and the
+residual add + LayerNorm).
 
 Shapes and semantics are those of cvt_fast/ops/fused_elementwise.py. As in reference.py,
 16-bit inputs are computed in float32 and returned in their own dtype; float32 and float64
@@ -63,6 +65,25 @@ def mlp_activation_backward_reference(grad: Tensor, x: Tensor, bias: Optional[Te
     grad_bias = _rows(grad_z).sum(0).to(x.dtype if bias is None else bias.dtype)
     recomputed = activation(act, z).to(x.dtype) if with_activation else _empty(x)
     return grad_z.to(x.dtype), grad_bias, recomputed
+
+
+def linear_activation_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str,
+                                keep_hidden: bool) -> tuple[Tensor, Tensor]:
+    """(y, hidden): hidden = x @ weight^T rounded to x's dtype (as fc1's output is stored),
+    y = act(hidden + bias); hidden is empty unless keep_hidden."""
+    ct = compute_dtype(x.dtype)
+    hidden = (x.to(ct) @ weight.to(ct).t()).to(x.dtype)
+    return mlp_activation_reference(hidden, bias, act), hidden if keep_hidden else _empty(x)
+
+
+def activation_grad_through_linear_reference(grad_out: Tensor, weight: Tensor, hidden: Tensor,
+                                             bias: Optional[Tensor], act: str,
+                                             with_activation: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """For out = act(hidden + bias) @ weight^T, weight (K, N): mlp_activation_backward_reference
+    of grad_act = grad_out @ weight, that product kept in the compute dtype."""
+    ct = compute_dtype(hidden.dtype)
+    grad_act = grad_out.to(ct) @ weight.to(ct)
+    return mlp_activation_backward_reference(grad_act, hidden, bias, act, with_activation)
 
 
 # --------------------------------------------------------------------------- residual + LayerNorm

@@ -13,6 +13,16 @@ mlp_activation(x, bias=None, act='quick_gelu', backend=None) -> y
     cvt_fast/lean_mlp.py), the recomputed activation for fc2's weight gradient, so keeping only
     fc1's output costs no extra pass.
 
+linear_activation(x, weight, bias=None, act='quick_gelu', backend=None) -> y
+    The same activation in the epilogue of fc1's product: y = act(x @ weight^T + bias), x (..., K),
+    weight (N, K) as nn.Linear holds it, the product rounded to x's dtype before the bias (as the
+    unfused model stores fc1's output). The hidden tensor makes no trip through memory; the lean
+    MLP (cvt_fast/lean_mlp.py) also has it written once for its backward, whose own fused product
+    is cvt_fast::activation_grad_through_linear: for out = act(hidden + bias) @ weight^T it computes
+    fc2's input gradient grad_out @ weight and, in the product's epilogue, what
+    mlp_activation_backward computes from it (the gradient through the activation, the bias
+    gradient's row sums, the recomputed activation).
+
 residual_layer_norm(x, branch, weight, bias, eps=1e-5, branch_bias=None, scale=None,
                     backend=None) -> (out, normed)
     x, branch: (B, ..., C), the same dtype; branch_bias: optional (C,) (the bias of the Linear
@@ -28,11 +38,15 @@ Registered ops (`backend` is always concrete, 'reference' or 'triton', see eleme
     cvt_fast::mlp_activation          (x, bias?, act, backend) -> y
     cvt_fast::mlp_activation_backward (grad, x, bias?, act, with_activation, backend)
                                       -> (grad_x, grad_bias, activation)
+    cvt_fast::linear_activation       (x, weight, bias?, act, keep_hidden, backend) -> (y, hidden)
+    cvt_fast::activation_grad_through_linear (grad_out, weight, hidden, bias?, act, with_activation,
+                                      backend) -> (grad_hidden, grad_bias, activation)
     cvt_fast::residual_layer_norm     (x, branch, branch_bias?, scale?, weight, bias, eps, backend)
                                       -> (out, normed, mean, rstd)
     cvt_fast::residual_layer_norm_backward (grad_out, grad_normed, out, mean, rstd, scale?, weight, backend)
                                       -> (grad_x, grad_branch, grad_branch_bias, grad_weight, grad_bias)
-Two outputs may be empty (0,) tensors: the activation when with_activation is False, and
+Outputs may be empty (0,) tensors: hidden when keep_hidden is False, the activation when
+with_activation is False, and
 grad_branch without a scale (it is grad_x then). The bias gradients are always the row sums
 (N,) and (C,), a negligible write even where no bias takes them (so no two outputs are empty:
 custom ops may not return aliases, and empty tensors count as such). mean and rstd have shape
@@ -58,6 +72,10 @@ FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 MLP_ACTIVATION_SCHEMA = "(Tensor x, Tensor? bias, str act, str backend) -> Tensor"
 MLP_ACTIVATION_BACKWARD_SCHEMA = ("(Tensor grad, Tensor x, Tensor? bias, str act, bool with_activation, "
                                   "str backend) -> (Tensor, Tensor, Tensor)")
+LINEAR_ACTIVATION_SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, str act, bool keep_hidden, str backend) "
+                            "-> (Tensor, Tensor)")
+ACTIVATION_GRAD_THROUGH_LINEAR_SCHEMA = ("(Tensor grad_out, Tensor weight, Tensor hidden, Tensor? bias, str act, "
+                                         "bool with_activation, str backend) -> (Tensor, Tensor, Tensor)")
 RESIDUAL_LAYER_NORM_SCHEMA = ("(Tensor x, Tensor branch, Tensor? branch_bias, Tensor? scale, Tensor weight, "
                               "Tensor bias, float eps, str backend) -> (Tensor, Tensor, Tensor, Tensor)")
 RESIDUAL_LAYER_NORM_BACKWARD_SCHEMA = (
@@ -84,17 +102,33 @@ def elementwise_backend(requested: Optional[str], x: Tensor) -> str:
             raise BackendUnavailableError(f"backend 'triton' cannot run cvt_fast's fused elementwise ops on "
                                           f"{device_type} tensors: {reason}")
         return name
+    # The three kernel modules ship together: the activation's stands for all of them.
     if device_type == "cuda" and unavailable_reason("mlp_activation", "triton", device_type, x.dtype) is None:
         return "triton"
     return "reference"
 
 
+# op -> (Triton kernel module, forward and backward function names there; the references are
+# named <function>_reference in elementwise_reference.py, with the forward's as <op>_reference).
+_KERNELS = {
+    "mlp_activation": ("mlp_activation", "mlp_activation_forward", "mlp_activation_backward"),
+    "linear_activation": ("linear_activation", "linear_activation_forward", "activation_grad_through_linear"),
+    "residual_layer_norm": ("residual_layer_norm", "residual_layer_norm_forward", "residual_layer_norm_backward"),
+}
+_REFERENCES = {
+    "mlp_activation": ("mlp_activation_reference", "mlp_activation_backward_reference"),
+    "linear_activation": ("linear_activation_reference", "activation_grad_through_linear_reference"),
+    "residual_layer_norm": ("residual_layer_norm_reference", "residual_layer_norm_backward_reference"),
+}
+
+
 def _implementation(op: str, backend: str) -> tuple[Callable, Callable]:
     if backend == "reference":
-        return getattr(reference, f"{op}_reference"), getattr(reference, f"{op}_backward_reference")
+        return tuple(getattr(reference, name) for name in _REFERENCES[op])
     if backend == "triton":
-        kernels = importlib.import_module(f"cvt_fast.kernels.{op}")  # imports Triton on first use
-        return getattr(kernels, f"{op}_forward"), getattr(kernels, f"{op}_backward")
+        module, forward, backward = _KERNELS[op]
+        kernels = importlib.import_module(f"cvt_fast.kernels.{module}")  # imports Triton on first use
+        return getattr(kernels, forward), getattr(kernels, backward)
     raise ValueError(f"cvt_fast {op}: backend {backend!r} is not one of {ELEMENTWISE_BACKENDS} (resolve it with "
                      "cvt_fast.ops.fused_elementwise.elementwise_backend first)")
 
@@ -152,6 +186,63 @@ def _mlp_activation_autograd(ctx, grad):
 
 
 mlp_activation_op.register_autograd(_mlp_activation_autograd, setup_context=_mlp_activation_setup_context)
+
+
+# --------------------------------------------------------------------------- fc1 + activation
+
+@torch.library.custom_op("cvt_fast::linear_activation", mutates_args=(), schema=LINEAR_ACTIVATION_SCHEMA)
+def linear_activation_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, keep_hidden: bool,
+                         backend: str) -> tuple[Tensor, Tensor]:
+    forward, _ = _implementation("linear_activation", backend)
+    with _no_autocast(x):
+        y, hidden = forward(x, weight, bias, act, keep_hidden)
+    return y.to(x.dtype).contiguous(), hidden.to(x.dtype).contiguous() if keep_hidden else _empty(x)
+
+
+@linear_activation_op.register_fake
+def _linear_activation_fake(x, weight, bias, act, keep_hidden, backend):
+    shape = tuple(x.shape[:-1]) + (weight.shape[0],)
+    return x.new_empty(shape), x.new_empty(shape) if keep_hidden else _empty(x)
+
+
+@torch.library.custom_op("cvt_fast::activation_grad_through_linear", mutates_args=(),
+                         schema=ACTIVATION_GRAD_THROUGH_LINEAR_SCHEMA)
+def activation_grad_through_linear_op(grad_out: Tensor, weight: Tensor, hidden: Tensor, bias: Optional[Tensor],
+                                      act: str, with_activation: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    _, backward = _implementation("linear_activation", backend)
+    with _no_autocast(hidden):
+        grad_hidden, grad_bias, activation = backward(grad_out, weight, hidden, bias, act, with_activation)
+    return (grad_hidden.to(hidden.dtype).contiguous(),
+            grad_bias.to(hidden.dtype if bias is None else bias.dtype).contiguous(),
+            activation.to(hidden.dtype).contiguous() if with_activation else _empty(hidden))
+
+
+@activation_grad_through_linear_op.register_fake
+def _activation_grad_through_linear_fake(grad_out, weight, hidden, bias, act, with_activation, backend):
+    return (hidden.new_empty(hidden.shape),
+            hidden.new_empty(hidden.shape[-1:]) if bias is None else bias.new_empty(bias.shape),
+            hidden.new_empty(hidden.shape) if with_activation else _empty(hidden))
+
+
+def _linear_activation_setup_context(ctx, inputs, output):
+    x, weight, bias, act, keep_hidden, backend = inputs
+    ctx.save_for_backward(x, weight, bias, output[1] if keep_hidden else None)
+    ctx.act, ctx.backend = act, backend
+
+
+def _linear_activation_autograd(ctx, grad_y, grad_hidden):
+    x, weight, bias, hidden = ctx.saved_tensors
+    if hidden is None:  # not kept: recompute fc1's product
+        hidden = linear_activation_op(x, weight, None, ctx.act, True, ctx.backend)[1]
+    grad_z, grad_bias, _ = mlp_activation_backward_op(grad_y.contiguous(), hidden, bias, ctx.act, False, ctx.backend)
+    if grad_hidden is not None and grad_hidden.numel():
+        grad_z = grad_z + grad_hidden
+    rows_z, rows_x = grad_z.reshape(-1, grad_z.shape[-1]), x.reshape(-1, x.shape[-1])
+    return (grad_z @ weight, rows_z.t() @ rows_x, grad_bias if bias is not None and ctx.needs_input_grad[2] else None,
+            None, None, None)
+
+
+linear_activation_op.register_autograd(_linear_activation_autograd, setup_context=_linear_activation_setup_context)
 
 
 # --------------------------------------------------------------------------- residual add + LayerNorm
@@ -245,11 +336,14 @@ def _check_vector(name: str, t: Optional[Tensor], size: int, device: torch.devic
         raise ValueError(f"{name} is on {t.device} but the input is on {device}; move it there")
 
 
-def _autocast_like_linear(bias: Optional[Tensor], output: Tensor) -> Optional[Tensor]:
-    """A Linear's bias cast as autocast casts it (to the autocast dtype) when autocast is on."""
-    if bias is None or not torch.is_autocast_enabled(output.device.type) or output.dtype == torch.float64:
-        return bias
-    return bias.to(torch.get_autocast_dtype(output.device.type))
+def cast_as_autocast_would(*tensors: Optional[Tensor]) -> tuple:
+    """The tensors cast to the autocast dtype when autocast is on for their device, as a Linear's
+    inputs would be (float64 stays float64); unchanged otherwise."""
+    first = tensors[0]
+    if not torch.is_autocast_enabled(first.device.type) or first.dtype == torch.float64:
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def mlp_activation(x: Tensor, bias: Optional[Tensor] = None, act: str = "quick_gelu",
@@ -265,7 +359,30 @@ def mlp_activation(x: Tensor, bias: Optional[Tensor] = None, act: str = "quick_g
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     _check_vector("bias", bias, x.shape[-1], x.device)
     name = elementwise_backend(backend, x)
-    return mlp_activation_op(x.contiguous(), _autocast_like_linear(bias, x), act, name)
+    return mlp_activation_op(x.contiguous(), cast_as_autocast_would(x, bias)[1], act, name)
+
+
+def linear_activation(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: str = "quick_gelu",
+                      backend: Optional[str] = None) -> Tensor:
+    """act(x @ weight^T + bias) as one matrix product with the activation in its epilogue; x (..., K),
+    weight (N, K), bias (N,). Under autocast all three are cast to the autocast dtype first, as
+    F.linear would cast them; otherwise they must share x's dtype."""
+    _check_float("x", x)
+    _check_float("weight", weight)
+    if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must be (N, {x.shape[-1] if x.dim() else '?'}) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    _check_vector("bias", bias, weight.shape[0], x.device)
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}; move it there")
+    x, weight, bias = cast_as_autocast_would(x, weight, bias)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype (or use autocast)")
+    name = elementwise_backend(backend, x)
+    return linear_activation_op(x.contiguous(), weight.contiguous(), bias, act, False, name)[0]
 
 
 def residual_layer_norm(x: Tensor, branch: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5,
@@ -294,10 +411,11 @@ def residual_layer_norm(x: Tensor, branch: Tensor, weight: Tensor, bias: Tensor,
     dtype = torch.promote_types(x.dtype, branch.dtype)
     name = elementwise_backend(backend, x)
     out, normed, _, _ = residual_layer_norm_op(
-        x.to(dtype).contiguous(), branch.to(dtype).contiguous(), _autocast_like_linear(branch_bias, branch),
+        x.to(dtype).contiguous(), branch.to(dtype).contiguous(), cast_as_autocast_would(branch, branch_bias)[1],
         scale, weight, bias, float(eps), name)
     return out, normed
 
 
-__all__ = ["mlp_activation", "residual_layer_norm", "elementwise_backend", "mlp_activation_op",
-           "mlp_activation_backward_op", "residual_layer_norm_op", "residual_layer_norm_backward_op"]
+__all__ = ["mlp_activation", "linear_activation", "residual_layer_norm", "elementwise_backend",
+           "cast_as_autocast_would", "mlp_activation_op", "mlp_activation_backward_op", "linear_activation_op",
+           "activation_grad_through_linear_op", "residual_layer_norm_op", "residual_layer_norm_backward_op"]
