@@ -30,7 +30,7 @@
 # training): 3.2 GB (5.8 GB), 1.0 ms (1.7 ms) at 3.35 TB/s, against 2.5 TFLOP, 2.5 ms at 990
 # TFLOP/s (H100 SXM, dense bf16). Unfused, hidden's write and the activation's read and write
 # would add 7.7 GB (2.3 ms). Backward: read grad_out and hidden, write grad_hidden and the
-# activation: 10.9 GB (3.3 ms); the partial-sum buffer adds N*4 bytes per BLOCK_M rows (1.6 %).
+# activation: 10.9 GB (3.3 ms); the partial-sum buffer adds N*4 bytes per BLOCK_M rows (about 1 % of it).
 import os
 
 import torch
@@ -43,19 +43,25 @@ from .mlp_activation import ACTIVATION_CODES, _activation_and_derivative
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
-# GPU, 16-bit inputs: BLOCK_M is fixed at 128 (see the header); N and K tiles, warps and stages
-# are autotuned over the usual Hopper/Ampere choices for mid-size bf16 GEMMs. First choices, to
-# be timed with bench/model.py on the GPU. fp32 (the accuracy path: FMA, not tensor cores) and
-# the interpreter use one small config each; the interpreter's cost grows with programs and
-# loop trips, and 32-wide tiles still leave several tiles at the odd test shapes.
-_BLOCK_M = 128
+# GPU, 16-bit inputs: BLOCK_M is fixed at 64 (see the header); N and K tiles, warps and stages
+# are autotuned. Every configuration below compiles for sm_90 without register spills for both
+# activations (ptxas, bf16; tests/test_fused_kernels_sm90.py): the activation epilogue holds
+# several fp32 tiles at once, so 128 x 128 tiles or BLOCK_K = 64 spill (measured: up to 4 KB
+# per thread in the backward). 64 x 256 tiles spill only in the backward's heavier epilogue.
+# First choices, to be timed with bench/model.py on the GPU. fp32 (the accuracy path: FMA, not
+# tensor cores) and the interpreter use one small config each; the interpreter's cost grows with
+# programs and loop trips, and 32-wide tiles still leave several tiles at the odd test shapes.
+_BLOCK_M = 64
 _GROUP_M = 8
-_GPU_CONFIGS = [
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+_COMMON_CONFIGS = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
 ]
+_GPU_CONFIGS = {
+    "forward": _COMMON_CONFIGS + [triton.Config({"BLOCK_N": 256, "BLOCK_K": 32}, num_warps=8, num_stages=3)],
+    "backward": _COMMON_CONFIGS,
+}
 _FP32_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
 
@@ -76,13 +82,15 @@ def _tile_program(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 def _tile_product(a_ptr, b_ptr, rows, cols, M, N, K, stride_am, stride_bk, stride_bn,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   UPCAST: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """A[rows, :] @ B[:, cols] for a row-major A (M, K) and B (K, N) with the given strides."""
+    """A[rows, :] @ B[:, cols] for a row-major A (M, K) and B (K, N) with the given strides; a_ptr
+    points at row rows[0] (so the in-tile offsets stay 32-bit)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), ACC)
     row_mask = (rows < M)[:, None]
     col_mask = (cols < N)[None, :]
+    local_rows = tl.arange(0, BLOCK_M)
     for start in range(0, K, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + ks[None, :],
+        a = tl.load(a_ptr + local_rows[:, None] * stride_am + ks[None, :],
                     mask=row_mask & (ks < K)[None, :], other=0.0)
         b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
                     mask=(ks < K)[:, None] & col_mask, other=0.0)
@@ -100,14 +108,17 @@ def _linear_activation_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, hidden_ptr, M, N, K
                               GROUP_M: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
                               DOT_PRECISION: tl.constexpr):
     tile_m, tile_n = _tile_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    first_row = (tile_m * BLOCK_M).to(tl.int64)  # 64-bit tile bases, 32-bit offsets inside the tile
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # -- hidden = x @ weight^T: weight (N, K) row-major is weight^T (K, N) with strides (1, K) ----
-    acc = _tile_product(x_ptr, w_ptr, rows, cols, M, N, K, K, 1, K,
+    acc = _tile_product(x_ptr + first_row * K, w_ptr, rows, cols, M, N, K, K, 1, K,
                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, ACC, DOT_PRECISION)
     # -- epilogue: round as stored, add the bias, activate ----
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    offsets = tl.arange(0, BLOCK_M)[:, None] * N + cols[None, :]
+    y_ptr += first_row * N
+    hidden_ptr += first_row * N
     hidden = acc.to(y_ptr.dtype.element_ty)
     if KEEP_HIDDEN:
         tl.store(hidden_ptr + offsets, hidden, mask=mask)
@@ -126,15 +137,19 @@ def _activation_grad_kernel(grad_ptr, w_ptr, hidden_ptr, bias_ptr, grad_hidden_p
                             GROUP_M: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
                             DOT_PRECISION: tl.constexpr):
     tile_m, tile_n = _tile_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    first_row = (tile_m * BLOCK_M).to(tl.int64)  # 64-bit tile bases, 32-bit offsets inside the tile
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # -- grad_act = grad_out @ weight: weight (K, N) row-major ----
-    grad_act = _tile_product(grad_ptr, w_ptr, rows, cols, M, N, K, K, N, 1,
+    grad_act = _tile_product(grad_ptr + first_row * K, w_ptr, rows, cols, M, N, K, K, N, 1,
                              BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, ACC, DOT_PRECISION)
     # -- epilogue: recompute the activation, apply its derivative, sum for the bias ----
     col_mask = cols < N
     mask = (rows < M)[:, None] & col_mask[None, :]
-    offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    offsets = tl.arange(0, BLOCK_M)[:, None] * N + cols[None, :]
+    hidden_ptr += first_row * N
+    grad_hidden_ptr += first_row * N
+    act_ptr += first_row * N
     z = tl.load(hidden_ptr + offsets, mask=mask, other=0.0).to(ACC)
     if HAS_BIAS:
         z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
@@ -148,8 +163,8 @@ def _activation_grad_kernel(grad_ptr, w_ptr, hidden_ptr, bias_ptr, grad_hidden_p
 
 _AUTOTUNE_KEY = ["M", "N", "K"]
 _TUNED = {} if _INTERPRET else {
-    kernel: triton.autotune(configs=_GPU_CONFIGS, key=_AUTOTUNE_KEY)(kernel)
-    for kernel in (_linear_activation_kernel, _activation_grad_kernel)
+    kernel: triton.autotune(configs=_GPU_CONFIGS[direction], key=_AUTOTUNE_KEY)(kernel)
+    for kernel, direction in ((_linear_activation_kernel, "forward"), (_activation_grad_kernel, "backward"))
 }
 
 
