@@ -9,10 +9,12 @@ Each attention module runs on one of two paths:
 - backend 'official': plain eager PyTorch, op for op like the official code
   (rearrange to NCHW, depthwise Conv2d, BatchNorm2d, einsum-softmax-einsum);
 - any other backend: the conv projection and the attention go through the fused ops
-  of `cvt_fast.ops` (the model does not know which implementation answers), and the
-  MLP's backward recomputes its activation instead of keeping it (`cvt_fast.lean_mlp`)
-  and the LayerNorms keep 16-bit inputs rather than their float32 copies
-  (`cvt_fast.lean_layer_norm`).
+  of `cvt_fast.ops` (the model does not know which implementation answers); the MLP runs
+  as two fused products with the activation in their epilogues, keeping only fc1's output
+  for the backward (`cvt_fast.lean_mlp`); each residual add, its drop path and the LayerNorm
+  after it are one op (`cvt_fast.ops.residual_layer_norm`; the second add of a block feeds
+  the next block's norm1, so Stage chains the blocks); and the other LayerNorms keep 16-bit
+  inputs rather than their float32 copies (`cvt_fast.lean_layer_norm`).
 Both paths use the same parameters and buffers, so checkpoints are interchangeable.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import nn
 
 from cvt_fast.batch_norm_fold import FoldedBatchNormCache, conv_dtype
 from cvt_fast.lean_layer_norm import SIXTEEN_BIT, layer_norm_16bit
-from cvt_fast.lean_mlp import act_then_linear, quick_gelu
+from cvt_fast.lean_mlp import lean_mlp, quick_gelu
 from cvt_fast.ops.backends import BACKENDS, TABLE
 from cvt_fast.specs import get_spec, normalize_spec  # noqa: F401  (normalize_spec: re-exported, it lived here)
 
@@ -72,6 +74,15 @@ class DropPath(nn.Module):
         mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
         return x * mask / keep
 
+    def sample_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The per-sample factors (B,) float32 that forward() multiplies x by (0 or 1 / keep), drawn
+        from the same random numbers as forward() would; None when it is the identity."""
+        if self.rate == 0.0 or not self.training:
+            return None
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return mask.reshape(-1).to(torch.float32) / keep
+
     def extra_repr(self) -> str:
         return f"rate={self.rate}"
 
@@ -84,19 +95,27 @@ class Mlp(nn.Module):
         self.act = QuickGELU() if act == "quick_gelu" else nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
-        # Off on the 'official' backend (autograd keeps what the official code keeps); on the
-        # others the backward recomputes the activation instead of keeping it (lean_mlp.py).
+        # Off on the 'official' backend (the official code's ops, and autograd keeps what the
+        # official code keeps); on the others the activation runs in fc1's product's epilogue and
+        # the backward recomputes it in fc2's input-gradient product's epilogue (lean_mlp.py).
         self.recompute_activation = True
+        self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.fc1(x)
-        # The lean step has no dropout between the activation and fc2: used when that
-        # dropout is off, and only when a backward can follow.
-        lean = (self.recompute_activation and torch.is_grad_enabled()
-                and (self.drop.p == 0.0 or not self.training))
-        if lean:
-            return self.drop(act_then_linear(hidden, self.fc2.weight, self.fc2.bias, self.act_name))
-        return self.drop(self.fc2(self.drop(self.act(hidden))))
+        return self._forward(x, leave_output_bias=False)[0]
+
+    def forward_without_output_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(out, bias): the MLP's output is out + bias. On the fused path fc2's bias is left to the
+        caller (the residual step adds it in its own pass) and returned; else it is in out, bias None."""
+        return self._forward(x, leave_output_bias=True)
+
+    def _forward(self, x: torch.Tensor, leave_output_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # The lean step has no dropout between the activation and fc2: used when that dropout is off.
+        if self.recompute_activation and (self.drop.p == 0.0 or not self.training):
+            out = lean_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                           None if leave_output_bias else self.fc2.bias, self.act_name, backend=self.backend)
+            return out, self.fc2.bias if leave_output_bias else None
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x))))), None
 
 
 class ConvEmbed(nn.Module):
@@ -267,10 +286,35 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act, drop)
+        # Off on the 'official' backend; on the others each residual add, its drop path and the
+        # LayerNorm that follows are one fused pass (cvt_fast.ops.residual_layer_norm).
+        self.fuse_residuals = True
+        self.backend: str | None = None
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), height, width))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        if not self.fuse_residuals:
+            x = x + self.drop_path(self.attn(self.norm1(x), height, width))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        return self.forward_chained(x, self.norm1(x), height, width, next_norm=None)[0]
+
+    def forward_chained(self, x: torch.Tensor, normed: torch.Tensor, height: int, width: int,
+                        next_norm: "LayerNorm | None") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused path: (x, norm1(x)) in, (x', next_norm(x')) out, where x' is this block's output
+        and next_norm the following block's norm1 (None for the last block: then None out)."""
+        from cvt_fast import ops
+
+        branch = self.attn(normed, height, width)
+        x, normed = ops.residual_layer_norm(x, branch, self.norm2.weight, self.norm2.bias, self.norm2.eps,
+                                            scale=self._drop_path_scale(x), backend=self.backend)
+        if next_norm is None:  # the stage's last block: no LayerNorm follows
+            return x + self.drop_path(self.mlp(normed)), None
+        branch, branch_bias = self.mlp.forward_without_output_bias(normed)
+        return ops.residual_layer_norm(x, branch, next_norm.weight, next_norm.bias, next_norm.eps,
+                                       branch_bias=branch_bias, scale=self._drop_path_scale(x),
+                                       backend=self.backend)
+
+    def _drop_path_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        return self.drop_path.sample_scale(x) if isinstance(self.drop_path, DropPath) else None
 
 
 class Stage(nn.Module):
@@ -301,8 +345,17 @@ class Stage(nn.Module):
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
         x = self.pos_drop(x)
-        for block in self.blocks:
-            x = block(x, height, width)
+        blocks = list(self.blocks)
+        if blocks and all(b.fuse_residuals for b in blocks):
+            # Each residual add is fused with the LayerNorm after it, which for the second add of
+            # a block is the next block's norm1.
+            normed = blocks[0].norm1(x)
+            for block, following in zip(blocks, blocks[1:] + [None]):
+                x, normed = block.forward_chained(x, normed, height, width,
+                                                  None if following is None else following.norm1)
+        else:
+            for block in blocks:
+                x = block(x, height, width)
         cls_token = None
         if self.cls_token is not None:
             cls_token, x = torch.split(x, [1, height * width], dim=1)
@@ -372,6 +425,10 @@ class ConvolutionalVisionTransformer(nn.Module):
                 m.backend = backend
             elif isinstance(m, Mlp):
                 m.recompute_activation = backend != "official"
+                m.backend = backend
+            elif isinstance(m, Block):
+                m.fuse_residuals = backend != "official"
+                m.backend = backend
             elif isinstance(m, LayerNorm):
                 m.keep_16bit_input = backend != "official"
         return self

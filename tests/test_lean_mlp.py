@@ -1,77 +1,93 @@
-"""cvt_fast.lean_mlp: the MLP's activation + fc2 keeping only its input for the backward.
+"""cvt_fast.lean_mlp: the MLP as two fused products, keeping only x and fc1's output for the backward.
 
-Same forward as the plain modules (bit for bit), the same gradients (float64 gradcheck, float32
-and bfloat16-autocast against autograd of the plain ops), fewer saved tensors. The whole
-model's saved activations: tests/test_training_memory.py.
+The same forward as the plain modules, the same gradients (float64 gradcheck, float32 and
+bfloat16-autocast against autograd of the plain ops, on the reference and the Triton kernels),
+fewer saved tensors. The whole model's saved activations: tests/test_training_memory.py.
 """
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.autograd.graph import saved_tensors_hooks
 
 import cvt_fast
-from cvt_fast.lean_mlp import act_then_linear, quick_gelu
+from cvt_fast.lean_mlp import lean_mlp, quick_gelu
 from cvt_fast.model import Mlp
 
 from tolerances import assert_close
 
 ACTS = ["quick_gelu", "gelu"]
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed"))
 
 
-def plain(x, weight, bias, act):
-    return F.linear(quick_gelu(x) if act == "quick_gelu" else F.gelu(x), weight, bias)
+def plain(x, w1, b1, w2, b2, act):
+    hidden = F.linear(x, w1, b1)
+    return F.linear(quick_gelu(hidden) if act == "quick_gelu" else F.gelu(hidden), w2, b2)
 
 
-def inputs(dtype=torch.float32, rows=(3, 7), hidden=24, out=10, bias=True):
-    x = torch.randn(*rows, hidden, dtype=dtype, requires_grad=True)
-    weight = (torch.randn(out, hidden, dtype=dtype) / hidden ** 0.5).requires_grad_()
-    b = torch.randn(out, dtype=dtype, requires_grad=True) if bias else None
-    return x, weight, b
+def inputs(dtype=torch.float32, rows=(3, 7), width=10, hidden=24, bias=True):
+    x = torch.randn(*rows, width, dtype=dtype, requires_grad=True)
+    w1 = (torch.randn(hidden, width, dtype=dtype) / width ** 0.5).requires_grad_()
+    w2 = (torch.randn(width, hidden, dtype=dtype) / hidden ** 0.5).requires_grad_()
+    b1, b2 = (torch.randn(n, dtype=dtype, requires_grad=True) if bias else None for n in (hidden, width))
+    return x, w1, b1, w2, b2
 
 
-def grads(function, x, weight, bias, act, grad_out):
-    leaves = [t for t in (x, weight, bias) if t is not None]
-    for t in leaves:
+def grads(function, leaves, act, grad_out, **kwargs):
+    present = [t for t in leaves if t is not None]
+    for t in present:
         t.grad = None
-    function(x, weight, bias, act).backward(grad_out)
-    return [t.grad.clone() for t in leaves]
+    function(*leaves, act, **kwargs).backward(grad_out)
+    return [t.grad.clone() for t in present]
 
 
+@pytest.mark.parametrize("backend", ["reference", TRITON])
 @pytest.mark.parametrize("act", ACTS)
-def test_forward_is_bitwise_the_plain_forward(act):
-    x, weight, bias = inputs()
-    assert torch.equal(act_then_linear(x, weight, bias, act), plain(x, weight, bias, act))
+def test_forward_and_gradients_match_the_plain_modules_in_float32(act, backend):
+    leaves = inputs(rows=(4, 9), width=40, hidden=96)
+    grad_out = torch.randn(4, 9, 40)
+    assert_close(lean_mlp(*leaves, act, backend=backend), plain(*leaves, act))
+    for got, want in zip(grads(lean_mlp, leaves, act, grad_out, backend=backend), grads(plain, leaves, act, grad_out)):
+        assert_close(got, want, torch.float32, factor=2.0)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("act", ACTS)
 def test_gradcheck_float64(act, bias):
-    x, weight, b = inputs(torch.float64, rows=(2, 3), hidden=5, out=4, bias=bias)
-    assert torch.autograd.gradcheck(lambda *t: act_then_linear(*t, act), (x, weight, b))
-
-
-@pytest.mark.parametrize("act", ACTS)
-def test_float32_gradients_match_autograd_of_the_plain_ops(act):
-    x, weight, bias = inputs(rows=(4, 33), hidden=96, out=40)
-    grad_out = torch.randn(4, 33, 40)
-    for got, want in zip(grads(act_then_linear, x, weight, bias, act, grad_out),
-                         grads(plain, x, weight, bias, act, grad_out)):
-        assert_close(got, want, torch.float32)
+    leaves = inputs(torch.float64, rows=(2, 3), width=4, hidden=5, bias=bias)
+    present = tuple(t for t in leaves if t is not None)
+    if bias:
+        assert torch.autograd.gradcheck(lambda *t: lean_mlp(*t, act), present)
+    else:
+        assert torch.autograd.gradcheck(lambda x, w1, w2: lean_mlp(x, w1, None, w2, None, act), present)
 
 
 @pytest.mark.parametrize("act", ACTS)
 def test_bfloat16_autocast_gradients_match_autograd_of_the_plain_ops(act):
-    # As in the model under AMP: fc1's output arrives in bfloat16, the parameters are float32.
-    x = torch.randn(4, 33, 96).bfloat16().requires_grad_()
-    weight = (torch.randn(40, 96) / 96 ** 0.5).requires_grad_()
-    bias = torch.randn(40, requires_grad=True)
+    # As in the model under AMP: the input arrives in bfloat16, the parameters are float32.
+    x = torch.randn(4, 33, 40).bfloat16().requires_grad_()
+    w1 = (torch.randn(96, 40) / 40 ** 0.5).requires_grad_()
+    w2 = (torch.randn(40, 96) / 96 ** 0.5).requires_grad_()
+    b1, b2 = torch.randn(96, requires_grad=True), torch.randn(40, requires_grad=True)
+    leaves = (x, w1, b1, w2, b2)
     grad_out = torch.randn(4, 33, 40).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = grads(act_then_linear, x, weight, bias, act, grad_out)
-        want = grads(plain, x, weight, bias, act, grad_out)
-    for g, w, leaf in zip(got, want, (x, weight, bias)):
+        assert_close(lean_mlp(*leaves, act).float(), plain(*leaves, act).float(), torch.bfloat16)
+        got = grads(lean_mlp, leaves, act, grad_out)
+        want = grads(plain, leaves, act, grad_out)
+    for g, w, leaf in zip(got, want, leaves):
         assert g.dtype == w.dtype == leaf.dtype
         assert_close(g.float(), w.float(), torch.bfloat16, factor=2.0)
+
+
+def test_rejects_unknown_activations_and_unchained_shapes():
+    x, w1, b1, w2, b2 = inputs()
+    with pytest.raises(ValueError, match="act must be one of"):
+        lean_mlp(x, w1, b1, w2, b2, "relu")
+    with pytest.raises(ValueError, match="shapes do not chain"):
+        lean_mlp(x, w1, b1, w2.t(), b2, "gelu")
 
 
 def saved_storages(function):

@@ -70,6 +70,7 @@ from cvt_fast.ops.backend import (BackendChoice, BackendUnavailableError, availa
                                   get_backend, resolve_backend, set_backend)
 from cvt_fast.ops.backends import BACKENDS, TABLE
 from cvt_fast.ops.reference import avg_proj_reference, linear_proj_reference
+from cvt_fast.ops.fused_elementwise import linear_activation, mlp_activation, residual_layer_norm  # noqa: F401
 
 __all__ = ["attention", "conv_proj", "avg_proj", "linear_proj", "set_backend", "get_backend",
            "resolve_backend", "explain_backend", "BackendChoice", "available_backends", "BackendUnavailableError",

@@ -27,7 +27,11 @@ import torch
 
 from cvt_fast.ops.contract import FLOAT_DTYPES, dtype_names
 
-OPS = ("attention", "conv_proj")
+# The two hot paths of CvT (DESIGN §2), then the fused elementwise steps of a block around them
+# (the MLP activation, alone or in fc1's product, and residual add + LayerNorm: issue 18).
+HOT_OPS = ("attention", "conv_proj")
+ELEMENTWISE_OPS = ("mlp_activation", "linear_activation", "residual_layer_norm")
+OPS = HOT_OPS + ELEMENTWISE_OPS
 KINDS = ("reference", "kernels", "peer")
 
 
@@ -153,17 +157,29 @@ def one_odd_kernel_size(name: str, kernel_sizes: tuple[int, ...]) -> Optional[st
 
 # --------------------------------------------------------------------------- loaders
 
-def _load_reference(op: str) -> Implementation:
-    from cvt_fast.ops import reference
+# Function names of an op's forward and backward where they are not `<op>_forward`/`<op>_backward`
+# (kernels) and `<op>_reference`/`<op>_backward_reference` (references): the fused product's
+# backward is its own op, cvt_fast::activation_grad_through_linear.
+_KERNEL_NAMES = {"linear_activation": ("linear_activation_forward", "activation_grad_through_linear")}
+_REFERENCE_NAMES = {"linear_activation": ("linear_activation_reference",
+                                          "activation_grad_through_linear_reference")}
 
-    return Implementation(getattr(reference, f"{op}_reference"), getattr(reference, f"{op}_backward_reference"))
+
+def _load_reference(op: str) -> Implementation:
+    if op in ELEMENTWISE_OPS:
+        from cvt_fast.ops import elementwise_reference as reference
+    else:
+        from cvt_fast.ops import reference
+    forward, backward = _REFERENCE_NAMES.get(op, (f"{op}_reference", f"{op}_backward_reference"))
+    return Implementation(getattr(reference, forward), getattr(reference, backward))
 
 
 def _load_triton(op: str) -> Implementation:
     # Imported on first use: it imports Triton and decorates the kernels, which is when
-    # TRITON_INTERPRET is read.
+    # TRITON_INTERPRET is read. Each op's kernels are the module kernels/<op>.py.
     kernels = importlib.import_module(f"cvt_fast.kernels.{op}")
-    return Implementation(getattr(kernels, f"{op}_forward"), getattr(kernels, f"{op}_backward"))
+    forward, backward = _KERNEL_NAMES.get(op, (f"{op}_forward", f"{op}_backward"))
+    return Implementation(getattr(kernels, forward), getattr(kernels, backward))
 
 
 def _load_cuda(op: str) -> Implementation:
@@ -196,7 +212,7 @@ _RECORDS = (
                                      "(tl.dot has no fp64 path there)"),),
             gpu_tests=(("tests/test_kernels_attention.py", "tests/test_kernels_conv_proj.py", "-m", "gpu"),
                        ("tests/test_ops_registration.py", "-m", "gpu", "-k", "triton"))),
-    Backend("cuda", "kernels", OPS, (torch.bfloat16, torch.float16, torch.float32), _cuda_probe, _load_cuda,
+    Backend("cuda", "kernels", HOT_OPS, (torch.bfloat16, torch.float16, torch.float32), _cuda_probe, _load_cuda,
             summary="CUDA C++ kernels (`csrc/`, built into `cvt_fast._C`)",
             where="CUDA GPUs, when `cvt_fast._C` is built", head_dims=(32, 64, 128), kernel_rule=one_kernel_size,
             gpu_tests=(("tests/test_cuda_extension.py", "-m", "gpu"),
@@ -226,7 +242,8 @@ def markdown_table() -> str:
     """The README's backend table, written from the records (`python -m cvt_fast.ops` prints it)."""
     lines = ["| backend | ops | implementation | dtypes | head sizes | where |", "|---|---|---|---|---|---|"]
     for b in TABLE.values():
-        ops = ", ".join(b.ops) + ("" if b.ops == OPS else " (conv_proj: `auto`'s choice)")
+        missing = [op for op in OPS if op not in b.ops]
+        ops = ", ".join(b.ops) + (f" ({', '.join(missing)}: `auto`'s choice)" if missing else "")
         dtypes = dtype_names(b.dtypes) + "".join(
             f"; no {dtype_names((lim.dtype,))} {lim.op} on {lim.device_type}" for lim in b.dtype_limits)
         head_dims = "any" if b.head_dims is None else ", ".join(map(str, b.head_dims))
