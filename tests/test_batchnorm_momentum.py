@@ -1,4 +1,5 @@
-"""BatchNorm of the convolutional projection on the model's fused path, momentum included.
+"""BatchNorm of the convolutional projection on the model's fused path: running statistics (momentum
+included) in training, the folded eps in eval.
 
 In training the fused path runs BatchNorm itself, after conv_proj, on the token rows
 (cvt_fast/model.py), instead of calling the nn.BatchNorm2d modules. It must update the
@@ -98,3 +99,19 @@ def test_momentum_none_after_one_step_holds_that_batch_s_statistics():
     assert int(bn.num_batches_tracked) == 1
     assert_close(bn.running_mean, conv_out.mean(dim=(0, 2, 3)))
     assert_close(bn.running_var, conv_out.var(dim=(0, 2, 3), unbiased=True))
+
+
+def test_eval_fold_keeps_eps_where_the_running_variance_is_small():
+    """In eval the fused path folds BatchNorm into conv_proj: w * gamma / sqrt(var + eps). With
+    variances near eps (channels that barely vary), dropping eps changes the output by tens of
+    percent; at the usual variances of order 1 it hides below float32 rounding."""
+    official, fused = _paired_models(0.1)
+    for bn in (m for m in official.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.01, 0.01)
+        bn.running_var.uniform_(0.5e-5, 2e-5)  # eps is 1e-5
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.2, 0.2)
+    fused.load_state_dict(official.state_dict())
+    x = torch.randn(2, 3, 36, 28)
+    with torch.no_grad():
+        assert_close(fused.eval()(x), official.eval()(x), factor=10)
