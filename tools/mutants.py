@@ -29,14 +29,14 @@ class Mutant:
     pytest_args: tuple[str, ...] = field(default=())
 
 
-CONV_TESTS = ("tests/test_kernels_conv_proj.py", "tests/test_conv_proj_geometry.py")
+CONV_TESTS = ("tests/test_conv_proj_geometry.py", "tests/test_kernels_conv_proj.py")
 CONV_MULTI_IMAGE = ("tests/test_kernel_configs.py::test_conv_proj_backward_with_several_images_per_program_and_a_partial_last_group",)
-ATTN_TESTS = ("tests/test_kernels_attention.py",)
+ATTN_TESTS = ("tests/test_kernels_attention.py", "tests/test_attention_layouts.py")
 ATTN_CONFIGS = ("tests/test_kernel_configs.py::test_attention_with_each_gpu_config_matches_reference",)
-REFERENCE_TESTS = ("tests/test_ops_reference.py", "tests/test_conv_proj_geometry.py")
-MODEL_TESTS = ("tests/test_model.py", "tests/test_batchnorm_momentum.py")
-SCHEDULE_TESTS = ("tests/test_train_optim.py", "tests/test_schedule_values.py")
-CHECKPOINT_TESTS = ("tests/test_checkpoint.py", "tests/test_atomic_save.py")
+REFERENCE_TESTS = ("tests/test_conv_proj_geometry.py", "tests/test_ops_reference.py")
+MODEL_TESTS = ("tests/test_batchnorm_momentum.py", "tests/test_drop_path.py", "tests/test_model.py")
+SCHEDULE_TESTS = ("tests/test_schedule_values.py", "tests/test_train_optim.py")
+CHECKPOINT_TESTS = ("tests/test_atomic_save.py", "tests/test_checkpoint.py")
 RESUME_TESTS = ("tests/test_train_resume.py",)
 
 MUTANTS: list[Mutant] = [
@@ -157,11 +157,11 @@ MUTANTS: list[Mutant] = [
            "kT_base = K + off_b * stride_kb + off_h * stride_kh + offs_d[:, None]\n    v_base",
            "kT_base = K + off_b * stride_kb + off_h * stride_qh + offs_d[:, None]\n    v_base",
            ATTN_TESTS, "forward indexes K's heads with q's head stride (fine only when layouts match)"),
-    Mutant("attention.dkdv_query_mask_on_dv",
+    Mutant("attention.dkdv_dv_not_accumulated",
            "kernels/attention.py",
-           "do = tl.load(do_base + rows[:, None] * stride_don, mask=mask_m[:, None], other=0.0)",
-           "do = tl.load(do_base + rows[:, None] * stride_don, mask=mask_m[:, None], other=1.0)",
-           ATTN_TESTS, "padded query rows of a partial Q tile feed dV/dK"),
+           "dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)",
+           "dv = tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)",
+           ATTN_TESTS, "dV keeps only the last Q tile's contribution (reduction restarted per tile)"),
     Mutant("attention.dkdv_delta_dropped",
            "kernels/attention.py",
            "dsT = pT * (dpT - delta[None, :])",
@@ -181,7 +181,7 @@ MUTANTS: list[Mutant] = [
            "kernels/attention.py",
            "out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),",
            "out.stride(0), out.stride(1), out.stride(0), out.stride(1),",
-           ATTN_TESTS, "delta pass reads grad_out with out's strides (wrong for strided gradients)"),
+           ("tests/test_attention_layouts.py", "tests/test_kernels_attention.py"), "delta pass reads grad_out with out's strides (wrong for strided gradients)"),
     Mutant("attention.defect_only_with_gpu_blocks",
            "kernels/attention.py",
            "acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)",
@@ -297,7 +297,7 @@ MUTANTS: list[Mutant] = [
            "cvt_fast/training/loop.py",
            "self.scheduler.last_epoch = self.pos.epoch * self.steps_per_epoch - 1",
            "self.scheduler.last_epoch = self.pos.epoch * self.steps_per_epoch",
-           ("tests/test_train_loop.py", "tests/test_train_resume.py"),
+           ("tests/test_trainer_positions.py", "tests/test_train_loop.py", "tests/test_train_resume.py"),
            "TRAIN.BEGIN_EPOCH starts the schedule one step late"),
     Mutant("resume.oldest_checkpoint_first",
            "cvt_fast/training/resume.py",
@@ -330,6 +330,6 @@ MUTANTS: list[Mutant] = [
            "cvt_fast/training/loop.py",
            "atomic_save(self.state_dict(rng_states), path)",
            "torch.save(self.state_dict(rng_states), path)",
-           ("tests/test_train_loop.py", "tests/test_atomic_save.py"),
+           ("tests/test_trainer_positions.py", "tests/test_train_loop.py"),
            "the trainer writes its step checkpoints in place (a crash mid-write loses the last good one)"),
 ]

@@ -45,6 +45,20 @@ REPO = Path(__file__).resolve().parent.parent
 IGNORED = shutil.ignore_patterns(".git", ".venv", "OUTPUT", "data", "__pycache__", "*.pyc", ".pytest_cache",
                                  "build", "*.egg-info", ".mypy_cache", ".ruff_cache")
 TAIL_CHARS = 3000
+# The pytest processes running now, each the leader of its own process group.
+_RUNNING: set[subprocess.Popen] = set()
+
+
+def _kill_running() -> None:
+    for process in list(_RUNNING):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _occurrences(mutant: Mutant, source: str) -> int:
@@ -100,12 +114,15 @@ def run_pytest(tree: Path, args: list[str], timeout: float) -> tuple[str, int | 
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=tree, env=_test_env(tree), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    _RUNNING.add(process)
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)  # the pytest we started and its children
         output, _ = process.communicate()
         return "timeout", None, time.perf_counter() - start, output[-TAIL_CHARS:]
+    finally:
+        _RUNNING.discard(process)
     seconds = time.perf_counter() - start
     code = process.returncode
     # pytest: 0 all passed, 1 some failed, 2 interrupted (collection errors), 5 no tests collected.
@@ -174,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true", help="skip the run of the unmutated tests")
     parser.add_argument("--json", default="mutation_report.json", help="where to write the JSON report")
     args = parser.parse_args(argv)
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the running pytest is killed and
+    # the temporary copies are removed.
+    signal.signal(signal.SIGTERM, _interrupt)
 
     mutants = select(args.only)
     if args.list:
@@ -207,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_baseline:
             selectors = sorted({t for m in mutants for t in m.tests})
             print(f"baseline: {len(selectors)} test selector(s) on the unmutated tree ...", flush=True)
-            outcome, _, seconds, output = run_pytest(copies[0], selectors, args.timeout * 4)
+            try:
+                outcome, _, seconds, output = run_pytest(copies[0], selectors, args.timeout * 4)
+            except KeyboardInterrupt:
+                _kill_running()
+                raise
             report["baseline"] = {"outcome": outcome, "seconds": round(seconds, 1)}
             print(f"baseline {outcome} in {seconds:.0f} s", flush=True)
             if outcome != "passed":
@@ -216,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"the unmutated tests do not pass ({outcome}): fix them first, or run with --no-baseline")
                 return 2
 
+        done: list[dict] = []
+
         def work(mutant: Mutant) -> dict:
             tree = trees.get()
             try:
@@ -223,10 +249,19 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 trees.put(tree)
             print(f"{mutant.name}: {result['status']} ({result['seconds']} s) {result['killed_by']}", flush=True)
+            done.append(result)
+            # Written after every mutant, so an interrupted run still leaves what it found.
+            Path(args.json).write_text(json.dumps({**report, "partial": True, "mutants": done}, indent=2))
             return result
 
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs))
+        try:
             results = list(pool.map(work, mutants))
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            _kill_running()
+            raise
+        pool.shutdown()
 
     report["total_seconds"] = round(time.time() - started, 1)
     report["summary"] = {s: sum(r["status"] == s for r in results)
