@@ -105,6 +105,33 @@ def test_conv_proj_backward_with_several_images_per_program_and_a_partial_last_g
             raise AssertionError(f"grad {what}: {err}") from None
 
 
+# (kernel, padding_q, padding_kv, height, width): q is much larger than k/v (or the reverse),
+# so the half-resolution grid the fused forward walks is set by q in one case and by k/v in
+# the other. With the interpreter's 8 x 8 tiles one tile covers these grids whatever its
+# size; with the GPU's 4 x 4 tiles a grid sized by k/v alone leaves q rows unwritten.
+EXTREME_PADDINGS = [(3, 2, 0, 9, 11), (5, 4, 0, 7, 9), (5, 0, 4, 7, 9)]
+
+
+@pytest.mark.parametrize("kernel, padding_q, padding_kv, height, width", EXTREME_PADDINGS,
+                         ids=lambda v: str(v))
+def test_conv_proj_fused_forward_with_gpu_tiles_at_unequal_paddings(kernel, padding_q, padding_kv, height,
+                                                                   width, monkeypatch):
+    monkeypatch.setattr(conv_proj, "_TILE_INTERPRET", conv_proj._TILE_S1S2)
+    spy = LaunchSpy(conv_proj._fwd_s1s2_kernel)
+    monkeypatch.setattr(conv_proj, "_fwd_s1s2_kernel", spy)
+    geometry = (height, width, True, 1, 2, padding_q, padding_kv)
+    x = torch.randn(1, 1 + height * width, 3, dtype=torch.float64)
+    weights = [torch.randn(3, 1, kernel, kernel, dtype=torch.float64) for _ in range(3)]
+    outputs = conv_proj.conv_proj_forward(x, *weights, None, None, None, *geometry)
+    (_, args), = spy.launches
+    assert (args["TILE_H"], args["TILE_W"]) == conv_proj._TILE_S1S2
+    for name, actual, expected in zip("qkv", outputs, conv_proj_reference(x, *weights, None, None, None, *geometry)):
+        try:
+            assert_close(actual, expected)
+        except AssertionError as err:
+            raise AssertionError(f"{name}: {err}") from None
+
+
 # ------------------------------------------------------------------------------------------
 # attention: every GPU autotune config, and the fixed fp32 one
 # ------------------------------------------------------------------------------------------

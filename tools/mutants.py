@@ -50,7 +50,9 @@ MUTANTS: list[Mutant] = [
            "kernels/conv_proj.py",
            "ha, wa = max(hk, triton.cdiv(hq, 2)), max(wk, triton.cdiv(wq, 2))",
            "ha, wa = hk, wk",
-           CONV_TESTS, "fused forward grid sized by k/v only: q rows beyond 2*Hk never written"),
+           ("tests/test_kernel_configs.py::test_conv_proj_fused_forward_with_gpu_tiles_at_unequal_paddings",)
+           + CONV_TESTS,
+           "fused forward grid sized by k/v only: q rows past the k/v tiles never written (GPU tiles only)"),
     Mutant("conv_proj.fused_q_parity_tap",
            "kernels/conv_proj.py",
            "q01 = _tap_accumulate(q01, xv, wq_ptr, c, cmask, ty - R_OFF + PQ, tx - R_OFF - 1 + PQ, K)",
