@@ -129,12 +129,22 @@ def run_pytest(tree: Path, args: list[str], timeout: float) -> tuple[str, int | 
     outcome = {0: "passed", 1: "failed", 2: "failed"}.get(code, "error")
     if code == 2 and "error" not in output.lower():
         outcome = "error"
+    if code < 0:  # the tests crashed (a mutant that writes out of bounds can segfault the interpreter)
+        outcome = "failed"
+        output += f"\n(pytest killed by signal {-code})"
     return outcome, code, seconds, output[-TAIL_CHARS:]
 
 
 def _first_failure(output: str) -> str:
     match = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.MULTILINE)
-    return match.group(1) if match else ""
+    if match:
+        return match.group(1)
+    crash = re.search(r"^\(pytest killed by signal (\d+)\)", output, re.MULTILINE)
+    if not crash:
+        return ""
+    # Python's fault handler prints the stack: name the test that was running.
+    where = re.search(r'File "[^"]*/(tests/test_\w+\.py)", line \d+ in (test_\w+)', output)
+    return f"crash (signal {crash.group(1)})" + (f" in {where.group(1)}::{where.group(2)}" if where else "")
 
 
 def check_mutant(mutant: Mutant, tree: Path, timeout: float) -> dict:
