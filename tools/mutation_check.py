@@ -109,7 +109,7 @@ def _test_env(tree: Path) -> dict[str, str]:
 
 
 def run_pytest(tree: Path, args: list[str], timeout: float) -> tuple[str, int | None, float, str]:
-    """(outcome, return code, seconds, output tail); outcome is passed, failed, timeout or error."""
+    """(outcome, return code, seconds, output); outcome is passed, failed, timeout or error."""
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:xdist", "-p", "no:cacheprovider", *args]
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=tree, env=_test_env(tree), stdout=subprocess.PIPE,
@@ -120,7 +120,7 @@ def run_pytest(tree: Path, args: list[str], timeout: float) -> tuple[str, int | 
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)  # the pytest we started and its children
         output, _ = process.communicate()
-        return "timeout", None, time.perf_counter() - start, output[-TAIL_CHARS:]
+        return "timeout", None, time.perf_counter() - start, output
     finally:
         _RUNNING.discard(process)
     seconds = time.perf_counter() - start
@@ -132,7 +132,7 @@ def run_pytest(tree: Path, args: list[str], timeout: float) -> tuple[str, int | 
     if code < 0:  # the tests crashed (a mutant that writes out of bounds can segfault the interpreter)
         outcome = "failed"
         output += f"\n(pytest killed by signal {-code})"
-    return outcome, code, seconds, output[-TAIL_CHARS:]
+    return outcome, code, seconds, output
 
 
 def _first_failure(output: str) -> str:
@@ -165,7 +165,7 @@ def check_mutant(mutant: Mutant, tree: Path, timeout: float) -> dict:
     status = {"failed": "killed", "passed": "survived", "timeout": "timeout", "error": "error"}[outcome]
     killed_by = _first_failure(output) if status == "killed" else ""
     return {**result, "status": status, "seconds": round(seconds, 1), "killed_by": killed_by,
-            "return_code": code, "detail": output if status != "killed" else output[-800:]}
+            "return_code": code, "detail": output[-TAIL_CHARS:] if status != "killed" else output[-800:]}
 
 
 def select(names: list[str] | None) -> list[Mutant]:
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             report["baseline"] = {"outcome": outcome, "seconds": round(seconds, 1)}
             print(f"baseline {outcome} in {seconds:.0f} s", flush=True)
             if outcome != "passed":
-                print(output)
+                print(output[-TAIL_CHARS:])
                 Path(args.json).write_text(json.dumps(report, indent=2))
                 print(f"the unmutated tests do not pass ({outcome}): fix them first, or run with --no-baseline")
                 return 2
