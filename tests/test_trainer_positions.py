@@ -1,8 +1,9 @@
-"""Where the trainer starts and how it writes: TRAIN.BEGIN_EPOCH's schedule position, and
-step checkpoints that survive a crash mid-write.
+"""Where the trainer starts and how it writes: TRAIN.BEGIN_EPOCH's schedule position, the
+position a resume restores, and step checkpoints that survive a crash mid-write.
 
-Found by tools/mutation_check.py: starting the schedule one step late for BEGIN_EPOCH, and
-writing the step checkpoint with a plain torch.save (in place), both passed every test.
+Found by tools/mutation_check.py: starting the schedule one step late for BEGIN_EPOCH,
+restoring the global step from the wrong field, and writing the step checkpoint with a plain
+torch.save (in place) all passed every earlier test.
 """
 from __future__ import annotations
 
@@ -80,3 +81,17 @@ def test_a_crash_while_writing_a_step_checkpoint_keeps_the_previous_one(tmp_path
     assert [p.name for p in (trainer.run_dir / "checkpoints").iterdir()] == [good.name], "a partial file was left"
     assert good.read_bytes() == good_bytes
     assert read_checkpoint(good)["global_step"] == 0
+
+
+def test_resume_restores_the_data_position_and_the_global_step(tmp_path, one_thread):
+    """The global step names the checkpoints and drives MAX_STEPS and CHECKPOINT_EVERY_STEPS: a
+    resume that restarted it would write ckpt files older-numbered than the one it resumed from,
+    and the next resume would go back to that one."""
+    first = _trainer(tmp_path)
+    first.pos.epoch, first.pos.step_in_epoch, first.pos.global_step = 1, 2, 5
+    first.save_checkpoint()
+
+    resumed = _trainer(tmp_path)
+    assert resumed.try_resume()
+    assert (resumed.pos.epoch, resumed.pos.step_in_epoch, resumed.pos.global_step) == (1, 2, 5)
+    assert resumed.scheduler.last_epoch == first.scheduler.last_epoch

@@ -37,7 +37,7 @@ REFERENCE_TESTS = ("tests/test_conv_proj_geometry.py", "tests/test_ops_reference
 MODEL_TESTS = ("tests/test_batchnorm_momentum.py", "tests/test_drop_path.py", "tests/test_model.py")
 SCHEDULE_TESTS = ("tests/test_schedule_values.py", "tests/test_train_optim.py")
 CHECKPOINT_TESTS = ("tests/test_atomic_save.py", "tests/test_checkpoint.py")
-RESUME_TESTS = ("tests/test_train_resume.py",)
+RESUME_TESTS = ("tests/test_trainer_positions.py", "tests/test_train_resume.py")
 
 MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- kernels/conv_proj.py
@@ -299,7 +299,7 @@ MUTANTS: list[Mutant] = [
            "cvt_fast/training/loop.py",
            "self.scheduler.last_epoch = self.pos.epoch * self.steps_per_epoch - 1",
            "self.scheduler.last_epoch = self.pos.epoch * self.steps_per_epoch",
-           ("tests/test_trainer_positions.py", "tests/test_train_loop.py", "tests/test_train_resume.py"),
+           RESUME_TESTS + ("tests/test_train_loop.py",),
            "TRAIN.BEGIN_EPOCH starts the schedule one step late"),
     Mutant("resume.oldest_checkpoint_first",
            "cvt_fast/training/resume.py",
