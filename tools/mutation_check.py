@@ -13,6 +13,7 @@ kill meaningless, so the check stops there.
     python tools/mutation_check.py                     # all mutants (slow: see README)
     python tools/mutation_check.py --only 'model.*' 'optim.*' --jobs 2
     python tools/mutation_check.py --check             # only: is every snippet still there?
+    python tools/mutation_check.py --only 'model.*' --tests tests/test_model.py   # other tests
     python tools/mutation_check.py --list
 
 Prints a table and writes JSON (--json, default mutation_report.json in the current folder).
@@ -34,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -200,12 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="mutants run at once, each in its own copy (default 1)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run of the unmutated tests")
     parser.add_argument("--json", default="mutation_report.json", help="where to write the JSON report")
+    parser.add_argument("--tests", nargs="+", metavar="PYTEST_ARG",
+                        help="run these tests against every selected mutant instead of the ones it names "
+                             "(e.g. to see whether older tests alone catch it)")
     args = parser.parse_args(argv)
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the running pytest is killed and
     # the temporary copies are removed.
     signal.signal(signal.SIGTERM, _interrupt)
 
     mutants = select(args.only)
+    if args.tests:
+        mutants = [replace(m, tests=tuple(args.tests), pytest_args=()) for m in mutants]
     if args.list:
         for m in mutants:
             print(f"{m.name:45} {m.file:32} {m.why}")
