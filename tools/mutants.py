@@ -331,7 +331,8 @@ MUTANTS: list[Mutant] = [
     Mutant("checkpoint.training_checkpoint_not_atomic",
            "cvt_fast/training/loop.py",
            "atomic_save(self.state_dict(rng_states), path)",
-           "torch.save(self.state_dict(rng_states), path)",
+           "path.parent.mkdir(parents=True, exist_ok=True)\n"
+           "            torch.save(self.state_dict(rng_states), path)",
            ("tests/test_trainer_positions.py", "tests/test_train_loop.py"),
            "the trainer writes its step checkpoints in place (a crash mid-write loses the last good one)"),
 ]
