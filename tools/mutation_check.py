@@ -16,7 +16,7 @@ kill meaningless, so the check stops there.
     python tools/mutation_check.py --only 'model.*' --tests tests/test_model.py   # other tests
     python tools/mutation_check.py --list
 
-Prints a table and writes JSON (--json, default mutation_report.json in the current folder).
+Prints a table and writes JSON (--json, default OUTPUT/mutation_report.json).
 Exit status: 0 when every run mutant was killed, 1 when any survived or timed out, 2 when
 any is stale or invalid or the baseline failed.
 """
@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant's test run (default 900)")
     parser.add_argument("--jobs", type=int, default=1, help="mutants run at once, each in its own copy (default 1)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run of the unmutated tests")
-    parser.add_argument("--json", default="mutation_report.json", help="where to write the JSON report")
+    parser.add_argument("--json", default=str(REPO / "OUTPUT" / "mutation_report.json"),
+                        help="where to write the JSON report (default OUTPUT/mutation_report.json, git-ignored)")
     parser.add_argument("--tests", nargs="+", metavar="PYTEST_ARG",
                         help="run these tests against every selected mutant instead of the ones it names "
                              "(e.g. to see whether older tests alone catch it)")
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(mutants) - len(problems)} of {len(mutants)} mutants can be planted")
         return 2 if problems else 0
 
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     report: dict = {"repo": str(REPO), "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "python": sys.version.split()[0],
                     "timeout_s": args.timeout, "jobs": args.jobs}
