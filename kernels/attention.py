@@ -415,6 +415,8 @@ _INTERPRETER_CONFIGS = {"fwd": _config(32, 16, 4, 1), "dkdv": _config(16, 32, 4,
 _DELTA_BLOCK_M = 64
 _DELTA_NUM_WARPS = 4
 
+# tests/test_kernel_configs.py swaps each entry of _GPU_CONFIGS into _INTERPRETER_CONFIGS (and
+# spies on _KERNELS), so every GPU config also runs on the CPU: keep both read at launch time.
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 _AUTOTUNE_KEY = ["Nq", "Nkv", "HEAD_DIM"]
 # Multi-config autotuning needs a GPU driver; the interpreter uses _INTERPRETER_CONFIGS.

@@ -65,6 +65,9 @@ _NUM_WARPS = 4
 # Backward: each program loops over a group of images so that the weight-gradient partial
 # buffer stays small; groups are sized to leave at least this many programs in flight.
 _BWD_TARGET_PROGRAMS = 1024
+# tests/test_kernel_configs.py sets _TILE_INTERPRET to the GPU tiles and lowers
+# _BWD_TARGET_PROGRAMS, so the GPU tiling and the multi-image backward run on the CPU: keep
+# them module constants read at launch time.
 
 
 def _interpreting() -> bool:
