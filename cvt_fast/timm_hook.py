@@ -41,20 +41,31 @@ def _register() -> None:
 
 
 class _RegisterAfterTimmImport:
-    """A sys.meta_path finder that finds nothing itself: on the first `import timm` it asks the other
-    finders for timm and wraps the loader they return to register afterwards. (Not derived from
-    importlib.abc.MetaPathFinder: importing that module costs ~15 ms, the protocol is just find_spec.)"""
+    """A sys.meta_path finder that finds nothing itself: asked for timm, it asks the other finders and
+    wraps the loader they return so that timm's import registers the CvTs once it finishes. It stays
+    on sys.meta_path until timm's module has actually run: `importlib.util.find_spec("timm")` (the
+    probe transformers and others use to see whether timm is installed) asks for a spec without
+    importing, and must not use it up. (Not derived from importlib.abc.MetaPathFinder: importing
+    that module costs ~15 ms, the protocol is just find_spec.)"""
+
+    def __init__(self) -> None:
+        self._asking_others = False
 
     def find_spec(self, fullname: str, path: Optional[Sequence[str]], target: Any = None):
-        if fullname != _TIMM:
+        if fullname != _TIMM or self._asking_others:
             return None
-        sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding this finder
-        spec = None
-        for finder in sys.meta_path:
-            find_spec = getattr(finder, "find_spec", None)
-            spec = find_spec(fullname, path, target) if find_spec is not None else None
-            if spec is not None:
-                break
+        self._asking_others = True  # the finders below may ask sys.meta_path again
+        try:
+            spec = None
+            for finder in sys.meta_path:
+                find_spec = getattr(finder, "find_spec", None)
+                if finder is self or find_spec is None:
+                    continue
+                spec = find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+        finally:
+            self._asking_others = False
         loader = getattr(spec, "loader", None)
         if loader is None or not hasattr(loader, "exec_module"):
             return spec
@@ -62,7 +73,9 @@ class _RegisterAfterTimmImport:
 
         def run_timm_then_register(module: Any) -> None:
             run_timm(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)  # timm is imported: nothing left to watch for
             _register()
 
-        loader.exec_module = run_timm_then_register  # this loader object serves timm's package only
+        loader.exec_module = run_timm_then_register  # each spec gets its own loader object
         return spec

@@ -168,8 +168,13 @@ def test_timm_run_executes_a_timm_style_script_with_the_cvt_names(tmp_path, caps
 
 
 def test_registration_works_in_either_import_order_and_import_cvt_fast_leaves_timm_alone():
+    # "probed first": transformers (and others) ask importlib.util.find_spec("timm") whether timm is
+    # installed, without importing it; that must not use up the hook (it did, and CI's timm tests
+    # found an empty registry).
     code = {"cvt_fast first": "import sys, cvt_fast; light = 'timm' not in sys.modules; import timm",
-            "timm first": "import timm, cvt_fast; light = True"}
+            "timm first": "import timm, cvt_fast; light = True",
+            "probed first": "import sys, importlib.util, cvt_fast; importlib.util.find_spec('timm'); "
+                            "importlib.util.find_spec('timm'); light = 'timm' not in sys.modules; import timm"}
     check = "; print(light, timm.is_model('cvt_13'), timm.models.model_entrypoint('cvt_13').__module__)"
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for order, imports in code.items():
