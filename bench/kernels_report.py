@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Kernel resource report without a GPU: what every kernel compiles to for Hopper (sm_90).
 
-Triton: the host functions of kernels/attention.py and kernels/conv_proj.py are run on meta
-tensors at CvT shapes with their launch points (`_run`, and attention's autotuned `_TUNED`
-kernels) recording instead of launching, so every kernel is compiled with the arguments,
-specialisations and constexprs that a real call passes; an autotuned kernel is compiled in
-every config of its list (the autotuner may pick any of them, and 'auto' is Triton on CUDA).
-Each is compiled ahead of time with `triton.compile(..., target=GPUTarget("cuda", 90, 32))`.
+Triton: the host functions of every kernel module (kernels/attention.py, conv_proj.py,
+linear_activation.py, mlp_activation.py, residual_layer_norm.py) are run on meta tensors at CvT
+shapes with their launches recording instead of running (`_run` where a module has that one
+launch point, else its @triton.jit kernels swapped for recorders; autotuned kernels in `_TUNED`),
+so every kernel is compiled with the arguments, specialisations and constexprs that a real call
+passes; an autotuned kernel is compiled in every config of its list (the autotuner may pick any
+of them, and 'auto' is Triton on CUDA). Each is compiled ahead of time with
+`triton.compile(..., target=GPUTarget("cuda", 90, 32))`.
 CUDA C++: the built extension cvt_fast/_C*.so, read with cuobjdump (resource usage, ELF
 attributes for the launch bounds, SASS).
 
@@ -19,11 +21,13 @@ sm_90 SM: 64K registers, 228 KiB shared, 2048 threads), and SASS instruction cou
 LDG.E.128 (16-byte loads), STL/LDL (local memory: spills or stack arrays).
 
 Checks (`--check` exits 1 on a violation; tests/test_kernels_report.py runs the CI subset):
-every Triton config spills nothing, and every 16-bit attention config with matrix products
-runs all of them on wgmma (HGMMA and no HMMA). The CUDA extension is reported, not checked.
+every Triton config spills nothing, and every 16-bit config with matrix products (attention,
+the MLP's fused products) runs all of them on wgmma (HGMMA and no HMMA). The CUDA extension is
+reported, not checked.
 
-    python bench/kernels_report.py                  # everything: ~130 compiles, several minutes
+    python bench/kernels_report.py                  # everything: ~400 compiles, about an hour on 2 shared cores
     python bench/kernels_report.py --subset ci --check --no-cuda-extension
+    python bench/kernels_report.py --only '^(linear|mlp)_activation' --merge --no-cuda-extension  # one family
 """
 from __future__ import annotations
 
@@ -132,15 +136,49 @@ class _Recorder:
         return record
 
 
+class _LaunchRecorder:
+    """Stands in for a @triton.jit kernel that host code launches directly (kernel[grid](*args,
+    **meta)): records the launch."""
+
+    def __init__(self, fn, sink: Callable[[Launch], None], case: Callable[[], str]):
+        self.fn, self.sink, self.case = fn, sink, case
+
+    def __getitem__(self, grid):
+        def record(*args, **meta):
+            self.sink(Launch(self.fn, args, meta, self.case()))
+        return record
+
+
 @contextlib.contextmanager
 def recording_launches(module, case: Callable[[], str]):
-    """Run `module`'s host functions on meta tensors with every launch recorded, not run."""
+    """Run `module`'s host functions on meta tensors with every launch recorded, not run.
+
+    Two ways a kernel module launches: through one seam, `_run(kernel, grid, args, **meta)`
+    (attention, conv_proj), or directly, `kernel[grid](...)` (the fused elementwise modules); for
+    those every @triton.jit function of the module is swapped for a recorder while the host code
+    runs (helpers called only from kernels are never launched, so a recorder in their place is
+    never used; the compiles happen after the originals are back). Autotuned kernels (`_TUNED`)
+    record one launch per config; the device checks (`_check_device`, `_check`) are skipped, meta
+    tensors standing for CUDA ones."""
+    from triton.runtime.jit import JITFunction
+
     launches: list[Launch] = []
-    saved = {name: getattr(module, name) for name in ("_check_device", "_run", "_TUNED") if hasattr(module, name)}
-    module._check_device = lambda tensor: None  # meta tensors stand for CUDA ones
-    module._run = lambda kernel, grid, args, **meta: launches.append(Launch(kernel, args, meta, case()))
-    if "_TUNED" in saved:
-        module._TUNED = {key: _Recorder(tuner, launches.append, case) for key, tuner in saved["_TUNED"].items()}
+    seams = ("_check_device", "_check", "_run", "_TUNED")
+    saved = {name: getattr(module, name) for name in seams if hasattr(module, name)}
+    direct = {} if "_run" in saved else {name: value for name, value in vars(module).items()
+                                         if isinstance(value, JITFunction)}
+    saved.update(direct)
+    for name in ("_check_device", "_check"):
+        if name in saved:
+            setattr(module, name, lambda *args, **kwargs: None)
+    if "_run" in saved:
+        module._run = lambda kernel, grid, args, **meta: launches.append(Launch(kernel, args, meta, case()))
+    recorders = {value: _LaunchRecorder(value, launches.append, case) for value in direct.values()}
+    for name, value in direct.items():
+        setattr(module, name, recorders[value])
+    if "_TUNED" in saved:  # keyed by names (attention) or by the kernels themselves (linear_activation)
+        module._TUNED = {recorders.get(key, key): _Recorder(tuner, launches.append, case)
+                         for key, tuner in saved["_TUNED"].items()}
     try:
         yield launches
     finally:
@@ -148,12 +186,15 @@ def recording_launches(module, case: Callable[[], str]):
             setattr(module, name, value)
 
 
+KERNEL_MODULES = ("attention", "conv_proj", "mlp_activation", "linear_activation", "residual_layer_norm")
+
+
 def _use_gpu_kernels() -> None:
     """The kernels must be decorated as GPU kernels, not interpreted: Triton reads the variable
-    when the kernel modules are imported (the first *_launches call)."""
-    if "cvt_fast.kernels.attention" in sys.modules or "cvt_fast.kernels.conv_proj" in sys.modules:
-        from cvt_fast.kernels import attention
-        if attention._INTERPRET:
+    when a kernel module is imported (the first *_launches call)."""
+    for name in KERNEL_MODULES:
+        module = sys.modules.get(f"cvt_fast.kernels.{name}")
+        if module is not None and any(type(value).__name__ == "InterpretedFunction" for value in vars(module).values()):
             raise RuntimeError("the kernels were imported under TRITON_INTERPRET=1: run this report in a "
                                "process of its own (python bench/kernels_report.py)")
     os.environ["TRITON_INTERPRET"] = "0"
@@ -229,6 +270,124 @@ def conv_proj_launches(subset: str) -> list[Launch]:
     return launches
 
 
+# The fused elementwise ops (issue 18) at CvT-13 at 224, batch 8: (label, tokens, C). The MLP's
+# products and activation run at the hidden width 4C. Stages 1 and 3: in the products the stage
+# changes only the row count's specialisation (M = 8 * 3136 is a multiple of 16, 8 * 197 is not),
+# in the activation the rows per backward program; the LayerNorm's tile shape follows C, so it also
+# runs at stage 2 and at CvT-W24's widest stage (C = 1024 at 384: the largest row in registers).
+MLP_SHAPES = [("s1 3136 tok C=64", 3136, 64), ("s3 197 tok C=384", 197, 384)]
+RESIDUAL_SHAPES = MLP_SHAPES[:1] + [("s2 784 tok C=192", 784, 192)] + MLP_SHAPES[1:] + [
+    ("W24-s3 577 tok C=1024", 577, 1024)]
+# 'auto' takes Triton for these ops on CUDA in every float dtype (the table limits only fp64 attention).
+ELEMENTWISE_DTYPES = ("bfloat16", "float16", "float32", "float64")
+ACTIVATIONS = ("quick_gelu", "gelu")
+FUSED_BATCH = 8
+
+
+def _dtypes(names) -> tuple:
+    import torch
+    return tuple(getattr(torch, name) for name in names)
+
+
+def _family_launches(module_name: str, run: Callable[[Any, Callable[[str], None]], None]) -> list[Launch]:
+    """The launches that `run(module, set_case)` makes through module cvt_fast.kernels.<module_name>."""
+    _use_gpu_kernels()
+    import importlib
+    module = importlib.import_module(f"cvt_fast.kernels.{module_name}")
+    current = {"case": ""}
+    with recording_launches(module, lambda: current["case"]) as recorded:
+        run(module, lambda case: current.update(case=case))
+        return list(recorded)
+
+
+def linear_activation_launches(subset: str) -> list[Launch]:
+    """fc1's product with the activation in its epilogue (forward, keeping fc1's output for the
+    backward or not) and fc2's input-gradient product with the activation's backward in its
+    epilogue (writing the recomputed activation or not), each with fc1's bias as the model has it;
+    16-bit: every config of the autotune lists. 'ci': bf16, exact GELU (the heavier epilogue),
+    stage 3, the training variants."""
+    shapes = MLP_SHAPES[1:] if subset == "ci" else MLP_SHAPES
+    dtypes = _dtypes(("bfloat16",) if subset == "ci" else ELEMENTWISE_DTYPES)
+    acts = ("gelu",) if subset == "ci" else ACTIVATIONS
+    flags = (True,) if subset == "ci" else (True, False)
+
+    def run(kernels, set_case):
+        for dtype in dtypes:
+            for label, tokens, channels in shapes:
+                hidden_width = 4 * channels
+                x = _meta((FUSED_BATCH, tokens, channels), dtype)
+                fc1_weight, fc1_bias = _meta((hidden_width, channels), dtype), _meta((hidden_width,), dtype)
+                fc2_weight = _meta((channels, hidden_width), dtype)
+                hidden = _meta((FUSED_BATCH, tokens, hidden_width), dtype)
+                for act in acts:
+                    for flag in flags:
+                        set_case(f"linear_activation fwd {label} {act}{'' if flag else ' eval'} {_dtype(dtype)}")
+                        kernels.linear_activation_forward(x, fc1_weight, fc1_bias, act, keep_hidden=flag)
+                        set_case(f"linear_activation bwd {label} {act}{'' if flag else ' no-act'} {_dtype(dtype)}")
+                        kernels.activation_grad_through_linear(x, fc2_weight, hidden, fc1_bias, act,
+                                                               with_activation=flag)
+    return _family_launches("linear_activation", run)
+
+
+def mlp_activation_launches(subset: str) -> list[Launch]:
+    """The MLP's bias + activation alone at the hidden width, forward and backward (with the
+    recomputed activation, as the lean MLP asks for it). 'ci': bf16, exact GELU, stage 3."""
+    shapes = MLP_SHAPES[1:] if subset == "ci" else MLP_SHAPES
+    dtypes = _dtypes(("bfloat16",) if subset == "ci" else ELEMENTWISE_DTYPES)
+    acts = ("gelu",) if subset == "ci" else ACTIVATIONS
+
+    def run(kernels, set_case):
+        for dtype in dtypes:
+            for label, tokens, channels in shapes:
+                x = _meta((FUSED_BATCH, tokens, 4 * channels), dtype)
+                bias = _meta((4 * channels,), dtype)
+                for act in acts:
+                    set_case(f"mlp_activation fwd {label} {act} {_dtype(dtype)}")
+                    kernels.mlp_activation_forward(x, bias, act)
+                    set_case(f"mlp_activation bwd {label} {act} {_dtype(dtype)}")
+                    kernels.mlp_activation_backward(x, x, bias, act, True)
+    return _family_launches("mlp_activation", run)
+
+
+def residual_layer_norm_launches(subset: str) -> list[Launch]:
+    """Residual add + drop path + LayerNorm, forward and backward, with and without the drop-path
+    scale and the branch's bias (the model uses all four: drop path only where its rate is above
+    0, the bias only after the MLP). LayerNorm parameters in fp32, as the model keeps them.
+    'ci': bf16, scale and bias, CvT-13's stage 3 and CvT-W24's widest stage."""
+    import torch
+    shapes = RESIDUAL_SHAPES[2:] if subset == "ci" else RESIDUAL_SHAPES
+    dtypes = _dtypes(("bfloat16",) if subset == "ci" else ELEMENTWISE_DTYPES)
+    variants = ((True, True),) if subset == "ci" else ((True, True), (True, False), (False, True), (False, False))
+
+    def run(kernels, set_case):
+        for dtype in dtypes:
+            for label, tokens, channels in shapes:
+                x = _meta((FUSED_BATCH, tokens, channels), dtype)
+                stats = _meta((FUSED_BATCH, tokens), torch.float64 if dtype == torch.float64 else torch.float32)
+                weight = _meta((channels,), torch.float32)
+                scale = _meta((FUSED_BATCH,), torch.float32)
+                for with_scale, with_bias in variants:
+                    flags = "".join((" scale" if with_scale else "", " branch-bias" if with_bias else ""))
+                    set_case(f"residual_layer_norm fwd {label}{flags} {_dtype(dtype)}")
+                    kernels.residual_layer_norm_forward(x, x, _meta((channels,), dtype) if with_bias else None,
+                                                        scale if with_scale else None, weight, weight, 1e-5)
+                    if with_bias:  # the backward has no branch-bias flag: one launch per scale flag
+                        set_case(f"residual_layer_norm bwd {label}{' scale' if with_scale else ''} {_dtype(dtype)}")
+                        kernels.residual_layer_norm_backward(x, x, x, stats, stats, scale if with_scale else None,
+                                                             weight)
+    return _family_launches("residual_layer_norm", run)
+
+
+# Every kernel family of the package: its module under kernels/ and what records its launches.
+FAMILIES = {
+    "attention": attention_launches,
+    "conv_proj": conv_proj_launches,
+    "linear_activation": linear_activation_launches,
+    "mlp_activation": mlp_activation_launches,
+    "residual_layer_norm": residual_layer_norm_launches,
+}
+
+
 def _dtype(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -260,10 +419,12 @@ def specialise(launch: Launch, target) -> tuple:
 
 
 def _config_label(meta: dict) -> str:
-    keys = [k for k in ("BLOCK_M", "BLOCK_N", "BLOCK_C", "TILE_H", "TILE_W") if k in meta]
+    keys = [k for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C", "TILE_H", "TILE_W", "ROWS_PER_PROGRAM")
+            if k in meta]
     parts = [f"{k}={meta[k]}" for k in keys]
     parts += [f"warps={meta.get('num_warps', 4)}", f"stages={meta.get('num_stages', 3)}"]
-    flags = [k for k in ("HAS_BQ", "HAS_BK", "HAS_BV", "HAS_B0", "HAS_CLS") if meta.get(k)]
+    flags = [k for k in ("HAS_BQ", "HAS_BK", "HAS_BV", "HAS_B0", "HAS_CLS", "HAS_BIAS", "KEEP_HIDDEN",
+                         "WITH_ACTIVATION", "HAS_SCALE", "HAS_BRANCH_BIAS") if meta.get(k)]
     if flags:
         parts.append("+" + "+".join(flags))
     return " ".join(parts)
@@ -353,13 +514,16 @@ def analyse_triton(launch: Launch, target, cache: dict) -> Row:
 
 
 def triton_violations(row: Row) -> list[str]:
-    """What a config that 'auto' can pick must not do."""
+    """What a config that 'auto' can pick must not do: spill, or (16-bit, with matrix products:
+    attention, the MLP's fused products) run any of its products off wgmma. fp32 and fp64 are
+    the accuracy paths (input_precision="ieee": FMA units by design); the elementwise and
+    convolution kernels have no matrix products."""
     problems = []
     if (row.spill_store_bytes or 0) or (row.spill_load_bytes or 0):
         problems.append(f"spills ({row.spill_store_bytes} B stored, {row.spill_load_bytes} B loaded)")
-    if row.kernel.startswith("_attn") and row.has_dot and row.sixteen_bit:
+    if row.has_dot and row.sixteen_bit:
         if not row.sass.get("wgmma"):
-            problems.append("16-bit attention matrix products are not on wgmma (no HGMMA)")
+            problems.append("16-bit matrix products are not on wgmma (no HGMMA)")
         elif row.sass.get("mma_sync"):
             problems.append(f"part of the matrix products fell back from wgmma to mma.sync "
                             f"({row.sass['mma_sync']} HMMA)")
@@ -459,33 +623,64 @@ def environment() -> dict:
     return env
 
 
+def _family(row: dict) -> str:
+    """'cuda' for the extension's rows, else the Triton case's first word (attention, conv_proj, ...)."""
+    return row["source"] if row["source"] != "triton" else row["case"].split()[0]
+
+
+def merged_rows(previous: list[dict], fresh: list[dict]) -> list[dict]:
+    """A previous report's rows with the re-run ones replaced: a previous row goes when the fresh
+    rows have its case (Triton) or any row of the extension (cuda); the fresh rows of a family take
+    the place of the first row of it that went; those of new families follow the Triton rows (or,
+    for the extension, the end)."""
+    fresh_cases = {r["case"] for r in fresh if r["source"] == "triton"}
+    fresh_extension = any(r["source"] == "cuda" for r in fresh)
+    placed: set[str] = set()
+    out: list[dict] = []
+    for row in previous:
+        gone = row["case"] in fresh_cases if row["source"] == "triton" else fresh_extension
+        if not gone:
+            out.append(row)
+        elif _family(row) not in placed:
+            placed.add(_family(row))
+            out.extend(r for r in fresh if _family(r) == _family(row))
+    new_families = [r for r in fresh if _family(r) not in placed]
+    after_triton = max((i + 1 for i, r in enumerate(out) if r["source"] == "triton"), default=0)
+    return out[:after_triton] + [r for r in new_families if r["source"] == "triton"] + out[after_triton:] + [
+        r for r in new_families if r["source"] != "triton"]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--subset", choices=["all", "ci"], default="all",
-                        help="'ci': bf16 only, attention d=64 and 128, conv_proj at CvT-13 stages 1 and 3")
+                        help="'ci': bf16 only, attention d=64 and 128, conv_proj at CvT-13 stages 1 and 3, "
+                             "the fused elementwise kernels at CvT-13's stage 3 (and CvT-W24's for the LayerNorm)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON path (a .md table is written beside it)")
     parser.add_argument("--no-cuda-extension", action="store_true", help="skip the CUDA extension's report")
     parser.add_argument("--extension", type=Path, default=None, help="the extension .so (default: cvt_fast/_C*.so)")
     parser.add_argument("--only", default=None, help="regular expression: only the Triton cases it finds "
-                                                       "(e.g. 'conv_proj eval' or 'd=64 bfloat16')")
+                                                       "(e.g. 'conv_proj eval', 'd=64 bfloat16' or '^linear_activation')")
+    parser.add_argument("--merge", action="store_true",
+                        help="update --out in place: the rows of the cases run now replace their old rows, the "
+                             "others are kept (with --only, to regenerate one family of a full report)")
     parser.add_argument("--check", action="store_true",
-                        help="exit 1 when a Triton config spills or a 16-bit attention config leaves wgmma")
+                        help="exit 1 when a Triton config spills or a 16-bit matrix product leaves wgmma")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
     target = _target()
     cache: dict = {}
     rows: list[Row] = []
-    for launches in (attention_launches(args.subset), conv_proj_launches(args.subset)):
-        for launch in launches:
+    for family, launches_of in FAMILIES.items():
+        for launch in launches_of(args.subset):
             if args.only and not re.search(args.only, launch.case):
                 continue
             row = analyse_triton(launch, target, cache)
             if row.case != launch.case:  # the same compiled kernel reached from another case
                 row = Row(**{**row.__dict__, "case": launch.case, "compile_s": 0.0})
             rows.append(row)
-            print(f"{row.kernel:>24} {row.case:<44} {row.config:<52} regs={row.registers} "
+            print(f"{row.kernel:>32} {row.case:<52} {row.config:<64} regs={row.registers} "
                   f"spill={row.spill_store_bytes}/{row.spill_load_bytes} {'; '.join(row.violations)}", flush=True)
     if not args.no_cuda_extension:
         path = args.extension or extension_path()
@@ -494,20 +689,31 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             rows.extend(analyse_extension(path))
 
-    violations = [f"{r.kernel} [{r.case}; {r.config}]: {v}" for r in rows if r.source == "triton" for v in r.violations]
-    payload = {"report": "kernels", "environment": environment(), "subset": args.subset,
-               "seconds": round(time.perf_counter() - started, 1),
+    seconds = round(time.perf_counter() - started, 1)
+    payload = {"report": "kernels", "environment": environment(), "subset": args.subset, "seconds": seconds,
                "rules": ["every Triton config: no spills (ptxas -v spill stores/loads 0)",
-                         "16-bit Triton attention configs with matrix products: all of them on wgmma (HGMMA, no HMMA)",
-                         "the CUDA extension is reported, not checked"],
-               "violations": violations, "rows": [r.__dict__ for r in rows]}
+                         "16-bit Triton configs with matrix products (attention, the MLP's fused products): all "
+                         "of them on wgmma (HGMMA, no HMMA)",
+                         "the CUDA extension is reported, not checked"]}
+    row_dicts = [r.__dict__ for r in rows]
+    if args.merge and args.out.exists():
+        previous = json.loads(args.out.read_text())
+        row_dicts = merged_rows(previous.get("rows", []), row_dicts)
+        payload["subset"] = previous.get("subset", args.subset)
+        payload["seconds"] = previous.get("seconds")
+        payload["updates"] = previous.get("updates", []) + [
+            {"only": args.only, "subset": args.subset, "rows": len(rows), "seconds": seconds,
+             "git_commit": payload["environment"]["git_commit"]}]
+    violations = [f"{r['kernel']} [{r['case']}; {r['config']}]: {v}"
+                  for r in row_dicts if r["source"] == "triton" for v in r["violations"]]
+    payload.update(violations=violations, rows=row_dicts)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=1) + "\n")
-    table = markdown(rows)
+    table = markdown([Row(**r) for r in row_dicts])
     args.out.with_suffix(".md").write_text(f"# Kernel resources for sm_90 ({payload['environment']['triton']} "
-                                           f"Triton, subset {args.subset})\n\n{table}\n")
+                                           f"Triton, subset {payload['subset']})\n\n{table}\n")
     print("\n" + table)
-    print(f"\n{len(rows)} kernels/configs in {payload['seconds']} s; violations: {len(violations)}")
+    print(f"\n{len(rows)} kernels/configs in {seconds} s; violations: {len(violations)}")
     for line in violations:
         print("  " + line)
     print(f"results: {args.out}")

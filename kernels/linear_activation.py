@@ -45,9 +45,10 @@ _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64
 
 # GPU, 16-bit inputs: BLOCK_M is fixed at 64 (see the header); N and K tiles, warps and stages
 # are autotuned. Every configuration below compiles for sm_90 without register spills for both
-# activations (ptxas, bf16; tests/test_fused_kernels_sm90.py): the activation epilogue holds
-# several fp32 tiles at once, so 128 x 128 tiles or BLOCK_K = 64 spill (measured: up to 4 KB
-# per thread in the backward). 64 x 256 tiles spill only in the backward's heavier epilogue.
+# activations (ptxas; bench/kernels_report.py, checked in CI by tests/test_kernels_report.py):
+# the activation epilogue holds several fp32 tiles at once, so 128 x 128 tiles or BLOCK_K = 64
+# spill (measured: up to 4 KB per thread in the backward). 64 x 256 tiles spill only in the
+# backward's heavier epilogue.
 # First choices, to be timed with bench/model.py on the GPU. fp32 (the accuracy path: FMA, not
 # tensor cores) and the interpreter use one small config each; the interpreter's cost grows with
 # programs and loop trips, and 32-wide tiles still leave several tiles at the odd test shapes.
@@ -63,6 +64,10 @@ _GPU_CONFIGS = {
     "backward": _COMMON_CONFIGS,
 }
 _FP32_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+# fp64 (on the GPU a test dtype, but 'auto' takes Triton for it): the same tiles, so the same
+# BLOCK_M for the bias-gradient buffer, over 8 warps; with 4 the backward's epilogue spilled
+# (392 B per thread at 255 registers; bench/kernels_report.py).
+_FP64_CONFIG = {**_FP32_CONFIG, "num_warps": 8}
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
 
 
@@ -193,7 +198,8 @@ def _launch(kernel, rows: int, columns: int, args: tuple, dtype: torch.dtype, **
     constexprs.update(GROUP_M=_GROUP_M, UPCAST=_INTERPRET, ACC=_acc_dtype(dtype),
                       DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32")
     if _INTERPRET or dtype in (torch.float32, torch.float64):
-        config = dict(_INTERPRETER_CONFIG if _INTERPRET else _FP32_CONFIG)
+        gpu_config = _FP64_CONFIG if dtype == torch.float64 else _FP32_CONFIG
+        config = dict(_INTERPRETER_CONFIG if _INTERPRET else gpu_config)
         grid = (triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(columns, config["BLOCK_N"]),)
         kernel[grid](*args, **config, **constexprs)
         return config["BLOCK_M"]

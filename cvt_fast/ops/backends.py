@@ -211,7 +211,9 @@ _RECORDS = (
                                      "float64 attention is not supported by the Triton kernels on the GPU "
                                      "(tl.dot has no fp64 path there)"),),
             gpu_tests=(("tests/test_kernels_attention.py", "tests/test_kernels_conv_proj.py", "-m", "gpu"),
-                       ("tests/test_ops_registration.py", "-m", "gpu", "-k", "triton"))),
+                       ("tests/test_ops_registration.py", "-m", "gpu", "-k", "triton"),
+                       # the fused elementwise ops' kernels (issue 18), at CvT-13's shapes
+                       ("tests/test_fused_elementwise_gpu.py", "-m", "gpu"))),
     Backend("cuda", "kernels", HOT_OPS, (torch.bfloat16, torch.float16, torch.float32), _cuda_probe, _load_cuda,
             summary="CUDA C++ kernels (`csrc/`, built into `cvt_fast._C`)",
             where="CUDA GPUs, when `cvt_fast._C` is built", head_dims=(32, 64, 128), kernel_rule=one_kernel_size,
