@@ -5,14 +5,16 @@
     python -m cvt_fast.export --model cvt-13 --image-size 224 --out cvt13.onnx [--checkpoint FILE] [--check]
 
 torch.export traces the eval model with the batch dimension dynamic; the custom ops
-`cvt_fast::conv_proj` and `cvt_fast::attention` stay single nodes (their fake kernels give the
+`cvt_fast::conv_proj`, `cvt_fast::attention` and the fused elementwise ops of the block
+(`linear_activation`, `mlp_activation`, `residual_layer_norm`) stay single nodes (their fake kernels give the
 shapes), with the backend that resolved for the example input's device baked in as a string. The
 BatchNorm fold is traced as graph operations on the parameters and running statistics (the eval
 cache is bypassed while tracing), so the program carries no stale folded constants.
 
-ONNX has no CvT operators, so `export_onnx` first lowers the two ops through their plain-PyTorch
-reference implementations (`reference_decompositions`, given to ExportedProgram.run_decompositions):
-depthwise Conv (group = channels), Concat for the cls row, MatMul/Softmax-style attention. The result
+ONNX has no CvT operators, so `export_onnx` first lowers every cvt_fast forward op through its
+plain-PyTorch reference implementation (`reference_decompositions`, given to ExportedProgram.run_decompositions):
+depthwise Conv (group = channels), Concat for the cls row, MatMul/Softmax-style attention,
+MatMul + Sigmoid for fc1 with its activation, the residual add and LayerNorm as plain arithmetic. The result
 is standard ONNX that onnxruntime runs on the CPU; `check_onnx` compares its logits with PyTorch's.
 Height and width are fixed at export (the ops take them as ints); export once per image size.
 """
@@ -27,7 +29,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from cvt_fast.ops import reference
+from cvt_fast.ops import elementwise_reference, reference
 
 __all__ = ["export_program", "export_onnx", "lower_custom_ops", "reference_decompositions", "check_onnx", "main"]
 
@@ -48,12 +50,32 @@ def _attention_as_reference(q, k, v, scale, backend):
     return reference.attention_reference(q, k, v, scale)
 
 
+def _mlp_activation_as_reference(x, bias, act, backend):
+    del backend
+    return elementwise_reference.mlp_activation_reference(x, bias, act)
+
+
+def _linear_activation_as_reference(x, weight, bias, act, keep_hidden, backend):
+    del backend
+    return elementwise_reference.linear_activation_reference(x, weight, bias, act, keep_hidden)
+
+
+def _residual_layer_norm_as_reference(x, branch, branch_bias, scale, weight, bias, eps, backend):
+    del backend
+    return elementwise_reference.residual_layer_norm_reference(x, branch, branch_bias, scale, weight, bias, eps)
+
+
 def reference_decompositions() -> dict[torch._ops.OpOverload, Callable]:
-    """Decomposition table: each cvt_fast forward op -> its plain-PyTorch reference implementation."""
+    """Decomposition table: each cvt_fast forward op -> its plain-PyTorch reference implementation.
+    (Backward ops never reach an exported inference program.)"""
     import cvt_fast.ops  # noqa: F401  (registers torch.ops.cvt_fast.*)
 
-    return {torch.ops.cvt_fast.conv_proj.default: _conv_proj_as_reference,
-            torch.ops.cvt_fast.attention.default: _attention_as_reference}
+    ops = torch.ops.cvt_fast
+    return {ops.conv_proj.default: _conv_proj_as_reference,
+            ops.attention.default: _attention_as_reference,
+            ops.mlp_activation.default: _mlp_activation_as_reference,
+            ops.linear_activation.default: _linear_activation_as_reference,
+            ops.residual_layer_norm.default: _residual_layer_norm_as_reference}
 
 
 def _example_input(model: nn.Module, image_size: int, batch_size: int, example_input: Optional[Tensor]) -> Tensor:

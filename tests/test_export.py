@@ -40,7 +40,9 @@ def tiny_program():
 
 def test_torch_export_keeps_the_custom_ops_and_matches_eager_at_any_batch_size(tiny_program, tmp_path):
     model, program = tiny_program
-    assert cvt_ops_in(program) == ["cvt_fast.attention.default", "cvt_fast.conv_proj.default"]
+    # The fused block ops (fc1 + activation, residual + LayerNorm) are custom ops too.
+    assert cvt_ops_in(program) == ["cvt_fast.attention.default", "cvt_fast.conv_proj.default",
+                                   "cvt_fast.linear_activation.default", "cvt_fast.residual_layer_norm.default"]
     # The BatchNorm fold is traced from the parameters and statistics, not baked in as constants.
     assert not program.constants
     assert any("running_var" in name for name in program.graph_signature.buffers)
@@ -58,6 +60,11 @@ def test_lowered_program_has_only_standard_operators_and_the_same_logits(tiny_pr
     model, program = tiny_program
     lowered = export.lower_custom_ops(program)
     assert cvt_ops_in(lowered) == []
+    # Every forward op the package registers has a decomposition (a new op would otherwise only
+    # fail at ONNX export time).
+    forward_ops = {name for name in dir(torch.ops.cvt_fast) if not name.endswith("backward")
+                   and not name.startswith("_") and isinstance(getattr(torch.ops.cvt_fast, name), torch._ops.OpOverloadPacket)}
+    assert forward_ops - {"activation_grad_through_linear"} <= {str(op).split(".")[1] for op in export.reference_decompositions()}
     images = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(lowered.module()(images), eager_logits(model, images), rtol=1e-5, atol=1e-6)
 
