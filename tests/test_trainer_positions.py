@@ -3,7 +3,8 @@ position a resume restores, and step checkpoints that survive a crash mid-write.
 
 Found by tools/mutation_check.py: starting the schedule one step late for BEGIN_EPOCH,
 restoring the global step from the wrong field, and writing the step checkpoint with a plain
-torch.save (in place) all passed every earlier test.
+torch.save (in place) all passed every earlier test. The resume test also checks the batches
+the loader yields next (a resume that replays the epoch, or skips batches counted as samples).
 """
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ import torch
 
 from cvt_fast.config import load_config
 from cvt_fast.training import distributed as dist_utils
-from cvt_fast.training import plots
-from cvt_fast.training import loop
+from cvt_fast.training import loop, plots
 from cvt_fast.training.data import set_loader_epoch
 from cvt_fast.training.loop import Trainer
 from cvt_fast.training.outputs import OutputError
@@ -90,12 +90,16 @@ def test_resume_restores_the_data_position_and_the_global_step(tmp_path, monkeyp
     and the next resume would go back to that one."""
     first = _trainer(tmp_path)
     first.pos.epoch, first.pos.step_in_epoch, first.pos.global_step = 1, 2, 5
+    for _ in range(5):  # the schedule where five steps put it (no gradients: the weights stay)
+        first.optimizer.step()
+        first.scheduler.step()
     first.save_checkpoint()
 
     resumed = _trainer(tmp_path)
     assert resumed.restore()
     assert (resumed.pos.epoch, resumed.pos.step_in_epoch, resumed.pos.global_step) == (1, 2, 5)
-    assert resumed.scheduler.last_epoch == first.scheduler.last_epoch
+    assert resumed.scheduler.last_epoch == first.scheduler.last_epoch == 5
+    assert resumed.optimizer.param_groups[0]["lr"] == first.optimizer.param_groups[0]["lr"]
 
     # The data position: the next epoch run goes on with the third batch of epoch 1's order.
     class Started(Exception):
