@@ -143,6 +143,10 @@ def test_fold_follows_dtype_changes_and_matches_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         uncached = model(images)  # grad mode with trainable parameters: folded afresh
     assert torch.equal(cached, uncached.detach())
+    # The same weights, now without autocast: the stored bf16 fold must not be reused for float32.
+    with torch.no_grad():
+        assert_close(model(images), official_logits(model, images))
+        assert all(t.dtype == torch.float32 for t in attn._folded_bn._entry.folded)
 
 
 def test_fold_follows_a_parameter_replaced_by_assignment():
@@ -152,6 +156,21 @@ def test_fold_follows_a_parameter_replaced_by_assignment():
     with torch.no_grad():
         model(images)
         conv.weight = torch.nn.Parameter(conv.weight * 1.5)  # a new tensor, version 0
+        assert_close(model(images), official_logits(model, images))
+
+
+def test_fold_follows_a_new_parameter_at_the_old_ones_address_and_version():
+    # What an address reused by the allocator looks like to the cache: a new tensor with the old
+    # one's storage and version counter; only its identity says it is not the tensor folded before.
+    model = tiny_cvt()
+    images = torch.randn(2, 3, 32, 32)
+    conv = model.stage2.blocks[0].attn.conv_proj_v.conv
+    with torch.no_grad():
+        model(images)
+        old = conv.weight
+        conv.weight = torch.nn.Parameter(old.detach())
+        conv.weight.data.mul_(1.5)  # writes through .data bump no version counter
+        assert conv.weight.data_ptr() == old.data_ptr() and conv.weight._version == old._version
         assert_close(model(images), official_logits(model, images))
 
 
