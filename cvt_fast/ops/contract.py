@@ -91,6 +91,12 @@ def check_attention_arguments(q: object, k: object, v: object, scale: object) ->
 
 def check_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> None:
     """q (B, Nq, H, d), k and v (B, Nkv, H, d): one dtype, one device, last dims contiguous."""
+    _check_attention_shapes(q, k, v)
+    _check_last_dim_contiguous(q=q, k=k, v=v)
+    check_scale(scale)
+
+
+def _check_attention_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, 4, ATTENTION_LAYOUT)
     _check_same("batch sizes", ("q", "k", "v"), (q.shape[0], k.shape[0], v.shape[0]))
@@ -101,18 +107,20 @@ def check_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> None:
     _check_same("devices", ("q", "k", "v"), (q.device, k.device, v.device))
     if q.shape[1] == 0 or k.shape[1] == 0:
         raise ValueError(f"attention needs at least one query and one key, got Nq={q.shape[1]}, Nkv={k.shape[1]}")
-    _check_last_dim_contiguous(q=q, k=k, v=v)
-    check_scale(scale)
 
 
 def check_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                              scale: float) -> None:
-    """The forward's inputs, plus grad_out and out (B, Nq, H*d) in q's dtype, lse (B, H, Nq) float32."""
-    check_attention(q, k, v, scale)
+    """The forward's inputs, plus grad_out and out (B, Nq, H*d) in q's dtype, lse (B, H, Nq) float32.
+
+    Any strides: autograd passes the saved tensors, whose layout a compiler may have chosen (inductor
+    laid out a q recomputed for the backward with its token dimension innermost); the op makes what
+    its kernels need itself (cvt_fast/ops/library.py, attention_backward)."""
+    _check_attention_shapes(q, k, v)
+    check_scale(scale)
     batch, n_q, heads, head_dim = q.shape
     for name, t in (("grad_out", grad_out), ("out", out)):
         _check_like(name, t, (batch, n_q, heads * head_dim), q, "q")
-    _check_last_dim_contiguous(grad_out=grad_out, out=out)
     if not isinstance(lse, Tensor):
         raise TypeError(f"lse must be a torch.Tensor, got {type(lse).__name__}")
     if tuple(lse.shape) != (batch, heads, n_q):

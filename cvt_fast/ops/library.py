@@ -57,6 +57,11 @@ def _no_autocast(t: Tensor):
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
+def _unit_stride_last(t: Tensor) -> Tensor:
+    # What the kernels read in place; a copy only for a layout a compiler chose otherwise.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _fresh(t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     # Outputs of a custom op are contiguous tensors of the declared dtype; a backend that
     # returns anything else is normalised here rather than breaking the fake-tensor contract.
@@ -85,6 +90,7 @@ def _attention_fake(q, k, v, scale, backend):
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                        scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     contract.check_attention_backward(grad_out, q, k, v, out, lse, scale)
+    grad_out, q, k, v, out = (_unit_stride_last(t) for t in (grad_out, q, k, v, out))
     _, backward = _implementation("attention", backend)
     with _no_autocast(q):
         dq, dk, dv = backward(grad_out, q, k, v, out, lse, scale)
