@@ -288,7 +288,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             measured=[i.name for i in measured], left_out=left_out,
             unavailable={i.name: i.reason for i in impls if i.fn is None}, steps=steps,
             calls=plan.timed_calls(setup, "a float32 reference"),
-            notes=[f"{i.name} {plan.INTERPRETED_NOTE}" for i in measured if i.interpreted]):
+            notes=[f"{i.name} {plan.INTERPRETED_NOTE}" for i in measured if i.interpreted],
+            uncounted=[i.name for i in measured if i.interpreted]):
         print(line, flush=True)
     if args.dry_run:
         return 0

@@ -480,7 +480,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             measured=[i.name for i in measured], left_out=left_out,
             unavailable={i.name: i.reason for i in impls if i.reason is not None}, steps=steps, calls=calls,
             notes=[f"{name} {plan.INTERPRETED_NOTE}" for name in interpreted]
-            + ["cvt_fast logits are checked against the official model's (same weights) on the first batch"]):
+            + ["cvt_fast logits are checked against the official model's (same weights) on the first batch"],
+            uncounted=interpreted + [i.name for i in measured if i.compile and i.name not in interpreted]):
         print(line, flush=True)
     if args.dry_run:
         return 0

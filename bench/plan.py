@@ -231,17 +231,76 @@ class Progress:
 
     def _advance(self) -> None:
         left = self._left()
-        self.bar.set_postfix_str(f"about {format_duration(left)} left" if left is not None else "", refresh=False)
+        if self.bar.n + 1 >= self.bar.total:
+            postfix = "done"
+        else:
+            postfix = f"about {format_duration(left)} left" if left is not None else ""
+        self.bar.set_postfix_str(postfix, refresh=False)
         self.bar.update(1)
+
+
+# --------------------------------------------------------------------------- the first estimate
+
+# Before anything is measured, a run's length is judged from its steps' work at the speed of a
+# reference machine: seconds per unit of work (attn: FLOPs, conv_proj: bytes moved, model:
+# multiply-accumulates), whole steps counted (input creation, the checked first call, the timed
+# calls). Measured by bare CPU-sized runs (float32, one thread) on a 2-core AMD EPYC shared with
+# other work, 2026-12-02: attn 8.2e10 FLOPs in 12 s, conv_proj 3.5e8 bytes in 12 s, model
+# 1.1e11 MACs in 26 s (the README's Benchmarks section shows those runs). Another CPU can be
+# faster or slower by a few times; the bar's estimate then follows this run's own measurements.
+REFERENCE_CPU_SECONDS_PER_WORK = {"attn": 1.5e-10, "conv_proj": 3.4e-8, "model": 2.4e-10}
+# Whatever its work, a step costs Python, allocation and the check: the floor of a tiny step
+# (the --quick plan's, on the same machine).
+MIN_STEP_SECONDS = 0.2
+# On a GPU a measurement is time-boxed (warm-up and timed calls by duration); on top of that box
+# come the first, checked call and the inputs' creation.
+GPU_STEP_OVERHEAD_SECONDS = 1.0
+
+
+def expected_seconds(script: str, steps: Sequence[Step], setup, uncounted: Iterable[str] = ()) -> Optional[float]:
+    """How long the steps to measure should take, judged before measuring (None: no basis).
+    `uncounted`: implementations whose steps are left out of the sum (the interpreted and the
+    compiled ones on a CPU, whose time has nothing to do with their work)."""
+    skip = set(uncounted)
+    todo = [s for s in steps if s.unmeasured is None and s.impl not in skip]
+    if setup.device.type == "cuda":
+        timing = setup.timing
+        box = (timing.warmup_ms + timing.rep_ms * max(1, timing.repeat)) / 1e3
+        return len(todo) * (box + GPU_STEP_OVERHEAD_SECONDS)
+    rate = REFERENCE_CPU_SECONDS_PER_WORK.get(script)
+    if rate is None:
+        return None
+    return sum(max(rate * step.work, MIN_STEP_SECONDS) for step in todo)
+
+
+def time_line(script: str, steps: Sequence[Step], setup, uncounted: Sequence[str] = ()) -> str:
+    """The header's 'time:' line: the estimate judged before measuring, and what it is based on."""
+    seconds = expected_seconds(script, steps, setup, uncounted)
+    if seconds is None:
+        line = "  time: estimated from the first measurement, then refined on the progress bar as results land"
+    else:
+        if setup.device.type == "cuda":
+            basis = "each measurement time-boxed by --warmup-ms and --rep-ms, plus its first call"
+        else:
+            basis = "judged from the speed of a 2-core reference CPU at one thread"
+        line = (f"  time: about {format_duration(seconds)} ({basis}; the bar's estimate then follows this "
+                "run's own measurements)")
+        if uncounted:
+            line += (f"; not counted: {', '.join(uncounted)} (compilation or Triton's interpreter sets their time, "
+                     "not their work)")
+    if setup.deadline.end is not None:
+        line += f"; no measurement starts after --time-budget {setup.time_budget:g} s"
+    return line
 
 
 # --------------------------------------------------------------------------- the header
 
 def header(script: str, what: str, setup, shapes: Sequence[str], measured: Sequence[str],
            left_out: Mapping[str, str], unavailable: Mapping[str, str], steps: Sequence[Step],
-           calls: str, notes: Iterable[str] = ()) -> list[str]:
+           calls: str, notes: Iterable[str] = (), uncounted: Sequence[str] = ()) -> list[str]:
     """The lines a run starts with: what it measures on this device, with which implementations
-    (and why any are not), how many measurements, how each is taken and how long it will take."""
+    (and why any are not), how many measurements, how each is taken and how long it will take
+    (`uncounted`: measured implementations whose time the first estimate cannot judge)."""
     from bench.common import DEFAULT_MODEL_SIZES, device_name
 
     sizes = {"quick": "--quick, a smoke run (tiny shapes; the timings mean nothing)",
@@ -262,11 +321,7 @@ def header(script: str, what: str, setup, shapes: Sequence[str], measured: Seque
     lines += [f"  note: {note}" for note in notes]
     todo = [s for s in steps if s.unmeasured is None]
     lines.append(f"  {len(todo)} measurements; each: {calls}")
-    budget = ""
-    if setup.deadline.end is not None:
-        budget = f"; no measurement starts after --time-budget {setup.time_budget:g} s"
-    lines.append("  time: estimated from the first measurement, then refined on the progress bar as results "
-                 f"land{budget}")
+    lines.append(time_line(script, steps, setup, uncounted))
     return lines
 
 

@@ -385,7 +385,8 @@ def test_bare_attention_run_on_a_cpu_plans_cvt13_without_the_interpreter(capsys,
     assert set(unavailable) == {"cvt_fast-cuda", "sdpa-efficient", "sdpa-cudnn", "xformers"}
     assert "  18 measurements; each: a first call (checked against a float32 reference), then 3 timed calls; " \
            "the median is reported" in lines
-    assert lines[-1].startswith("  time: estimated from the first measurement")
+    # The first estimate, before anything is measured: the plan's work at the reference CPU's speed.
+    assert lines[-1].startswith("  time: about ") and "2-core reference CPU" in lines[-1]
 
 
 def test_asking_for_the_interpreter_or_the_full_plan(capsys, keep_threads):
@@ -470,6 +471,34 @@ def test_time_estimate_learns_each_implementations_rate():
                                                                             "unknown"]
 
 
+def test_first_estimate_judges_the_plans_work_before_measuring():
+    import torch
+
+    def setup_on(device: str, budget=None):
+        return common.Prologue(torch.device(device), torch.float32, ["m"], lambda n: True, [], common.TimingConfig(),
+                               common.Deadline(budget), False, time_budget=budget)
+    steps = [plan.Step("a", {}, work=1e10), plan.Step("a", {}, work=1.0),
+             plan.Step("gone", {}, unmeasured=("unavailable", "not here")), plan.Step("slow", {}, work=1e10)]
+    rate = plan.REFERENCE_CPU_SECONDS_PER_WORK["attn"]
+    # On a CPU: each counted step's work at the reference speed, a tiny step at the floor; the
+    # unmeasured and the uncounted steps cost nothing.
+    assert plan.expected_seconds("attn", steps, setup_on("cpu"), uncounted=["slow"]) == pytest.approx(
+        rate * 1e10 + plan.MIN_STEP_SECONDS)
+    assert plan.expected_seconds("attn", steps, setup_on("cpu")) == pytest.approx(
+        2 * rate * 1e10 + plan.MIN_STEP_SECONDS)
+    assert plan.expected_seconds("unknown-script", steps, setup_on("cpu")) is None
+    # On a GPU: every step is time-boxed, whatever its work.
+    timing = common.TimingConfig()
+    box = (timing.warmup_ms + timing.rep_ms) / 1e3 + plan.GPU_STEP_OVERHEAD_SECONDS
+    assert plan.expected_seconds("attn", steps, setup_on("cuda")) == pytest.approx(3 * box)
+
+    line = plan.time_line("attn", steps, setup_on("cpu", budget=30.0), uncounted=["slow"])
+    assert line.startswith(f"  time: about {plan.format_duration(rate * 1e10 + plan.MIN_STEP_SECONDS)} (")
+    assert "not counted: slow" in line and line.endswith("no measurement starts after --time-budget 30 s")
+    assert plan.time_line("unknown-script", steps, setup_on("cpu")).startswith(
+        "  time: estimated from the first measurement")
+
+
 class FakeRun:
     def __init__(self):
         self.rows, self.payload = [], {}
@@ -502,6 +531,7 @@ def test_run_steps_records_every_step_and_prints_each_result(capsys):
     assert [l for l in captured.out.splitlines() if l.startswith("RESULT")] == ["RESULT a 1", "RESULT a 2",
                                                                                "RESULT b 2"]
     assert "time: about" in captured.out and "measuring: 3/3" in captured.err
+    assert screen_lines(captured.err)[-2].rstrip().endswith("done")  # not 'about 1 s left' once finished
 
     # A spent time budget: the remaining steps are recorded as skipped, none is measured.
     setup.deadline = common.Deadline(0.0)
