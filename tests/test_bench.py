@@ -389,6 +389,18 @@ def test_bare_attention_run_on_a_cpu_plans_cvt13_without_the_interpreter(capsys,
     assert lines[-1].startswith("  time: about ") and "2-core reference CPU" in lines[-1]
 
 
+def test_the_readme_shows_what_a_bare_cpu_run_prints(capsys, keep_threads):
+    """README's Benchmarks section pastes a real bare CPU run of attn.py: its plan lines must be
+    what the script prints today (the device line and the CUDA extension's state vary by machine)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Benchmarks"):readme.index("\n## ", readme.index("## Benchmarks") + 1)]
+    assert "needs a GPU, and none has been measured yet" in section
+    pasted = section[section.index("bench/attn.py: attention"):].splitlines()
+    printed = dry_run(attn, capsys)
+    stable = [line for line in printed if not line.startswith(("  on ", "  unavailable: cvt_fast-cuda"))]
+    assert stable == [line for line in pasted[:len(printed)] if not line.startswith(("  on ", "  unavailable: cvt_fast-cuda"))]
+
+
 def test_asking_for_the_interpreter_or_the_full_plan(capsys, keep_threads):
     for argv in (["--include-interpreted"], ["--only", "cvt_fast-triton,official"]):
         lines = dry_run(attn, capsys, *argv)
