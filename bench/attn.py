@@ -9,7 +9,9 @@ has; outputs are (B, Nq, heads * head_dim), the layout the output projection rea
 Every implementation is timed from that input to that output, so transposes a peer
 needs (SDPA works on (B, heads, N, head_dim)) are inside its time.
 
-    python bench/attn.py                      # all models, all implementations, GPU
+    python bench/attn.py                      # GPU: all models, all implementations; CPU: CvT-13
+                                              # at batch 8, a couple of minutes
+    python bench/attn.py --full               # the published shapes on any device
     python bench/attn.py --only 'cvt_fast-*,sdpa-flash' --models cvt-13@224
     python bench/attn.py --quick --device cpu # smoke run
 """
@@ -23,7 +25,7 @@ from typing import Any, Callable, ContextManager, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common  # noqa: E402
+from bench import common, plan  # noqa: E402
 from cvt_fast.ops.backends import backends_for  # noqa: E402
 
 # cvt_fast's own kernels, one row each (cvt_fast-<backend> from the backend table); the peers by
@@ -34,6 +36,8 @@ SDPA_KERNELS = (("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION
 IMPLEMENTATIONS = (tuple(f"cvt_fast-{b}" for b in CVT_FAST_BACKENDS) + tuple(f"sdpa-{k}" for k, _ in SDPA_KERNELS)
                    + ("xformers", "official"))
 MODES = ("fwd", "fwd+bwd")
+# The CPU-sized plan's batch: CvT-13's stage shapes in about a minute on two cores.
+CPU_BATCH = 8
 
 CONVENTIONS = {
     "flops": "fwd = 4*B*H*Nq*Nkv*d (QK^T and PV, 2 FLOPs per multiply-add); fwd+bwd = 3.5 x fwd "
@@ -62,6 +66,7 @@ class AttentionImpl:
     peer: bool
     description: str
     context: Callable[[], ContextManager] = field(default=contextlib.nullcontext)
+    interpreted: bool = False  # GPU kernels run by an interpreter here (times are the interpreter's)
 
 
 def official_attention(q, k, v, scale: float):
@@ -102,7 +107,8 @@ def cvt_fast_implementations(device, backends) -> list[AttentionImpl]:
         def run(q, k, v, scale, _backend=backend):
             return ops.attention(q, k, v, scale, backend=_backend)
         impls.append(AttentionImpl(f"cvt_fast-{backend}", run if reason is None else None, reason, False,
-                                   f"cvt_fast.ops.attention(backend='{backend}'), reads (B,N,H,d) in place"))
+                                   f"cvt_fast.ops.attention(backend='{backend}'), reads (B,N,H,d) in place",
+                                   interpreted=plan.runs_interpreted(backend, device)))
     return impls
 
 
@@ -149,23 +155,10 @@ def build_implementations(device, dtype) -> list[AttentionImpl]:
 def attention_shapes(pairs, batch_override: Optional[int], quick: bool) -> list[dict]:
     """Distinct attention shapes of the (model, image size) pairs; CvT-13 and CvT-21 share
     theirs (same widths and heads, different depths), so they are measured once."""
-    specs = common.model_specs()
-    shapes: dict[tuple, dict] = {}
-    for name, image_size in pairs:
-        if name not in specs:
-            raise ValueError(f"unknown model {name!r}; expected one of {sorted(specs)}")
-        batch = batch_override or (2 if quick else common.config_batch(image_size))
-        for st in common.stage_geometry(specs[name], image_size):
-            key = (batch, st["nq"], st["nkv"], st["heads"], st["head_dim"], image_size, st["stage"])
-            entry = shapes.setdefault(key, {
-                "models": [], "image_size": image_size, "stage": st["stage"], "batch": batch,
-                "nq": st["nq"], "nkv": st["nkv"], "heads": st["heads"], "head_dim": st["head_dim"],
-                "scale": st["dim"] ** -0.5})
-            entry["models"].append(name)
-    for entry in shapes.values():
-        short = "/".join(m.replace("cvt-", "") for m in entry["models"])
-        entry["label"] = f"cvt-{short}@{entry['image_size']} s{entry['stage']}"
-    return list(shapes.values())
+    shapes = common.distinct_stage_shapes(pairs, batch_override, quick, ("stage", "nq", "nkv", "heads", "head_dim"))
+    for shape in shapes:
+        shape["scale"] = shape["dim"] ** -0.5  # the official model's scale: the whole width
+    return shapes
 
 
 def make_inputs(shape: dict, mode: str, device, dtype, count: int, seed: int) -> list[tuple]:
@@ -249,92 +242,88 @@ def tables(rows: list[dict], impl_names: list[str]) -> str:
         [[r["label"], r["batch"], r["nq"], r["nkv"], r["heads"], r["head_dim"], r["mode"], r["impl"],
           r.get("time_ms"), r.get("tflops"), r.get("gbps"), r.get("speedup_vs_best_peer"),
           r.get("peak_mem_mib"), r.get("rel_err"), common.status_note(r)] for r in rows])
-    # Compact view: median ms per implementation (x = speedup vs best peer for cvt_fast).
-    cells: dict[tuple, dict[str, str]] = {}
-    for r in rows:
-        key = (r["label"], r["mode"])
-        if r.get("status") == "ok":
-            text = common.fmt(r["time_ms"])
-            if r["impl"].startswith("cvt_fast") and r.get("speedup_vs_best_peer"):
-                text += f" ({common.fmt(r['speedup_vs_best_peer'])}x)"
-        else:
-            text = r.get("status", "?")
-        cells.setdefault(key, {})[r["impl"]] = text
-    pivot = common.markdown_table(["shape", "mode"] + impl_names,
-                                  [[label, mode] + [c.get(n, "") for n in impl_names]
-                                   for (label, mode), c in cells.items()])
+    pivot = common.pivot_table(rows, impl_names, "time_ms", "shape")
     return ("## Every measurement\n\n" + detail + "\n\n## Median ms per implementation "
             "(cvt_fast: speedup vs best peer)\n\n" + pivot)
 
 
+def plan_steps(shapes: list[dict], modes: list[str], impls: list[AttentionImpl], left_out: dict[str, str],
+               dtype_name: str, element_size: int) -> list[plan.Step]:
+    """Every (shape, mode, implementation), in measuring order; work = the FLOP count."""
+    steps = []
+    for shape in shapes:
+        for mode in modes:
+            base = {key: shape[key] for key in ("label", "image_size", "stage", "batch", "nq", "nkv",
+                                                "heads", "head_dim", "scale")}
+            base.update(models=shape["models"], mode=mode, dtype=dtype_name)
+            flops, _ = flops_and_bytes(shape, mode, element_size)
+            for impl in impls:
+                unmeasured = (("unavailable", impl.reason) if impl.fn is None
+                              else ("skipped", left_out[impl.name]) if impl.name in left_out else None)
+                steps.append(plan.Step(impl.name, {**base, "impl": impl.name}, work=flops, unmeasured=unmeasured,
+                                       context=(impl, shape, mode)))
+    return steps
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = common.base_parser(__doc__.splitlines()[0])
+    plan.add_plan_arguments(parser)
     common.add_shape_arguments(parser, MODES)
     args = parser.parse_args(argv)
-    setup = common.prologue(args, MODES, IMPLEMENTATIONS)
-    device, dtype, modes, wanted, pairs = setup.device, setup.dtype, setup.modes, setup.wanted, setup.pairs
-    timing_config, deadline, cuda_graph = setup.timing, setup.deadline, setup.cuda_graph
+    setup = common.prologue(args, MODES, IMPLEMENTATIONS, cpu_batch=CPU_BATCH)
+    device, dtype, modes = setup.device, setup.dtype, setup.modes
     import torch
 
-    shapes = common.select_stages(attention_shapes(pairs, args.batch, args.quick), args.stages, pairs)
+    shapes = common.select_stages(attention_shapes(setup.pairs, setup.batch, args.quick), args.stages, setup.pairs)
+    impls = [i for i in build_implementations(device, dtype) if setup.wanted(i.name)]
+    left_out = {i.name: reason for i in impls if i.fn is not None
+                and (reason := plan.left_out_reason(i.name, setup.size, device, args, interpreted=i.interpreted))}
+    element_size = torch.empty((), dtype=dtype).element_size()
+    steps = plan_steps(shapes, modes, impls, left_out, args.dtype, element_size)
+    measured = [i for i in impls if i.fn is not None and i.name not in left_out]
+    for line in plan.header(
+            "attn", "attention (q, k, v in (B, N, heads, d) -> out), " + " and ".join(modes), setup,
+            shapes=[f"{s['label']}: B={s['batch']}, Nq={s['nq']}, Nkv={s['nkv']}, H={s['heads']}, d={s['head_dim']}"
+                    for s in shapes],
+            measured=[i.name for i in measured], left_out=left_out,
+            unavailable={i.name: i.reason for i in impls if i.fn is None}, steps=steps,
+            calls=plan.timed_calls(setup, "a float32 reference"),
+            notes=[f"{i.name} {plan.INTERPRETED_NOTE}" for i in measured if i.interpreted],
+            uncounted=[i.name for i in measured if i.interpreted]):
+        print(line, flush=True)
+    if args.dry_run:
+        return 0
 
     run = common.BenchRun("attn", args, device, settings={
-        "dtype": args.dtype, "models": [f"{m}@{s}" for m, s in pairs], "modes": modes,
-        "quick": args.quick, "cuda_graph": cuda_graph, "timing": vars(timing_config), "shapes": shapes,
+        "dtype": args.dtype, "models": [f"{m}@{s}" for m, s in setup.pairs], "modes": modes, "plan": setup.size,
+        "quick": args.quick, "cuda_graph": setup.cuda_graph, "timing": vars(setup.timing), "shapes": shapes,
     }, conventions=CONVENTIONS)
-
-    impls = [i for i in build_implementations(device, dtype) if wanted(i.name)]
     for impl in impls:
         run.add_implementation(impl.name, impl.fn is not None, impl.reason, impl.description, impl.peer)
-    peers = {i.name for i in impls if i.peer}
-    element_size = torch.empty((), dtype=dtype).element_size()
 
-    try:
-        for shape in shapes:
-            for mode in modes:
-                base = {key: shape[key] for key in ("label", "image_size", "stage", "batch", "nq", "nkv",
-                                                    "heads", "head_dim", "scale")}
-                base.update(models=shape["models"], mode=mode, dtype=args.dtype)
-                sets = None
-                for impl in impls:
-                    row = {**base, "impl": impl.name}
-                    if impl.fn is None:
-                        run.add({**row, "status": "unavailable", "reason": impl.reason})
-                        continue
-                    if deadline.skip_reason():
-                        run.add({**row, "status": "skipped", "reason": deadline.skip_reason()})
-                        continue
-                    if sets is None:
-                        _, set_bytes = flops_and_bytes(shape, mode, element_size)
-                        count = common.rotation_count(int(set_bytes), device)
-                        made = common.run_guarded(lambda: {"sets": make_inputs(
-                            shape, mode, device, dtype, count, args.seed)}, device)
-                        if "sets" not in made:
-                            run.add({**row, **made})
-                            continue
-                        sets = made["sets"]
-                    result = common.run_guarded(
-                        lambda: measure(impl, shape, mode, sets, device, dtype, timing_config, cuda_graph), device)
-                    deadline.note(run.add({**row, **result}))
-                    print(f"{shape['label']:>22} {mode:>7} {impl.name:>16}: "
-                          f"{common.fmt(result.get('time_ms'))} ms {result.get('error', '')}", flush=True)
-                sets = None
-                common.free_memory(device)
-        run.payload["complete"] = True
-    except KeyboardInterrupt:
-        run.payload["interrupted"] = True
-        print("interrupted: writing what was measured", flush=True)
+    inputs = common.Latest(device)
 
-    common.add_speedups(run.rows, ("label", "mode"), peers)
+    def measure_step(step: plan.Step) -> dict:
+        impl, shape, mode = step.context
+
+        def make() -> list[tuple]:
+            count = common.rotation_count(int(flops_and_bytes(shape, mode, element_size)[1]), device)
+            return make_inputs(shape, mode, device, dtype, count, args.seed)
+        sets = inputs.get((shape["label"], mode), make)
+        return measure(impl, shape, mode, sets, device, dtype, setup.timing, setup.cuda_graph)
+
+    def result_line(step: plan.Step, result: dict) -> str:
+        impl, shape, mode = step.context
+        return (f"{shape['label']:>22} {mode:>7} {impl.name:>16}: "
+                f"{common.fmt(result.get('time_ms'))} ms {result.get('error', '')}")
+
+    plan.run_steps(run, steps, setup, measure_step, result_line)
+    inputs.clear()
+
+    common.add_speedups(run.rows, ("label", "mode"), {i.name for i in impls if i.peer})
     names = [i.name for i in impls]
-    panels = []
-    for mode in modes:
-        ok = [r for r in run.rows if r["mode"] == mode]
-        groups = list(dict.fromkeys(r["label"] for r in ok))
-        series = {n: [next((r.get("tflops") for r in ok if r["label"] == g and r["impl"] == n
-                            and r.get("status") == "ok"), None) for g in groups] for n in names}
-        panels.append({"title": f"attention {mode}, {args.dtype}", "ylabel": "TFLOP/s", "groups": groups,
-                       "series": {n: v for n, v in series.items() if any(x is not None for x in v)}})
+    panels = common.mode_panels(run.rows, modes, names, "tflops", lambda mode: f"attention {mode}, {args.dtype}",
+                                "TFLOP/s")
     run.finish(tables(run.rows, names), panels, "CvT attention")
     return 0
 

@@ -7,7 +7,8 @@ How times are taken (see the device notes on method):
   repetitions, with min / quartiles kept beside it. Calls rotate over several input sets
   whose total size is a few times the L2 cache, so a repetition never finds its inputs
   already in L2.
-- CPU (the `--quick` smoke runs): `time.perf_counter` around each call, few repetitions.
+- CPU: `time.perf_counter` around each call, a few repetitions (the CPU-sized default
+  plan and the `--quick` smoke runs; see bench/plan.py for the plans).
 
 Every script records failures instead of dying: an implementation that is unavailable
 gets its reason, one that raises gets its error string, and the run goes on. Results are
@@ -92,9 +93,10 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_device(name: Optional[str], quick: bool = False):
-    """The run's device; --quick on the CPU uses one thread: its ops are tiny, and on a shared
-    machine intra-op threads cost more in waiting than they gain (seen: 11 s -> 0.05 s a step)."""
+def resolve_device(name: Optional[str], quick: bool = False, threads: Optional[int] = None):
+    """The run's device. On the CPU, `threads` intra-op threads (None: torch's default), except that
+    --quick uses one: its ops are tiny, and on a shared machine intra-op threads cost more in
+    waiting than they gain (seen: 11 s -> 0.05 s a step)."""
     import torch
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -107,6 +109,10 @@ def resolve_device(name: Optional[str], quick: bool = False):
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise ValueError(f"--device must be 'cuda[:N]' or 'cpu', got {name!r}")
+    elif threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     elif quick:
         torch.set_num_threads(1)
     return device
@@ -187,6 +193,9 @@ class Deadline:
 # --------------------------------------------------------------------------- the scripts' shared start
 
 QUICK_MODEL_SIZES: tuple[tuple[str, int], ...] = (("cvt-13", 32),)
+# The CPU-sized plan: CvT-13's real stage shapes (CvT-21 shares them), at a batch each script
+# chooses so that a bare run ends in a couple of minutes on two cores.
+CPU_MODEL_SIZES: tuple[tuple[str, int], ...] = (("cvt-13", 224),)
 
 
 def add_shape_arguments(parser: argparse.ArgumentParser, modes: Sequence[str], default_modes: Optional[str] = None,
@@ -206,8 +215,8 @@ def add_shape_arguments(parser: argparse.ArgumentParser, modes: Sequence[str], d
 
 @dataclass
 class Prologue:
-    """What every benchmark settles before measuring: device, dtype, modes, which
-    implementations, which models, timing and the time budget."""
+    """What every benchmark settles before measuring: device, dtype, the plan's size, modes,
+    which implementations, which models at which batch, timing and the time budget."""
     device: Any
     dtype: Any
     modes: list[str]
@@ -216,13 +225,21 @@ class Prologue:
     timing: "TimingConfig"
     deadline: "Deadline"
     cuda_graph: bool
+    size: str = "full"             # bench.plan.PLAN_SIZES: 'quick', 'cpu' or 'full'
+    batch: Optional[int] = None    # every shape's batch; None: the official configs' per image size
+    dtype_name: str = "float32"
+    time_budget: Optional[float] = None
 
 
-def prologue(args: argparse.Namespace, modes: Sequence[str], implementations: Optional[Iterable[str]] = None
-             ) -> Prologue:
+def prologue(args: argparse.Namespace, modes: Sequence[str], implementations: Optional[Iterable[str]] = None,
+             cpu_batch: Optional[int] = None) -> Prologue:
     """Resolve the common options (after parse_args). `implementations`: the names --only must
-    match (None: the script checks --only itself)."""
-    device = resolve_device(args.device, args.quick)
+    match (None: the script checks --only itself). `cpu_batch`: the batch of the CPU-sized plan."""
+    from bench.plan import plan_size
+
+    if args.quick and getattr(args, "full", False):
+        raise ValueError("--quick and --full ask for opposite plans: give one of them")
+    device = resolve_device(args.device, args.quick, getattr(args, "threads", None))
     prepare_triton_for(device.type)
     dtype = resolve_dtype(args, device)
     chosen = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -231,10 +248,19 @@ def prologue(args: argparse.Namespace, modes: Sequence[str], implementations: Op
             raise ValueError(f"--modes entries must be in {tuple(modes)}, got {mode!r}")
     if implementations is not None:
         check_only_patterns(args.only, implementations)
-    pairs = parse_model_sizes(args.models, QUICK_MODEL_SIZES if args.quick else DEFAULT_MODEL_SIZES)
+    size = plan_size(args, device)
+    if size == "cpu" and getattr(args, "threads", None) is None:
+        import torch
+        # One thread, as --quick: on a shared machine a second intra-op thread mostly waits (seen
+        # here: a depthwise convolution at 0.5 ms on one thread, 16 ms on two, the cores busy).
+        torch.set_num_threads(1)
+    default_pairs = {"quick": QUICK_MODEL_SIZES, "cpu": CPU_MODEL_SIZES, "full": DEFAULT_MODEL_SIZES}[size]
+    pairs = parse_model_sizes(args.models, default_pairs)
+    batch = args.batch or (cpu_batch if size == "cpu" else None)
     cuda_graph = bool(getattr(args, "cuda_graph", False) and device.type == "cuda")
-    return Prologue(device, dtype, chosen, selector(args.only), pairs, TimingConfig.from_args(args),
-                    Deadline(args.time_budget), cuda_graph)
+    return Prologue(device, dtype, chosen, selector(args.only), pairs, TimingConfig.from_args(args, size),
+                    Deadline(args.time_budget), cuda_graph, size=size, batch=batch, dtype_name=args.dtype,
+                    time_budget=args.time_budget)
 
 
 def select_stages(shapes: list[dict], stages: Optional[str], pairs: Sequence[tuple[str, int]]) -> list[dict]:
@@ -417,16 +443,18 @@ class TimingConfig:
     repeat: int = 1               # CUDA: timed blocks per measurement (--repeat; spread = noise)
     min_reps: int = 10
     max_reps: int = 500
-    cpu_warmup: int = 1           # CPU (--quick): plain call counts
+    cpu_warmup: int = 1           # CPU: plain call counts
     cpu_reps: int = 3
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "TimingConfig":
+    def from_args(cls, args: argparse.Namespace, size: str = "full") -> "TimingConfig":
         config = cls()
         if args.quick:
             config.warmup_ms, config.rep_ms, config.min_warmup, config.min_reps = 5.0, 20.0, 1, 3
             # The benchmarks make one checked call before timing, which is the CPU warm-up.
             config.cpu_warmup, config.cpu_reps = 0, 2
+        elif size == "cpu":
+            config.cpu_warmup = 0  # the checked first call warms up
         if getattr(args, "warmup_ms", None) is not None:
             config.warmup_ms = args.warmup_ms
         if getattr(args, "rep_ms", None) is not None:
@@ -619,6 +647,29 @@ def stage_geometry(spec: Mapping[str, Any], image_size: int) -> list[dict]:
     return stages
 
 
+def distinct_stage_shapes(pairs: Sequence[tuple[str, int]], batch_override: Optional[int], quick: bool,
+                          key_fields: Sequence[str], tiny: bool = False) -> list[dict]:
+    """The stage geometries of (model, image size) pairs, at the batch (--batch; --quick: 2;
+    else the official config's), one entry per distinct shape (key_fields of the stage, batch,
+    image size): CvT-13 and CvT-21 share their stages, so each is measured once. An entry lists
+    its models and is labelled 'cvt-13/21@224 s1'. tiny: the models' common.tiny_spec."""
+    specs = model_specs()
+    shapes: dict[tuple, dict] = {}
+    for name, image_size in pairs:
+        if name not in specs:
+            raise ValueError(f"unknown model {name!r}; expected one of {sorted(specs)}")
+        batch = batch_override or (2 if quick else config_batch(image_size))
+        spec = tiny_spec(specs[name]) if tiny else specs[name]
+        for stage in stage_geometry(spec, image_size):
+            key = (batch, image_size) + tuple(stage[field] for field in key_fields)
+            entry = shapes.setdefault(key, {**stage, "batch": batch, "image_size": image_size, "models": []})
+            entry["models"].append(name)
+    for entry in shapes.values():
+        short = "/".join(m.replace("cvt-", "") for m in entry["models"])
+        entry["label"] = f"cvt-{short}{'(tiny)' if tiny else ''}@{entry['image_size']} s{entry['stage']}"
+    return list(shapes.values())
+
+
 def model_specs() -> Mapping[str, Mapping[str, Any]]:
     from cvt_fast.specs import MODEL_SPECS
     return MODEL_SPECS
@@ -633,14 +684,6 @@ def tiny_spec(base: Mapping[str, Any]) -> dict:
     spec["NUM_HEADS"] = [1, 2, 4]
     spec["DEPTH"] = [1, 2, 3]
     return spec
-
-
-def quick_skip_reason(name: str, args: argparse.Namespace) -> Optional[str]:
-    """--quick leaves out torch.compile variants unless --only asks for them: compiling takes
-    minutes on a busy CPU, and the smoke run must take seconds."""
-    if args.quick and "compile" in name and not args.only:
-        return "--quick leaves out torch.compile variants (slow to compile on a CPU); name them in --only"
-    return None
 
 
 def config_batch(image_size: int) -> int:
@@ -706,6 +749,23 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+def pivot_table(rows: Iterable[Mapping[str, Any]], names: Sequence[str], value: str, group_header: str,
+                group: Callable[[Mapping[str, Any]], str] = lambda row: row["label"]) -> str:
+    """The compact view: a line per (group, mode), a column per implementation holding `value`
+    (cvt_fast rows: with their speedup over the best peer), or the status of a row without one."""
+    cells: dict[tuple, dict[str, str]] = {}
+    for r in rows:
+        if r.get("status") == "ok":
+            text = fmt(r[value])
+            if r["impl"].startswith("cvt_fast") and r.get("speedup_vs_best_peer"):
+                text += f" ({fmt(r['speedup_vs_best_peer'])}x)"
+        else:
+            text = r.get("status", "?")
+        cells.setdefault((group(r), r["mode"]), {})[r["impl"]] = text
+    return markdown_table([group_header, "mode"] + list(names),
+                          [[key, mode] + [c.get(n, "") for n in names] for (key, mode), c in cells.items()])
+
+
 def status_note(row: Mapping[str, Any], limit: int = 70) -> str:
     """Short text for a table cell of a row that has no figure."""
     if row.get("status") == "ok":
@@ -754,6 +814,22 @@ def plot_grouped_bars(path: Path, title: str, panels: Sequence[Mapping[str, Any]
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def mode_panels(rows: Sequence[Mapping[str, Any]], modes: Sequence[str], names: Sequence[str], value: str,
+                title: Callable[[str], str], ylabel: str,
+                group: Callable[[Mapping[str, Any]], str] = lambda row: row["label"]) -> list[dict]:
+    """One bar-chart panel per mode: `value` of every implementation's ok row in each group
+    (a shape or a model), for plot_grouped_bars."""
+    panels = []
+    for mode in modes:
+        ok = [r for r in rows if r["mode"] == mode and r.get("status") == "ok"]
+        groups = list(dict.fromkeys(group(r) for r in rows if r["mode"] == mode))
+        series = {n: [next((r.get(value) for r in ok if group(r) == g and r["impl"] == n), None) for g in groups]
+                  for n in names}
+        panels.append({"title": title(mode), "ylabel": ylabel, "groups": groups,
+                       "series": {n: v for n, v in series.items() if any(x is not None for x in v)}})
+    return panels
 
 
 class BenchRun:
@@ -843,6 +919,37 @@ def add_ratios_vs(rows: list[dict], key_fields: Sequence[str], baseline: str) ->
         row[f"speedup_vs_{baseline}"] = ref["time_ms"] / row["time_ms"]
         if row.get("peak_mem_gib") and ref.get("peak_mem_gib"):
             row[f"peak_mem_vs_{baseline}"] = row["peak_mem_gib"] / ref["peak_mem_gib"]
+
+
+class Latest:
+    """A value kept for the latest key only (a shape's input sets, a stage's module, a built
+    model): made on first use of its key, dropped, and device memory freed, when another key is
+    asked for. A failure to make it is kept and raised again for the same key, so a shape that
+    cannot be built fails once, not once per implementation."""
+
+    def __init__(self, device):
+        self.device = device
+        self.key: Any = object()
+        self.value: Any = None
+        self.error: Optional[BaseException] = None
+
+    def get(self, key: Any, make: Callable[[], Any]) -> Any:
+        if key != self.key:
+            self.key, self.value, self.error = key, None, None
+            free_memory(self.device)
+            try:
+                self.value = make()
+            except KeyboardInterrupt:
+                raise
+            except Exception as error:  # noqa: BLE001 - kept for the other steps of this key
+                self.error = error.with_traceback(None)  # its frames would hold tensors
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    def clear(self) -> None:
+        self.key, self.value, self.error = object(), None, None
+        free_memory(self.device)
 
 
 def run_guarded(fn: Callable[[], dict], device) -> dict:

@@ -21,6 +21,10 @@ tensors q, k, v (before proj_q/k/v), including BatchNorm:
 Modes: eval-fwd (no autograd), eval-fwd+bwd (frozen BatchNorm statistics), train-fwd
 (autograd recording, batch statistics), train-fwd+bwd (gradients of x and of every
 parameter). The device's memory bandwidth is measured in the same run with a large copy.
+
+    python bench/conv_proj.py                 # GPU: all models; CPU: CvT-13 at batch 4, a minute or two
+    python bench/conv_proj.py --full          # the published shapes on any device
+    python bench/conv_proj.py --quick --device cpu   # smoke run
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from typing import Any, Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common  # noqa: E402
+from bench import common, plan  # noqa: E402
 from cvt_fast.ops.backends import backends_for  # noqa: E402
 
 # cvt_fast's own kernels (the backend table's), then the official path in its variants.
@@ -41,6 +45,8 @@ CVT_FAST_BACKENDS = backends_for("conv_proj", kinds=("kernels",))
 IMPLEMENTATIONS = (tuple(f"cvt_fast-{b}" for b in CVT_FAST_BACKENDS)
                    + ("official", "official-nchw", "official-channels_last", "official-compile"))
 MODES = ("eval-fwd", "eval-fwd+bwd", "train-fwd", "train-fwd+bwd")
+# The CPU-sized plan's batch: CvT-13's stage shapes in every mode in a minute or two on two cores.
+CPU_BATCH = 4
 
 CONVENTIONS = {
     "bytes": "minimum device-memory traffic: fwd reads x once and writes q, k, v once; fwd+bwd adds "
@@ -113,6 +119,8 @@ class ProjectionImpl:
     description: str
     # make(module, stage, device, dtype) -> (module it runs, fn(module, x) -> (q, k, v), context factory)
     make: Optional[Callable[..., Any]] = None
+    interpreted: bool = False  # GPU kernels run by an interpreter here (times are the interpreter's)
+    compiled: bool = False     # torch.compile: compiling is part of its first call
 
 
 def cvt_fast_implementations(device, backends) -> list[ProjectionImpl]:
@@ -137,7 +145,8 @@ def cvt_fast_implementations(device, backends) -> list[ProjectionImpl]:
         impls.append(ProjectionImpl(f"cvt_fast-{backend}", reason, False,
                                     f"cvt_fast.model.Attention._project_fused with backend '{backend}' "
                                     "(ops.conv_proj + BatchNorm on token rows; eval: BatchNorm folded)",
-                                    make if reason is None else None))
+                                    make if reason is None else None,
+                                    interpreted=plan.runs_interpreted(backend, device)))
     return impls
 
 
@@ -174,31 +183,16 @@ def build_implementations(device, dtype) -> list[ProjectionImpl]:
         return module, compiled, autocast
     impls.append(ProjectionImpl("official-compile", compile_reason, True,
                                 "torch.compile (default mode, dynamic=False) of the official path; compile time excluded",
-                                make_compiled if compile_reason is None else None))
+                                make_compiled if compile_reason is None else None, compiled=True))
     return impls
 
 
 def projection_shapes(pairs, batch_override: Optional[int], quick: bool) -> list[dict]:
-    """Distinct stage shapes (CvT-13 and CvT-21 share theirs)."""
-    specs = common.model_specs()
-    shapes: dict[tuple, dict] = {}
-    for name, image_size in pairs:
-        if name not in specs:
-            raise ValueError(f"unknown model {name!r}; expected one of {sorted(specs)}")
-        batch = batch_override or (2 if quick else common.config_batch(image_size))
-        spec = common.tiny_spec(specs[name]) if quick else specs[name]
-        for st in common.stage_geometry(spec, image_size):
-            if st["method"] != "dw_bn":
-                continue
-            key = (batch, st["grid"], st["dim"], st["has_cls"], st["kernel"], st["stride_q"], st["stride_kv"],
-                   image_size, st["stage"])
-            entry = shapes.setdefault(key, {**st, "batch": batch, "image_size": image_size, "models": []})
-            entry["models"].append(name)
-    for entry in shapes.values():
-        short = "/".join(m.replace("cvt-", "") for m in entry["models"])
-        tiny = "(tiny)" if quick else ""
-        entry["label"] = f"cvt-{short}{tiny}@{entry['image_size']} s{entry['stage']}"
-    return list(shapes.values())
+    """Distinct stage shapes with dw_bn projections (CvT-13 and CvT-21 share theirs); --quick:
+    the narrow common.tiny_spec of each model."""
+    shapes = common.distinct_stage_shapes(pairs, batch_override, quick, (
+        "stage", "grid", "dim", "has_cls", "kernel", "stride_q", "stride_kv"), tiny=quick)
+    return [shape for shape in shapes if shape["method"] == "dw_bn"]
 
 
 def traffic_bytes(stage: dict, mode: str, element_size: int) -> float:
@@ -279,119 +273,117 @@ def tables(rows: list[dict], names: list[str], bandwidth: dict) -> str:
         [[r["label"], r["batch"], r["grid"], r["dim"], r["has_cls"], r["mode"], r["impl"], r.get("time_ms"),
           r.get("gbps"), r.get("fraction_of_copy_bw"), r.get("speedup_vs_best_peer"), r.get("peak_mem_mib"),
           r.get("rel_err"), common.status_note(r)] for r in rows])
-    cells: dict[tuple, dict[str, str]] = {}
-    for r in rows:
-        if r.get("status") == "ok":
-            text = common.fmt(r["time_ms"])
-            if r["impl"].startswith("cvt_fast") and r.get("speedup_vs_best_peer"):
-                text += f" ({common.fmt(r['speedup_vs_best_peer'])}x)"
-        else:
-            text = r.get("status", "?")
-        cells.setdefault((r["label"], r["mode"]), {})[r["impl"]] = text
-    pivot = common.markdown_table(["shape", "mode"] + names,
-                                  [[label, mode] + [c.get(n, "") for n in names]
-                                   for (label, mode), c in cells.items()])
+    pivot = common.pivot_table(rows, names, "time_ms", "shape")
     return (f"Measured copy bandwidth: {common.fmt(bandwidth.get('gbps'))} GB/s (read + write).\n\n"
             "## Every measurement\n\n" + detail +
             "\n\n## Median ms per implementation (cvt_fast: speedup vs best peer)\n\n" + pivot)
 
 
+def plan_steps(shapes: list[dict], modes: list[str], impls: list[ProjectionImpl], left_out: dict[str, str],
+               dtype_name: str, element_size: int) -> list[plan.Step]:
+    """Every (shape, mode, implementation), in measuring order: the eager implementations at
+    every shape first, then the compiled ones (under a time budget, compilation, seconds to
+    minutes per shape and mode, must not crowd out the main figures); work = the bytes moved."""
+    steps = []
+    passes = [[i for i in impls if not i.compiled], [i for i in impls if i.compiled]]
+    for number, group in enumerate(g for g in passes if g):
+        for stage in shapes:
+            for mode in modes:
+                base = {key: stage[key] for key in ("label", "image_size", "stage", "batch", "grid", "tokens", "nq",
+                                                    "nkv", "dim", "has_cls")}
+                base.update(models=stage["models"], mode=mode, dtype=dtype_name)
+                for impl in group:
+                    unmeasured = (("unavailable", impl.reason) if impl.make is None
+                                  else ("skipped", left_out[impl.name]) if impl.name in left_out else None)
+                    steps.append(plan.Step(impl.name, {**base, "impl": impl.name},
+                                           work=traffic_bytes(stage, mode, element_size), unmeasured=unmeasured,
+                                           context=(impl, stage, mode, number)))
+    return steps
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = common.base_parser(__doc__.splitlines()[0])
+    plan.add_plan_arguments(parser)
     common.add_shape_arguments(parser, MODES, default_modes="", modes_note=" (default: all; --quick: eval-fwd,train-fwd+bwd)")
     args = parser.parse_args(argv)
     if not args.modes:
         args.modes = "eval-fwd,train-fwd+bwd" if args.quick else ",".join(MODES)
-    setup = common.prologue(args, MODES, IMPLEMENTATIONS)
-    device, dtype, modes, wanted, pairs = setup.device, setup.dtype, setup.modes, setup.wanted, setup.pairs
-    timing_config, deadline, cuda_graph = setup.timing, setup.deadline, setup.cuda_graph
+    setup = common.prologue(args, MODES, IMPLEMENTATIONS, cpu_batch=CPU_BATCH)
+    device, dtype, modes = setup.device, setup.dtype, setup.modes
     import torch
 
     # --quick: a narrow CvT-13 (widths 32/64/128, common.tiny_spec) on 32x32 images.
-    shapes = common.select_stages(projection_shapes(pairs, args.batch, args.quick), args.stages, pairs)
+    shapes = common.select_stages(projection_shapes(setup.pairs, setup.batch, args.quick), args.stages, setup.pairs)
+    impls = [i for i in build_implementations(device, dtype) if setup.wanted(i.name)]
+    left_out = {i.name: reason for i in impls if i.make is not None
+                and (reason := plan.left_out_reason(i.name, setup.size, device, args, interpreted=i.interpreted,
+                                                    compiled=i.compiled))}
+    element_size = torch.empty((), dtype=dtype).element_size()
+    steps = plan_steps(shapes, modes, impls, left_out, args.dtype, element_size)
+    measured = [i for i in impls if i.make is not None and i.name not in left_out]
+    for line in plan.header(
+            "conv_proj", "the q/k/v convolutional projection with BatchNorm (tokens -> q, k, v), "
+            + ", ".join(modes), setup,
+            shapes=[f"{s['label']}: B={s['batch']}, grid {s['grid']}x{s['grid']}, C={s['dim']}"
+                    + (", cls row" if s["has_cls"] else "") for s in shapes],
+            measured=[i.name for i in measured], left_out=left_out,
+            unavailable={i.name: i.reason for i in impls if i.make is None}, steps=steps,
+            calls=plan.timed_calls(setup, "the official path in float32"),
+            notes=[f"{i.name} {plan.INTERPRETED_NOTE}" for i in measured if i.interpreted]
+            + ["first, the device's copy bandwidth (the ceiling the GB/s column is held against)"],
+            uncounted=[i.name for i in measured if i.interpreted or i.compiled]):
+        print(line, flush=True)
+    if args.dry_run:
+        return 0
     # Each shape and mode compiles anew; the default limit (8) would fall back to eager.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
     run = common.BenchRun("conv_proj", args, device, settings={
-        "dtype": args.dtype, "models": [f"{m}@{s}" for m, s in pairs], "modes": modes, "quick": args.quick,
-        "cuda_graph": cuda_graph, "timing": vars(timing_config), "shapes": shapes,
+        "dtype": args.dtype, "models": [f"{m}@{s}" for m, s in setup.pairs], "modes": modes, "plan": setup.size,
+        "quick": args.quick, "cuda_graph": setup.cuda_graph, "timing": vars(setup.timing), "shapes": shapes,
     }, conventions=CONVENTIONS)
-    bandwidth = common.run_guarded(lambda: common.measure_copy_bandwidth(device, timing_config, args.quick),
+    bandwidth = common.run_guarded(lambda: common.measure_copy_bandwidth(device, setup.timing, args.quick),
                                    device)
     run.payload["copy_bandwidth"] = bandwidth
     print(f"copy bandwidth: {common.fmt(bandwidth.get('gbps'))} GB/s {bandwidth.get('error', '')}", flush=True)
-
-    impls = [i for i in build_implementations(device, dtype) if wanted(i.name)]
     for impl in impls:
         run.add_implementation(impl.name, impl.make is not None, impl.reason, impl.description, impl.peer)
-    peers = {i.name for i in impls if i.peer}
-    element_size = torch.empty((), dtype=dtype).element_size()
 
-    # Eager implementations first at every shape, then the compiled ones: under a time budget,
-    # compilation (seconds to minutes per shape and mode) must not crowd out the main figures.
-    passes = [[i for i in impls if "compile" not in i.name], [i for i in impls if "compile" in i.name]]
-    try:
-        for group in (g for g in passes if g):
-            for stage in shapes:
-                torch.manual_seed(args.seed)
-                torch._dynamo.reset()  # compiled graphs of the last shape hold memory
-                module = common.run_guarded(lambda: {"module": projection_module(stage, device)}, device)
-                for mode in modes:
-                    base = {key: stage[key] for key in ("label", "image_size", "stage", "batch", "grid", "tokens", "nq",
-                                                        "nkv", "dim", "has_cls")}
-                    base.update(models=stage["models"], mode=mode, dtype=args.dtype)
-                    sets = None
-                    for impl in group:
-                        row = {**base, "impl": impl.name}
-                        if impl.make is None:
-                            run.add({**row, "status": "unavailable", "reason": impl.reason})
-                            continue
-                        skip = common.quick_skip_reason(impl.name, args)
-                        if skip:
-                            run.add({**row, "status": "skipped", "reason": skip})
-                            continue
-                        if "module" not in module:
-                            run.add({**row, **module})
-                            continue
-                        if deadline.skip_reason():
-                            run.add({**row, "status": "skipped", "reason": deadline.skip_reason()})
-                            continue
-                        if sets is None:
-                            count = common.rotation_count(int(traffic_bytes(stage, mode, element_size)), device)
-                            made = common.run_guarded(lambda: {"sets": make_inputs(
-                                stage, mode, device, dtype, count, args.seed)}, device)
-                            if "sets" not in made:
-                                run.add({**row, **made})
-                                continue
-                            sets = made["sets"]
-                        result = common.run_guarded(lambda: measure(
-                            impl, module["module"], stage, mode, sets, device, dtype, timing_config, cuda_graph),
-                            device)
-                        if result.get("gbps") and bandwidth.get("gbps"):
-                            result["fraction_of_copy_bw"] = result["gbps"] / bandwidth["gbps"]
-                        deadline.note(run.add({**row, **result}))
-                        print(f"{stage['label']:>22} {mode:>13} {impl.name:>22}: "
-                              f"{common.fmt(result.get('time_ms'))} ms {result.get('error', '')}", flush=True)
-                    sets = None
-                    common.free_memory(device)
-                module = None
-                common.free_memory(device)
-        run.payload["complete"] = True
-    except KeyboardInterrupt:
-        run.payload["interrupted"] = True
-        print("interrupted: writing what was measured", flush=True)
+    modules, inputs = common.Latest(device), common.Latest(device)
 
-    common.add_speedups(run.rows, ("label", "mode"), peers)
+    def new_module(stage: dict):
+        torch.manual_seed(args.seed)
+        torch._dynamo.reset()  # compiled graphs of the last shape hold memory
+        return projection_module(stage, device)
+
+    def measure_step(step: plan.Step) -> dict:
+        impl, stage, mode, number = step.context
+        module = modules.get((number, stage["label"]), lambda: new_module(stage))
+
+        def make() -> list[tuple]:
+            count = common.rotation_count(int(traffic_bytes(stage, mode, element_size)), device)
+            return make_inputs(stage, mode, device, dtype, count, args.seed)
+        sets = inputs.get((number, stage["label"], mode), make)
+        result = measure(impl, module, stage, mode, sets, device, dtype, setup.timing, setup.cuda_graph)
+        if result.get("gbps") and bandwidth.get("gbps"):
+            result["fraction_of_copy_bw"] = result["gbps"] / bandwidth["gbps"]
+        return result
+
+    def result_line(step: plan.Step, result: dict) -> str:
+        impl, stage, mode, _ = step.context
+        return (f"{stage['label']:>22} {mode:>13} {impl.name:>22}: "
+                f"{common.fmt(result.get('time_ms'))} ms {result.get('error', '')}")
+
+    plan.run_steps(run, steps, setup, measure_step, result_line)
+    inputs.clear()
+    modules.clear()
+
+    common.add_speedups(run.rows, ("label", "mode"), {i.name for i in impls if i.peer})
     names = [i.name for i in impls]
-    panels = []
-    for mode in modes:
-        ok = [r for r in run.rows if r["mode"] == mode]
-        groups = list(dict.fromkeys(r["label"] for r in ok))
-        series = {n: [next((r.get("gbps") for r in ok if r["label"] == g and r["impl"] == n
-                            and r.get("status") == "ok"), None) for g in groups] for n in names}
-        panels.append({"title": f"conv projection {mode}, {args.dtype} (copy: {common.fmt(bandwidth.get('gbps'))} GB/s)",
-                       "ylabel": "GB/s (minimum traffic)", "groups": groups,
-                       "series": {n: v for n, v in series.items() if any(x is not None for x in v)}})
+    copy_gbps = common.fmt(bandwidth.get("gbps"))
+    panels = common.mode_panels(run.rows, modes, names, "gbps",
+                                lambda mode: f"conv projection {mode}, {args.dtype} (copy: {copy_gbps} GB/s)",
+                                "GB/s (minimum traffic)")
     labels = [st["label"] for st in shapes]
     ordered = sorted(run.rows, key=lambda r: (labels.index(r["label"]), modes.index(r["mode"]), names.index(r["impl"])))
     run.finish(tables(ordered, names, bandwidth), panels, "CvT convolutional projection")

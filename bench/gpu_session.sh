@@ -10,6 +10,17 @@
 #                                                   # then TUNE_ARGS="--steps timings": commit $OUT/tuning.json
 #                                                   # as cvt_fast/ops/tuning.json
 #
+# Before the first device call, HERE (the device machine cannot fetch anything):
+#
+#   STAGE=fetch bash bench/gpu_session.sh           # wheels for the device machine into .whl/
+#
+# downloads, for the device's Python (DEVICE_PYTHON, default 3.12: the device KINDS.md) on Linux
+# x86-64, pyproject.toml's 'peers' extra (what `pip install -e ".[peers]"` installs here: xformers
+# and the CUDA 12 runtime it links) and FETCH_ALSO (default yacs, which the image lacks;
+# pytest-xdist and execnet are there). Each device call then names .whl in its carry; this script
+# installs the wheels to /tmp/site, puts the CUDA 12 runtime on LD_LIBRARY_PATH (torch before 2.14
+# does not preload it from the path) and says in env.txt whether the xformers backend can run.
+#
 # STAGE: comma-separated steps among build, test, attn, conv_proj, model, tune;
 #        'bench' = attn,conv_proj,model; 'all' = build,test,attn,conv_proj,model (longer than one
 #        10-minute command: split it). Without 'build', the extension already in the tree is
@@ -55,6 +66,51 @@ export PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
 
+DEVICE_PYTHON=${DEVICE_PYTHON:-3.12}
+FETCH_ALSO=${FETCH_ALSO:-yacs==0.1.8}
+
+# fetch_wheels: here, not on the device. One version of each distribution in .whl/, or the
+# device's install stops (the device README): older ones are removed.
+fetch_wheels() {
+    local requirements
+    mapfile -t requirements < <("$PY" - <<'PYTHON'
+import pathlib, re
+match = re.search(r"^peers\s*=\s*\[([^\]]*)\]", pathlib.Path("pyproject.toml").read_text(), re.MULTILINE)
+if match is None:
+    raise SystemExit("pyproject.toml has no 'peers' extra")
+print("\n".join(re.findall(r'"([^"]+)"', match.group(1))))
+PYTHON
+)
+    [ "${#requirements[@]}" -gt 0 ] || { echo "fetch: nothing read from pyproject.toml's peers extra"; return 1; }
+    # shellcheck disable=SC2206
+    requirements+=($FETCH_ALSO)
+    echo "fetch: ${requirements[*]} for CPython $DEVICE_PYTHON, Linux x86-64, into .whl/"
+    mkdir -p .whl
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$DEVICE_PYTHON" --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "${requirements[@]}" || return 1
+    "$PY" - <<'PYTHON' || return 1
+import collections, pathlib
+from packaging.version import Version
+wheels = collections.defaultdict(list)
+for path in pathlib.Path(".whl").glob("*.whl"):
+    name, version = path.name.split("-")[:2]
+    wheels[name.lower().replace("_", "-")].append((Version(version), path))
+for name, found in sorted(wheels.items()):
+    found.sort()
+    for _, old in found[:-1]:
+        print(f"fetch: removing {old.name} (a newer {name} is there)")
+        old.unlink()
+    print(f"fetch: .whl/{found[-1][1].name} ({found[-1][1].stat().st_size / 2**20:.1f} MiB)")
+PYTHON
+    git check-ignore -q .whl/ || echo "fetch: warning: git does not ignore .whl/ (add /.whl/ to .gitignore)"
+    echo "fetch: $(du -sh .whl | cut -f1) in .whl/; name \".whl\" in each device call's carry"
+}
+if [[ ",$STAGE," == *",fetch,"* ]]; then
+    fetch_wheels
+    exit $?
+fi
+
 case ",$STAGE," in
     *,all,*) STAGE="build,test,attn,conv_proj,model" ;;
 esac
@@ -75,6 +131,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
         > /tmp/whl-install.log 2>&1 || { stamp "wheel install failed"; cat /tmp/whl-install.log; }
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    # xformers' extension links libcudart.so.12, which the image's CUDA 13 torch does not load.
+    if [ -d /tmp/site/nvidia/cuda_runtime/lib ]; then
+        export LD_LIBRARY_PATH=/tmp/site/nvidia/cuda_runtime/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    fi
 fi
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 
@@ -98,6 +158,8 @@ for name in ("torch", "triton", "transformers", "xformers", "yacs", "timm", "ein
         print(name, "unavailable:", type(error).__name__, str(error)[:200])
 import torch
 print("torch cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "gpu", torch.cuda.is_available())
+from cvt_fast.ops.backends import xformers_import_error
+print("xformers backend:", xformers_import_error() or "importable, its C++/CUDA extension loaded")
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("device", p.name, f"cc {p.major}.{p.minor}", "SMs", p.multi_processor_count,

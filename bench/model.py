@@ -14,6 +14,10 @@ configs' (256 at 224, 128 at 384) unless --batch. Implementations:
 
 Peak memory is the largest allocation over the timed steps (parameters, gradients, optimizer
 state and activations). --find-max-batch also searches the largest batch that fits.
+
+    python bench/model.py                     # GPU: CvT-13/21/W24; CPU: CvT-13 at 224, batch 2, a couple of minutes
+    python bench/model.py --full              # the published plan on any device
+    python bench/model.py --quick --device cpu   # smoke run (a narrow CvT-13 on 32x32 images)
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from typing import Any, Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common  # noqa: E402
+from bench import common, plan  # noqa: E402
 from cvt_fast.ops.backends import TABLE  # noqa: E402
 
 # Every backend of the fused ops but the reference (the backend table's): kernels and peers.
@@ -35,6 +39,9 @@ FUSED_BACKENDS = tuple(name for name, record in TABLE.items() if record.kind != 
 IMPLEMENTATIONS = (("official", "hf") + tuple(f"cvt_fast-{b}" for b in FUSED_BACKENDS)
                    + ("official-compile",) + tuple(f"cvt_fast-{b}-compile" for b in FUSED_BACKENDS))
 MODES = ("train", "infer")
+# The CPU-sized plan: CvT-13 at 224 (real shapes) at this batch, two timed steps per mode.
+CPU_BATCH = 2
+CPU_TIMED_STEPS = 2
 
 CONVENTIONS = {
     "images_per_s": "batch / median step time; steps timed with CUDA events after warm-up steps "
@@ -263,78 +270,77 @@ def search_max_batch(fits: Callable[[int], bool], start: int, limit: int, granul
     return best, probes
 
 
-def measure_model(impl: ModelImpl, name: str, image_size: int, spec: dict, batch: int, modes: list[str],
-                  device, dtype, timing_config, args, reference_logits: dict) -> list[dict]:
-    """Rows for one (model, implementation): train and/or infer, then max-batch searches."""
+@dataclass
+class ModelUnderTest:
+    """One implementation's model, built once for all its modes at one model and image size."""
+    module: Any
+    forward: Callable
+    batches: list
+    optimizer: Any
+    want: Any                 # the official model's logits to check against (cvt_fast models), or None
+    check: dict               # logits_rel_err_vs_official (or the check's error), added to every row
+
+    def record_check(self, logits) -> None:
+        got = logits[: self.want.shape[0]].float().cpu()
+        self.check["logits_rel_err_vs_official"] = ((got - self.want).norm()
+                                                    / self.want.norm().clamp_min(1e-30)).item()
+
+
+def prepare_model(impl: ModelImpl, image_size: int, spec: dict, batch: int, modes: list[str], device, dtype,
+                  seed: int, want) -> ModelUnderTest:
+    """Build the model, its batches and optimizer. The logits check runs before any training step
+    changes the weights: inference runs first and its first call is checked; without inference,
+    an eval-mode forward here is."""
     import torch
-    rows = []
-    built = common.run_guarded(lambda: dict(zip(("module", "forward"),
-                                                build_model(impl, spec, device, args.seed))), device)
-    if "module" not in built:
-        return [{"mode": m, **built} for m in modes]
-    module, forward = built["module"], built["forward"]
-    batches = make_batches(batch, image_size, device, 2, args.seed)
+    module, forward = build_model(impl, spec, device, seed)
+    batches = make_batches(batch, image_size, device, 2, seed)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.05) if "train" in modes else None
-
-    # Logits against the official model with the same weights, on the first images of the
-    # first batch (eval mode: each image's logits are independent of the others), before any
-    # training step changes the weights: inference runs first, and its first call is checked.
-    want = reference_logits.get("logits") if impl.kind == "cvt_fast" else None
-    check: dict = {}
-
-    def record_check(logits) -> None:
-        got = logits[: want.shape[0]].float().cpu()
-        check["logits_rel_err_vs_official"] = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
-
-    if want is not None and "infer" not in modes:
-        def eval_forward() -> dict:
-            record_check(infer_step_fn(module, forward, batches, device, dtype)(0))
-            return {}
-        failed = common.run_guarded(eval_forward, device)
+    state = ModelUnderTest(module, forward, batches, optimizer, want if impl.kind == "cvt_fast" else None, {})
+    if state.want is not None and "infer" not in modes:
+        failed = common.run_guarded(
+            lambda: state.record_check(infer_step_fn(module, forward, batches, device, dtype)(0)) or {}, device)
         if "error" in failed:
-            check["logits_check_error"] = failed["error"]
+            state.check["logits_check_error"] = failed["error"]
+    return state
 
-    for mode in sorted(modes, key=("infer", "train").index):
-        def run_mode() -> dict:
-            step = (train_step_fn(module, forward, optimizer, batches, device, dtype) if mode == "train"
-                    else infer_step_fn(module, forward, batches, device, dtype))
-            result, first_s = first_call(step, device)
-            if not torch.isfinite(result.float()).all():
-                raise FloatingPointError(f"{mode} step produced a non-finite "
-                                         f"{'loss' if mode == 'train' else 'output'}")
-            if mode == "infer" and want is not None:
-                record_check(result)
-            return {**timed(step, device, timing_config, batch, rotation=len(batches)), "first_step_s": first_s}
-        rows.append({"mode": mode, **common.run_guarded(run_mode, device)})
-    for row in rows:
-        row.update(check)
 
-    if args.find_max_batch:
-        for mode in modes:
-            def fits(b: int) -> bool:
-                def attempt() -> dict:
-                    trial = make_batches(b, image_size, device, 1, args.seed)
-                    step = (train_step_fn(module, forward, optimizer, trial, device, dtype) if mode == "train"
-                            else infer_step_fn(module, forward, trial, device, dtype))
-                    step(0)
-                    step(1)
-                    common.synchronize(device)
-                    return {"status": "ok"}
-                outcome = common.run_guarded(attempt, device)
-                if outcome["status"] == "ok":
-                    return True
-                if outcome["status"] == "oom":
-                    return False
-                raise RuntimeError(outcome["error"])
-            found = common.run_guarded(lambda: dict(zip(("max_batch", "probes"), search_max_batch(
-                fits, batch, args.max_batch_limit, args.max_batch_granularity))), device)
-            row = {"mode": f"{mode}-max-batch", "status": "ok" if "max_batch" in found else found["status"],
-                   **found}
-            if row.get("max_batch") is not None and row["max_batch"] >= args.max_batch_limit:
-                row["note"] = f"reached --max-batch-limit {args.max_batch_limit}"
-            rows.append(row)
+def measure_mode(state: ModelUnderTest, mode: str, batch: int, device, dtype, timing_config) -> dict:
+    """One mode's row: the first step alone (compilation shows there), then the timed steps."""
+    import torch
+    step = (train_step_fn(state.module, state.forward, state.optimizer, state.batches, device, dtype)
+            if mode == "train" else infer_step_fn(state.module, state.forward, state.batches, device, dtype))
+    result, first_s = first_call(step, device)
+    if not torch.isfinite(result.float()).all():
+        raise FloatingPointError(f"{mode} step produced a non-finite {'loss' if mode == 'train' else 'output'}")
+    if mode == "infer" and state.want is not None:
+        state.record_check(result)
+    return {**timed(step, device, timing_config, batch, rotation=len(state.batches)), "first_step_s": first_s,
+            **state.check}
 
-    return rows
+
+def measure_max_batch(state: ModelUnderTest, mode: str, image_size: int, batch: int, device, dtype,
+                      args) -> dict:
+    """The largest batch for which two steps run without running out of memory."""
+    def fits(b: int) -> bool:
+        def attempt() -> dict:
+            trial = make_batches(b, image_size, device, 1, args.seed)
+            step = (train_step_fn(state.module, state.forward, state.optimizer, trial, device, dtype)
+                    if mode == "train" else infer_step_fn(state.module, state.forward, trial, device, dtype))
+            step(0)
+            step(1)
+            common.synchronize(device)
+            return {"status": "ok"}
+        outcome = common.run_guarded(attempt, device)
+        if outcome["status"] == "ok":
+            return True
+        if outcome["status"] == "oom":
+            return False
+        raise RuntimeError(outcome["error"])
+    best, probes = search_max_batch(fits, batch, args.max_batch_limit, args.max_batch_granularity)
+    row = {"status": "ok", "max_batch": best, "probes": probes}
+    if best >= args.max_batch_limit:
+        row["note"] = f"reached --max-batch-limit {args.max_batch_limit}"
+    return row
 
 
 def reference_logits_for(spec: dict, image_size: int, batch: int, device, dtype, seed: int, n: int) -> dict:
@@ -359,25 +365,44 @@ def tables(rows: list[dict], names: list[str]) -> str:
           r.get("peak_mem_vs_official"), r.get("first_step_s"),
           r.get("logits_rel_err_vs_official"), r.get("max_batch"), common.status_note(r) or r.get("note", "")]
          for r in rows])
-    cells: dict[tuple, dict[str, str]] = {}
-    for r in rows:
-        if r["mode"] not in MODES:
-            continue
-        if r.get("status") == "ok":
-            text = common.fmt(r["images_per_s"])
-            if r["impl"].startswith("cvt_fast") and r.get("speedup_vs_best_peer"):
-                text += f" ({common.fmt(r['speedup_vs_best_peer'])}x)"
-        else:
-            text = r.get("status", "?")
-        cells.setdefault((f"{r['model']}@{r['image_size']} B={r['batch']}", r["mode"]), {})[r["impl"]] = text
-    pivot = common.markdown_table(["model", "mode"] + names,
-                                  [[m, mode] + [c.get(n, "") for n in names] for (m, mode), c in cells.items()])
+    pivot = common.pivot_table([r for r in rows if r["mode"] in MODES], names, "images_per_s", "model",
+                               group=lambda r: f"{r['model']}@{r['image_size']} B={r['batch']}")
     return ("## Every measurement\n\n" + detail + "\n\n## Images/s per implementation "
             "(cvt_fast: speedup vs best peer)\n\n" + pivot)
 
 
+def plan_steps(pairs, impls: list[ModelImpl], modes: list[str], left_out: dict[str, str], args,
+               batch_for: Callable[[int], int]) -> list[plan.Step]:
+    """Every (model, implementation, mode), in measuring order: the eager implementations for
+    every model first, then the compiled ones (under a time budget, compilation, a minute or
+    more per model, must not crowd out the main figures); inference before training (the logits
+    check needs the untrained weights), then the max-batch searches. work = the step's
+    multiply-accumulates (training: 3x inference)."""
+    from cvt_fast.flops import count_flops
+
+    timed_modes = sorted(modes, key=("infer", "train").index)
+    searches = [f"{m}-max-batch" for m in modes] if args.find_max_batch else []
+    steps = []
+    for group in ([i for i in impls if not i.compile], [i for i in impls if i.compile]):
+        for name, image_size in pairs:
+            spec = model_spec(name, args.quick)
+            batch = batch_for(image_size)
+            macs = float(count_flops(spec, image_size)) * batch
+            base = {"model": name + ("(tiny)" if args.quick else ""), "image_size": image_size, "batch": batch,
+                    "dtype": args.dtype}
+            for impl in group:
+                unmeasured = (("unavailable", impl.reason) if impl.reason is not None
+                              else ("skipped", left_out[impl.name]) if impl.name in left_out else None)
+                for mode in timed_modes + searches:
+                    work = macs * (3.0 if mode.startswith("train") else 1.0) * (4.0 if "max-batch" in mode else 1.0)
+                    steps.append(plan.Step(impl.name, {"impl": impl.name, **base, "mode": mode}, work=work,
+                                           unmeasured=unmeasured, context=(impl, name, image_size, spec, batch, mode)))
+    return steps
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = common.base_parser(__doc__.splitlines()[0])
+    plan.add_plan_arguments(parser)
     common.add_shape_arguments(parser, MODES, stages=False,
                                models_note="; --only also takes NAME (its default sizes) or NAME@IMAGE_SIZE entries")
     parser.add_argument("--find-max-batch", action="store_true",
@@ -394,7 +419,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # --only is checked below: it may also name models.
     # --quick: a narrow CvT-13 (widths 32/64/128, depths 1/2/3, common.tiny_spec) on 32x32 images.
-    setup = common.prologue(args, MODES, implementations=None)
+    setup = common.prologue(args, MODES, implementations=None, cpu_batch=CPU_BATCH)
     device, dtype, modes, pairs = setup.device, setup.dtype, setup.modes, setup.pairs
     import torch
 
@@ -425,84 +450,104 @@ def main(argv: Optional[list[str]] = None) -> int:
     timing_config.rep_ms = args.rep_ms if args.rep_ms is not None else (20.0 if args.quick else 2000.0)
     if args.quick:
         timing_config.cpu_reps = 1  # a smoke run: the first (checked) step plus one timed step
-    deadline = setup.deadline
+    elif setup.size == "cpu":
+        timing_config.cpu_reps = CPU_TIMED_STEPS  # after the first step, which warms up
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+    def batch_for(image_size: int) -> int:
+        return setup.batch or (2 if args.quick else common.config_batch(image_size))
+
+    impls = [i for i in all_impls if wanted(i.name)]
+    left_out = {i.name: reason for i in impls if i.reason is None
+                and (reason := plan.left_out_reason(
+                    i.name, setup.size, device, args, compiled=i.compile,
+                    interpreted=i.kind == "cvt_fast" and plan.runs_interpreted(i.backend, device)))}
+    steps = plan_steps(pairs, impls, modes, left_out, args, batch_for)
+    measured = [i for i in impls if i.reason is None and i.name not in left_out]
+    if device.type == "cuda":
+        calls = (f"a first step (timed alone: compilation shows there), a warm-up of {timing_config.warmup_ms:g} ms, "
+                 f"then about {timing_config.rep_ms:g} ms of timed steps (at least {timing_config.min_reps}); median")
+    else:
+        calls = (f"a first step (timed alone: compilation shows there), then {timing_config.cpu_warmup + timing_config.cpu_reps} "
+                 f"more{f', {timing_config.cpu_warmup} of them warm-up' if timing_config.cpu_warmup else ''}, timed; median")
+    interpreted = [i.name for i in measured if i.kind == "cvt_fast" and plan.runs_interpreted(i.backend, device)]
+    for line in plan.header(
+            "model", "whole-model " + " and ".join(
+                {"train": "training steps (forward, cross-entropy, backward, AdamW)",
+                 "infer": "inference"}[m] for m in modes), setup,
+            shapes=[f"{name}@{size}: batch {batch_for(size)}" + (" (a narrow CvT-13, common.tiny_spec)" if args.quick else "")
+                    for name, size in pairs],
+            measured=[i.name for i in measured], left_out=left_out,
+            unavailable={i.name: i.reason for i in impls if i.reason is not None}, steps=steps, calls=calls,
+            notes=[f"{name} {plan.INTERPRETED_NOTE}" for name in interpreted]
+            + ["cvt_fast logits are checked against the official model's (same weights) on the first batch"],
+            uncounted=interpreted + [i.name for i in measured if i.compile and i.name not in interpreted]):
+        print(line, flush=True)
+    if args.dry_run:
+        return 0
 
     run = common.BenchRun("model", args, device, settings={
         "dtype": args.dtype, "autocast": args.dtype != "float32",
-        "models": [f"{m}@{s}" for m, s in pairs], "modes": modes, "quick": args.quick,
+        "models": [f"{m}@{s}" for m, s in pairs], "modes": modes, "plan": setup.size, "quick": args.quick,
         "spec_note": "--quick uses common.tiny_spec of the named model" if args.quick else "cvt_fast.specs.MODEL_SPECS",
         "optimizer": "torch.optim.AdamW(lr=1e-4, weight_decay=0.05), default implementation for the device",
         "timing": vars(timing_config), "find_max_batch": args.find_max_batch,
         "max_batch_limit": args.max_batch_limit, "max_batch_granularity": args.max_batch_granularity,
     }, conventions=CONVENTIONS)
-
-    impls = [i for i in all_impls if wanted(i.name)]
     for impl in impls:
         run.add_implementation(impl.name, impl.reason is None, impl.reason, impl.description, impl.peer)
-    peers = {i.name for i in impls if i.peer}
 
-    # Eager implementations first for every model, then the compiled ones: under a time budget,
-    # compilation (a minute or more per model) must not crowd out the main figures.
-    passes = [[i for i in impls if not i.compile], [i for i in impls if i.compile]]
-    try:
-        for group in (g for g in passes if g):
-            for name, image_size in pairs:
-                spec = model_spec(name, args.quick)
-                batch = args.batch or (2 if args.quick else common.config_batch(image_size))
-                base = {"model": name + ("(tiny)" if args.quick else ""), "image_size": image_size, "batch": batch,
-                        "dtype": args.dtype}
-                reference = None  # official logits for the check, computed when first needed
-                for impl in group:
-                    rows_of = {"impl": impl.name, **base}
-                    skip = (None if impl.reason is None else ("unavailable", impl.reason))
-                    if skip is None and common.quick_skip_reason(impl.name, args):
-                        skip = ("skipped", common.quick_skip_reason(impl.name, args))
-                    if skip is None and deadline.skip_reason():
-                        skip = ("skipped", deadline.skip_reason())
-                    if skip is not None:
-                        for mode in modes:
-                            run.add({**rows_of, "mode": mode, "status": skip[0], "reason": skip[1]})
-                        continue
-                    torch._dynamo.reset()
-                    if reference is None:
-                        reference = common.run_guarded(lambda: reference_logits_for(
-                            spec, image_size, batch, device, dtype, args.seed, min(batch, 8)), device)
-                        if "error" in reference:
-                            run.payload.setdefault("reference_errors", []).append({**base, **reference})
-                    for row in measure_model(impl, name, image_size, spec, batch, modes, device, dtype,
-                                             timing_config, args, reference):
-                        deadline.note(run.add({**rows_of, **row}))
-                        print(f"{name}@{image_size} {row['mode']:>16} {impl.name:>24}: "
-                              f"{common.fmt(row.get('images_per_s'))} img/s {row.get('error', '')}", flush=True)
-                    common.free_memory(device)
-                reference = None
-                common.free_memory(device)
-        run.payload["complete"] = True
-    except KeyboardInterrupt:
-        run.payload["interrupted"] = True
-        print("interrupted: writing what was measured", flush=True)
+    models, references = common.Latest(device), common.Latest(device)
+
+    def official_logits(name: str, spec: dict, image_size: int, batch: int):
+        """The official model's logits for the check, once per model (None if they failed)."""
+        def make():
+            reference = common.run_guarded(lambda: reference_logits_for(
+                spec, image_size, batch, device, dtype, args.seed, min(batch, 8)), device)
+            if "error" in reference:
+                run.payload.setdefault("reference_errors", []).append(
+                    {"model": name, "image_size": image_size, "batch": batch, **reference})
+            return reference.get("logits")
+        return references.get((name, image_size, batch), make)
+
+    def measure_step(step: plan.Step) -> dict:
+        impl, name, image_size, spec, batch, mode = step.context
+
+        def make() -> ModelUnderTest:
+            torch._dynamo.reset()
+            want = official_logits(name, spec, image_size, batch) if impl.kind == "cvt_fast" else None
+            return prepare_model(impl, image_size, spec, batch, modes, device, dtype, args.seed, want)
+        state = models.get((impl.name, name, image_size), make)
+        if mode.endswith("-max-batch"):
+            return measure_max_batch(state, mode[: -len("-max-batch")], image_size, batch, device, dtype, args)
+        return measure_mode(state, mode, batch, device, dtype, timing_config)
+
+    def result_line(step: plan.Step, row: dict) -> str:
+        impl, name, image_size, _, _, mode = step.context
+        figure = (f"max batch {row['max_batch']}" if "max_batch" in row
+                  else f"{common.fmt(row.get('images_per_s'))} img/s")
+        return f"{name}@{image_size} {mode:>16} {impl.name:>24}: {figure} {row.get('error', '')}"
+
+    plan.run_steps(run, steps, setup, measure_step, result_line)
+    models.clear()
+    references.clear()
 
     # Throughput speedups: best peer time / time (same model and mode) = images/s ratio.
+    peers = {i.name for i in impls if i.peer}
     common.add_speedups([r for r in run.rows if r["mode"] in MODES], ("model", "image_size", "batch", "mode"), peers)
     common.add_ratios_vs([r for r in run.rows if r["mode"] in MODES], ("model", "image_size", "batch", "mode"),
                          "official")
     names = [i.name for i in impls]
-    panels = []
-    for mode in modes:
-        ok = [r for r in run.rows if r["mode"] == mode]
-        groups = list(dict.fromkeys(f"{r['model']}@{r['image_size']}" for r in ok))
-        # Relative to the fastest peer, so models of very different speeds share one linear axis
-        # (absolute images/s are in the table).
-        series = {n: [next((r.get("speedup_vs_best_peer") for r in ok if f"{r['model']}@{r['image_size']}" == g
-                            and r["impl"] == n and r.get("status") == "ok"), None) for g in groups] for n in names}
-        precision = f"{args.dtype} autocast" if args.dtype != "float32" else "float32"
-        panels.append({"title": f"{mode}: images/s relative to the fastest peer ({precision})",
-                       "ylabel": "x fastest peer (official, official-compile, hf)", "groups": groups,
-                       "series": {n: v for n, v in series.items() if any(x is not None for x in v)}})
-    models = list(dict.fromkeys(r["model"] + str(r["image_size"]) for r in run.rows))
+    # Relative to the fastest peer, so models of very different speeds share one linear axis
+    # (absolute images/s are in the table).
+    precision = f"{args.dtype} autocast" if args.dtype != "float32" else "float32"
+    panels = common.mode_panels(run.rows, modes, names, "speedup_vs_best_peer",
+                                lambda mode: f"{mode}: images/s relative to the fastest peer ({precision})",
+                                "x fastest peer (official, official-compile, hf)",
+                                group=lambda r: f"{r['model']}@{r['image_size']}")
+    models_seen = list(dict.fromkeys(r["model"] + str(r["image_size"]) for r in run.rows))
     mode_order = modes + [f"{m}-max-batch" for m in modes]
-    ordered = sorted(run.rows, key=lambda r: (models.index(r["model"] + str(r["image_size"])),
+    ordered = sorted(run.rows, key=lambda r: (models_seen.index(r["model"] + str(r["image_size"])),
                                               mode_order.index(r["mode"]), names.index(r["impl"])))
     run.finish(tables(ordered, names), panels, "CvT whole model")
     return 0

@@ -1,8 +1,10 @@
-"""The benchmark scripts' --quick smoke runs on the CPU, and their shared helpers.
+"""The benchmark scripts' --quick smoke runs on the CPU, their plans, and their shared helpers.
 
 Each script runs as a user runs it (`python bench/<script>.py --quick --out ...`) in a
 subprocess; the test checks the results JSON (environment, implementations, every row with
-a status, figures for what must run on a CPU) and that a Markdown table was printed.
+a status, figures for what must run on a CPU), the plan it starts with, the results printed as
+they land, and that a Markdown table was printed. What a bare run plans on a CPU (`--dry-run`),
+and the time estimate and progress loop of bench/plan.py, are checked without timing anything.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import common  # noqa: E402
+from bench import attn, common, conv_proj, model, plan  # noqa: E402
 from bench.model import search_max_batch  # noqa: E402
 
 ENVIRONMENT_FIELDS = ("device", "date_utc", "command", "torch", "torch_cuda", "triton", "driver", "python")
@@ -26,6 +28,8 @@ ENVIRONMENT_FIELDS = ("device", "date_utc", "command", "torch", "torch_cuda", "t
 
 def run_script(script: str, out: Path, *extra: str, timeout: float = 600, device: str = "cpu",
                quick: bool = True) -> tuple[dict, str]:
+    """Run a script; returns its JSON and its console output (stdout and stderr in one stream,
+    as a terminal shows them: the progress bar is on stderr, the results on stdout)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
@@ -33,10 +37,32 @@ def run_script(script: str, out: Path, *extra: str, timeout: float = 600, device
         env.pop("TRITON_INTERPRET", None)  # the interpreter would run the kernels on the host
     done = subprocess.run([sys.executable, str(REPO / "bench" / script), *(["--quick"] if quick else []),
                            "--device", device, "--out", str(out), *extra],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{script} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, f"{script} failed ({done.returncode}):\n{done.stdout[-6000:]}"
     assert out.exists(), f"{script} wrote no {out}"
     return json.loads(out.read_text()), done.stdout
+
+
+def screen_lines(output: str) -> list[str]:
+    """The lines a terminal ends up showing: a carriage return goes back to the line's start
+    (the progress bar redraws itself that way), so only the text after the last one stays."""
+    return [line.split("\r")[-1] for line in output.split("\n")]
+
+
+def check_plan_and_progress(output: str, script: str, rows: list[dict], line_of) -> None:
+    """The run starts with its plan, shows a bar with the time left, and prints every measured
+    result on a line of its own as it lands (not glued to the bar)."""
+    lines = screen_lines(output)
+    assert lines[0].startswith(f"bench/{script}.py: "), lines[:3]
+    header = lines[: lines.index(next(l for l in lines if l.startswith("  time: ")) ) + 1]
+    assert any(l.startswith("  measuring: ") for l in header) and any(" measurements; each: " in l for l in header)
+    assert "measuring: " in output and "left" in output  # the bar, with its time left
+    assert any(l.startswith("time: about ") for l in lines), "no estimate after the first measurement"
+    measured = [r for r in rows if r["status"] in ("ok", "error", "oom")]
+    assert measured
+    for row in measured:
+        assert line_of(row) in lines, f"result line {line_of(row)!r} not on a line of its own"
 
 
 def check_common(payload: dict, stdout: str, out: Path, benchmark: str, expected_impls: set[str]) -> None:
@@ -92,6 +118,9 @@ def test_attention_quick_run_records_every_implementation(tmp_path):
             assert row["rel_err"] < 1e-3, row  # float32 on the CPU
             assert row["speedup_vs_best_peer"] > 0
     assert "Median ms per implementation" in stdout
+    check_plan_and_progress(stdout, "attn", rows, lambda r: f"{r['label']:>22} {r['mode']:>7} {r['impl']:>16}: "
+                            f"{common.fmt(r.get('time_ms'))} ms {r.get('error', '')}")
+    assert f"  note: cvt_fast-triton {plan.INTERPRETED_NOTE}" in stdout
 
 
 def test_conv_proj_quick_run_compares_with_the_official_path(tmp_path):
@@ -111,7 +140,12 @@ def test_conv_proj_quick_run_compares_with_the_official_path(tmp_path):
             assert row["gbps"] > 0 and 0 < row["fraction_of_copy_bw"]
             assert row["rel_err"] < 1e-4, row
     # torch.compile is left out of --quick, and says so.
-    assert all(r["status"] == "skipped" for r in rows if r["impl"] == "official-compile")
+    compiled = [r for r in rows if r["impl"] == "official-compile"]
+    assert compiled and all(r["status"] == "skipped" and "--only official-compile" in r["reason"] for r in compiled)
+    assert "  left out: official-compile: torch.compile takes minutes on a CPU" in stdout
+    check_plan_and_progress(stdout, "conv_proj", rows,
+                            lambda r: f"{r['label']:>22} {r['mode']:>13} {r['impl']:>22}: "
+                                      f"{common.fmt(r.get('time_ms'))} ms {r.get('error', '')}")
 
 
 def test_model_quick_run_measures_train_and_inference(tmp_path):
@@ -131,6 +165,9 @@ def test_model_quick_run_measures_train_and_inference(tmp_path):
     # Same weights as the official backend: the fused path computes the same logits.
     for row in ok_rows(payload, "cvt_fast-triton") + ok_rows(payload, "cvt_fast-sdpa") + ok_rows(payload, "official"):
         assert row["logits_rel_err_vs_official"] < 1e-4, row
+    check_plan_and_progress(stdout, "model", payload["results"],
+                            lambda r: f"cvt-13@32 {r['mode']:>16} {r['impl']:>24}: "
+                                      f"{common.fmt(r.get('images_per_s'))} img/s {r.get('error', '')}")
 
 
 def test_model_find_max_batch_reports_the_search(tmp_path):
@@ -302,3 +339,235 @@ def test_ratios_against_the_official_model():
     assert rows[1]["speedup_vs_official"] == 3.0 and rows[1]["peak_mem_vs_official"] == 0.5
     assert "speedup_vs_official" not in rows[2]  # no official row for that mode
     assert "speedup_vs_official" not in rows[3]
+
+
+# --------------------------------------------------------------------------- plans (no timing)
+
+@pytest.fixture
+def keep_threads():
+    """The scripts' prologue sets torch's thread count for the run: restore it for other tests."""
+    import torch
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def dry_run(script_module, capsys, *argv: str) -> list[str]:
+    assert script_module.main(["--dry-run", "--device", "cpu", *argv]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def section(lines: list[str], prefix: str) -> dict[str, str]:
+    """'  left out: NAME: reason' lines -> {NAME: reason}."""
+    return dict(line[len(prefix):].split(": ", 1) for line in lines if line.startswith(prefix))
+
+
+def measuring(lines: list[str]) -> list[str]:
+    return next(l for l in lines if l.startswith("  measuring: "))[len("  measuring: "):].split(", ")
+
+
+def test_bare_attention_run_on_a_cpu_plans_cvt13_without_the_interpreter(capsys, keep_threads):
+    lines = dry_run(attn, capsys)
+    assert lines[0].startswith("bench/attn.py: attention") and "fwd and fwd+bwd" in lines[0]
+    assert "1 thread" in lines[1] and "float32" in lines[1] and "plan: CPU-sized" in lines[1]
+    shapes = [l.strip() for l in lines if l.startswith("    ")]
+    assert shapes == [f"cvt-13@224 s{i}: B={attn.CPU_BATCH}, Nq={nq}, Nkv={nkv}, H={h}, d=64"
+                      for i, (nq, nkv, h) in enumerate([(3136, 784, 1), (784, 196, 3), (197, 50, 6)], 1)]
+    assert measuring(lines) == ["sdpa-flash", "sdpa-math", "official"]
+    left_out = section(lines, "  left out: ")
+    assert set(left_out) == {"cvt_fast-triton"} and "interpreter" in left_out["cvt_fast-triton"]
+    assert "--include-interpreted" in left_out["cvt_fast-triton"]
+    unavailable = section(lines, "  unavailable: ")
+    # The reasons are the backend table's probes, word for word.
+    from cvt_fast.ops.backends import TABLE
+    assert unavailable["xformers"] == TABLE["xformers"].probe("attention", "cpu")
+    assert unavailable["cvt_fast-cuda"] == TABLE["cuda"].probe("attention", "cpu")
+    assert set(unavailable) == {"cvt_fast-cuda", "sdpa-efficient", "sdpa-cudnn", "xformers"}
+    assert "  18 measurements; each: a first call (checked against a float32 reference), then 3 timed calls; " \
+           "the median is reported" in lines
+    # The first estimate, before anything is measured: the plan's work at the reference CPU's speed.
+    assert lines[-1].startswith("  time: about ") and "2-core reference CPU" in lines[-1]
+
+
+def test_the_readme_shows_what_a_bare_cpu_run_prints(capsys, keep_threads):
+    """README's Benchmarks section pastes a real bare CPU run of attn.py: its plan lines must be
+    what the script prints today (the device line and the CUDA extension's state vary by machine)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Benchmarks"):readme.index("\n## ", readme.index("## Benchmarks") + 1)]
+    assert "needs a GPU, and none has been measured yet" in section
+    pasted = section[section.index("bench/attn.py: attention"):].splitlines()
+    printed = dry_run(attn, capsys)
+    stable = [line for line in printed if not line.startswith(("  on ", "  unavailable: cvt_fast-cuda"))]
+    assert stable == [line for line in pasted[:len(printed)] if not line.startswith(("  on ", "  unavailable: cvt_fast-cuda"))]
+
+
+def test_asking_for_the_interpreter_or_the_full_plan(capsys, keep_threads):
+    for argv in (["--include-interpreted"], ["--only", "cvt_fast-triton,official"]):
+        lines = dry_run(attn, capsys, *argv)
+        assert "cvt_fast-triton" in measuring(lines) and not section(lines, "  left out: ")
+        assert f"  note: cvt_fast-triton {plan.INTERPRETED_NOTE}" in lines
+    lines = dry_run(attn, capsys, "--full", "--time-budget", "60")
+    assert "plan: full" in lines[1]
+    shapes = [l.strip() for l in lines if l.startswith("    ")]
+    assert len(shapes) == 9 and shapes[0].startswith("cvt-13/21@224 s1: B=256") and "B=128" in shapes[-1]
+    assert "cvt_fast-triton" in section(lines, "  left out: ")  # --full does not bring the interpreter in
+    assert lines[-1].endswith("no measurement starts after --time-budget 60 s")
+    with pytest.raises(ValueError, match="--quick and --full"):
+        attn.main(["--dry-run", "--device", "cpu", "--quick", "--full"])
+
+
+def test_bare_conv_proj_and_model_runs_leave_compilation_out_on_a_cpu(capsys, keep_threads):
+    lines = dry_run(conv_proj, capsys)
+    assert measuring(lines) == ["official", "official-nchw", "official-channels_last"]
+    left_out = section(lines, "  left out: ")
+    assert set(left_out) == {"cvt_fast-triton", "official-compile"}
+    assert "--full or --only official-compile" in left_out["official-compile"]
+    assert f"  {3 * 4 * 3} measurements; each: a first call" in "\n".join(lines)
+    assert "official-compile" in measuring(dry_run(conv_proj, capsys, "--full"))
+
+    lines = dry_run(model, capsys)
+    assert [l.strip() for l in lines if l.startswith("    ")] == [f"cvt-13@224: batch {model.CPU_BATCH}"]
+    assert measuring(lines) == ["official", "hf", "cvt_fast-sdpa"]
+    left_out = section(lines, "  left out: ")
+    assert set(left_out) == {"official-compile", "cvt_fast-triton", "cvt_fast-triton-compile",
+                             "cvt_fast-sdpa-compile"}
+    unavailable = section(lines, "  unavailable: ")
+    from cvt_fast.ops.backends import TABLE
+    assert unavailable["cvt_fast-xformers"] == "attention: " + TABLE["xformers"].probe("attention", "cpu")
+    assert f"then {model.CPU_TIMED_STEPS} more, timed" in "\n".join(lines)
+
+
+def test_plan_size_and_left_out_reasons():
+    import argparse
+    import torch
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+
+    def args(**given):
+        return argparse.Namespace(**{"quick": False, "full": False, "only": None, "include_interpreted": False,
+                                     **given})
+    assert plan.plan_size(args(), cpu) == "cpu" and plan.plan_size(args(), cuda) == "full"
+    assert plan.plan_size(args(full=True), cpu) == "full" and plan.plan_size(args(quick=True), cuda) == "quick"
+
+    def reason(size, device, **given):
+        return {what: plan.left_out_reason("x", size, device, args(**given), **{what: True})
+                for what in ("interpreted", "compiled")}
+    assert all(reason("cpu", cpu).values())
+    assert reason("cpu", cpu, include_interpreted=True)["interpreted"] is None
+    assert reason("cpu", cpu, only="x,y") == {"interpreted": None, "compiled": None}
+    assert reason("cpu", cpu, only="y")["interpreted"]  # --only naming something else brings nothing back
+    assert reason("quick", cpu)["interpreted"] is None and "--full" not in reason("quick", cpu)["compiled"]
+    assert reason("full", cpu) == {"interpreted": plan.left_out_reason("x", "full", cpu, args(), interpreted=True),
+                                   "compiled": None}
+    assert reason("full", cuda)["compiled"] is None
+    assert plan.runs_interpreted("triton", cpu) and not plan.runs_interpreted("triton", cuda)
+    assert not plan.runs_interpreted("reference", cpu) and not plan.runs_interpreted("sdpa", cpu)
+
+
+def test_time_estimate_learns_each_implementations_rate():
+    estimate = plan.TimeEstimate([("a", 1.0), ("a", 2.0), ("b", 1.0), ("a", 4.0), ("b", 3.0), ("c", 1.0)])
+    assert estimate.seconds_left() is None  # nothing measured yet: no guess
+    estimate.finished(0, 2.0)  # a: 2 s per unit
+    # b and c are not measured: taken as slow as the slowest measured (a), so 2 * (2 + 1 + 4 + 3 + 1).
+    assert estimate.seconds_left() == pytest.approx(22.0)
+    estimate.finished(2, 10.0)  # b: 10 s per unit, now the slowest: c is taken as slow as b
+    assert estimate.seconds_left() == pytest.approx(2 * (2 + 4) + 10 * 3 + 10 * 1)
+    estimate.finished(1, 8.0)  # a: (2 + 8) s / 3 units
+    assert estimate.seconds_left() == pytest.approx(10 / 3 * 4 + 10 * 3 + 10 * 1)
+    estimate.skipped(4)  # a step that will not run costs nothing
+    estimate.finished(5, 0.5)  # c: 0.5 s per unit
+    assert estimate.seconds_left() == pytest.approx(10 / 3 * 4)
+    assert estimate.seconds_spent() == pytest.approx(20.5)
+    with pytest.raises(ValueError, match="work must be > 0"):
+        plan.TimeEstimate([("a", 0.0)])
+    assert plan.step_weight(5e9, common.resolve_device("cpu")) == 5e9
+    assert [plan.format_duration(s) for s in (0.2, 42, 150, 7200, None)] == ["1 s", "42 s", "2.5 min", "2.0 h",
+                                                                            "unknown"]
+
+
+def test_first_estimate_judges_the_plans_work_before_measuring():
+    import torch
+
+    def setup_on(device: str, budget=None):
+        return common.Prologue(torch.device(device), torch.float32, ["m"], lambda n: True, [], common.TimingConfig(),
+                               common.Deadline(budget), False, time_budget=budget)
+    steps = [plan.Step("a", {}, work=1e10), plan.Step("a", {}, work=1.0),
+             plan.Step("gone", {}, unmeasured=("unavailable", "not here")), plan.Step("slow", {}, work=1e10)]
+    rate = plan.REFERENCE_CPU_SECONDS_PER_WORK["attn"]
+    # On a CPU: each counted step's work at the reference speed, a tiny step at the floor; the
+    # unmeasured and the uncounted steps cost nothing.
+    assert plan.expected_seconds("attn", steps, setup_on("cpu"), uncounted=["slow"]) == pytest.approx(
+        rate * 1e10 + plan.MIN_STEP_SECONDS)
+    assert plan.expected_seconds("attn", steps, setup_on("cpu")) == pytest.approx(
+        2 * rate * 1e10 + plan.MIN_STEP_SECONDS)
+    assert plan.expected_seconds("unknown-script", steps, setup_on("cpu")) is None
+    # On a GPU: every step is time-boxed, whatever its work.
+    timing = common.TimingConfig()
+    box = (timing.warmup_ms + timing.rep_ms) / 1e3 + plan.GPU_STEP_OVERHEAD_SECONDS
+    assert plan.expected_seconds("attn", steps, setup_on("cuda")) == pytest.approx(3 * box)
+
+    line = plan.time_line("attn", steps, setup_on("cpu", budget=30.0), uncounted=["slow"])
+    assert line.startswith(f"  time: about {plan.format_duration(rate * 1e10 + plan.MIN_STEP_SECONDS)} (")
+    assert "not counted: slow" in line and line.endswith("no measurement starts after --time-budget 30 s")
+    assert plan.time_line("unknown-script", steps, setup_on("cpu")).startswith(
+        "  time: estimated from the first measurement")
+
+
+class FakeRun:
+    def __init__(self):
+        self.rows, self.payload = [], {}
+
+    def add(self, row):
+        self.rows.append(row)
+        return row
+
+
+def test_run_steps_records_every_step_and_prints_each_result(capsys):
+    import torch
+    setup = common.Prologue(torch.device("cpu"), torch.float32, ["m"], lambda n: True, [], common.TimingConfig(),
+                            common.Deadline(None), False)
+    steps = [plan.Step("a", {"impl": "a", "n": 1}, work=1.0),
+             plan.Step("gone", {"impl": "gone", "n": 1}, unmeasured=("unavailable", "not here")),
+             plan.Step("a", {"impl": "a", "n": 2}, work=2.0),
+             plan.Step("b", {"impl": "b", "n": 2}, work=2.0)]
+
+    def measure(step):
+        if step.impl == "b":
+            raise RuntimeError("b broke")
+        return {"status": "ok", "time_ms": float(step.row["n"])}
+    run = FakeRun()
+    plan.run_steps(run, steps, setup, measure, lambda step, result: f"RESULT {step.impl} {step.row['n']}")
+    assert [(r["impl"], r["status"]) for r in run.rows] == [("a", "ok"), ("gone", "unavailable"), ("a", "ok"),
+                                                          ("b", "error")]
+    assert run.rows[1]["reason"] == "not here" and "b broke" in run.rows[3]["error"]
+    assert run.payload["complete"] is True
+    captured = capsys.readouterr()
+    assert [l for l in captured.out.splitlines() if l.startswith("RESULT")] == ["RESULT a 1", "RESULT a 2",
+                                                                               "RESULT b 2"]
+    assert "time: about" in captured.out and "measuring: 3/3" in captured.err
+    assert screen_lines(captured.err)[-2].rstrip().endswith("done")  # not 'about 1 s left' once finished
+
+    # A spent time budget: the remaining steps are recorded as skipped, none is measured.
+    setup.deadline = common.Deadline(0.0)
+    run = FakeRun()
+    plan.run_steps(run, steps, setup, lambda step: pytest.fail("measured after the budget"), lambda s, r: "")
+    assert [r["status"] for r in run.rows] == ["skipped", "unavailable", "skipped", "skipped"]
+    with pytest.raises(ValueError, match="work must be > 0"):
+        plan.Step("a", {}, work=0)
+
+
+def test_latest_keeps_one_value_and_its_failure():
+    import torch
+    made = []
+    latest = common.Latest(torch.device("cpu"))
+
+    def make(value):
+        made.append(value)
+        if value == "bad":
+            raise MemoryError("too big")
+        return value
+    assert latest.get(1, lambda: make("one")) == "one" and latest.get(1, lambda: make("again")) == "one"
+    assert latest.get(2, lambda: make("two")) == "two"
+    for _ in range(2):  # a failure is made once and raised again for its key
+        with pytest.raises(MemoryError, match="too big"):
+            latest.get(3, lambda: make("bad"))
+    assert made == ["one", "two", "bad"]

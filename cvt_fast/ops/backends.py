@@ -121,21 +121,48 @@ def _cuda_probe(op: str, device_type: str) -> Optional[str]:
     return "; ".join(reasons) or None
 
 
+# How to get the peer, said wherever it is missing: pyproject.toml's 'peers' extra pins what the
+# benchmarks and tests use (tests/test_xformers_peer.py checks the two agree).
+XFORMERS_INSTALL = ("pip install -e '.[peers]' (xformers 0.0.35 and the CUDA 12 runtime it links; "
+                    "it needs torch >= 2.10)")
+
+
 @functools.lru_cache(maxsize=1)
 def xformers_import_error() -> Optional[str]:
-    """Why `import xformers.ops` fails (it needs a matching CUDA runtime), or None if it works."""
+    """Why xformers cannot run here (not installed, `import xformers.ops` fails, or its C++/CUDA
+    extension did not load: xformers then imports with only a warning), or None if it can."""
     if not module_present("xformers"):
-        return "xformers is not installed"
+        return f"xformers is not installed: {XFORMERS_INSTALL}"
     try:
+        xformers = importlib.import_module("xformers")
         importlib.import_module("xformers.ops")
-    except Exception as error:  # ImportError, or OSError for a missing libcudart
-        return f"xformers is installed but fails to import ({type(error).__name__}: {error})"
-    return None
+    except Exception as error:  # ImportError, OSError, or whatever a broken install raises
+        return _xformers_fix(f"xformers is installed but fails to import ({type(error).__name__}: {error})", error)
+    if getattr(xformers, "_has_cpp_library", True):
+        return None
+    # The extension's loading error: xformers keeps it, and the dynamic loader's message naming
+    # the missing library is at the bottom of its chain of causes.
+    failure = getattr(getattr(xformers, "_cpp_lib", None), "_cpp_library_load_exception", None)
+    root = failure
+    while root is not None and (root.__cause__ or root.__context__) is not None:
+        root = root.__cause__ or root.__context__
+    detail = f" ({type(root).__name__}: {root})" if root is not None else ""
+    return _xformers_fix(f"xformers imports, but its C++/CUDA extension did not load{detail}", root)
+
+
+def _xformers_fix(found: str, error: Optional[BaseException]) -> str:
+    """`found`, and what to install about it."""
+    if "libcudart.so.12" in str(error):
+        # xformers' wheel is built against CUDA 12; a CUDA 13 torch does not bring that runtime.
+        return (f"{found}; the CUDA 12 runtime it links is missing: pip install "
+                "'nvidia-cuda-runtime-cu12>=12.8' (part of the 'peers' extra)")
+    return f"{found}; {XFORMERS_INSTALL} installs a working pair"
 
 
 def _xformers_probe(op: str, device_type: str) -> Optional[str]:
     if device_type != "cuda":
-        return f"xformers has no implementation for {device_type!r} tensors (CUDA only)"
+        return (f"xformers has no implementation for {device_type!r} tensors (CUDA only; "
+                "'sdpa' runs attention on any device)")
     return xformers_import_error()
 
 
