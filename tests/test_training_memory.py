@@ -9,8 +9,9 @@ Measured on this project's CPU machine, CvT-13 at 224x224, batch 2:
 (before BatchNorm moved into conv_proj, issue 12: 137.9 MiB, 0.563x, and 94.7 MiB, 0.554x).
 What makes the difference: attention without the score matrix, conv_proj without NCHW copies
 and with BatchNorm inside (no normalised copy of its own kept; cvt_fast.ops), the MLP
-recomputing its activation (cvt_fast.lean_mlp), and LayerNorm keeping 16-bit inputs rather than float32 copies (cvt_fast.lean_layer_norm). The bound is issue 7's
-training-memory target: at most 0.6x the official code.
+recomputing its activation (cvt_fast.lean_mlp), and LayerNorm keeping 16-bit inputs rather than
+float32 copies (cvt_fast.lean_layer_norm). The bound is issue 7's training-memory target: at most
+0.6x the official code.
 
 Passes: the ops one CvT-13 training step dispatches, counted with a TorchDispatchMode on the meta
 device (issue 12: BatchNorm's statistics, normalisation and backward inside conv_proj, and none of
