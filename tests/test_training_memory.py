@@ -1,7 +1,8 @@
 """Training memory and passes without a GPU. Memory: the bytes autograd keeps for the backward
 of one training forward, counted with saved-tensor hooks (each storage once, parameters
-excluded; autocast's 16-bit weight copies included, as they are real memory on a GPU too). This depends on shapes and
-dtypes only, so it is exact and device-free; GPU peak memory is bench/model.py's to measure.
+excluded; autocast's 16-bit weight copies included, as they are real memory on a GPU too). This
+depends on shapes and dtypes only, so it is exact and device-free; GPU peak memory is
+bench/model.py's to measure.
 
 Measured on this project's CPU machine, CvT-13 at 224x224, batch 2:
   float32:          official 244.9 MiB, the fused backends 123.5 MiB (0.504x)
