@@ -590,21 +590,20 @@ def _add4(PI: tl.constexpr, PJ: tl.constexpr, t00, t01, t10, t11, delta):
 
 
 @triton.jit
-def _bn_coefficients(bn_ptr, BRANCH: tl.constexpr, C, c, cmask):
-    """(a, mean_dy, b, beta) of one branch from bn_ptr (3 branches, 4, C), see _bn_grad."""
-    row = bn_ptr + BRANCH * 4 * C
-    return (tl.load(row + c, mask=cmask, other=0.0), tl.load(row + C + c, mask=cmask, other=0.0),
-            tl.load(row + 2 * C + c, mask=cmask, other=0.0), tl.load(row + 3 * C + c, mask=cmask, other=0.0))
-
-
-@triton.jit
-def _bn_grad(d_out, out, ok, a, mean_dy, b, beta):
+def _bn_grad(d_out, out, ok, bn_ptr, BRANCH: tl.constexpr, C, c, cmask):
     """Gradient of the convolution output y from that of BatchNorm's output, at valid rows:
         dy = gamma * invstd * (d_out - mean(d_out) - x_hat * mean(d_out * x_hat))
     with gamma * x_hat = out - beta (the forward's output), so that
-        dy = a * (d_out - mean_dy) - b * (out - beta),  a = gamma * invstd,
-        b = invstd * mean(d_out * x_hat); the means are over the grid rows (the statistics pass)."""
-    dy = a[None, :] * (d_out - mean_dy[None, :]) - b[None, :] * (out - beta[None, :])
+        dy = a * d_out - b * out + e,  a = gamma * invstd,  b = invstd * mean(d_out * x_hat),
+        e = b * beta - a * mean(d_out); the means are over the grid rows (the statistics pass).
+    bn_ptr holds (3 branches, [a, b, e], C). The three vectors are loaded here, at each use (L1
+    hits), not once per program: held for the whole tap loop they cost the registers that made
+    the s1s2 backward spill."""
+    row = bn_ptr + BRANCH * 3 * C
+    a = tl.load(row + c, mask=cmask, other=0.0)
+    b = tl.load(row + C + c, mask=cmask, other=0.0)
+    e = tl.load(row + 2 * C + c, mask=cmask, other=0.0)
+    dy = a[None, :] * d_out - b[None, :] * out + e[None, :]
     return tl.where(ok[:, None], dy, 0.0)
 
 
@@ -647,11 +646,8 @@ def _bwd_s1s2_kernel(
     gwq = tl.zeros((KK_PAD, BLOCK_C), dtype=ACC)
     gwk = tl.zeros((KK_PAD, BLOCK_C), dtype=ACC)
     gwv = tl.zeros((KK_PAD, BLOCK_C), dtype=ACC)
-    if BN:
-        # The grads given are BatchNorm's output gradients: turned into the convolution's at each load.
-        aq, mq, bq, beta_q = _bn_coefficients(bn_ptr, 0, C, c, cmask)
-        ak, mk, bk, beta_k = _bn_coefficients(bn_ptr, 1, C, c, cmask)
-        av, mv, bv, beta_v = _bn_coefficients(bn_ptr, 2, C, c, cmask)
+    # With BN the grads given are BatchNorm's output gradients: turned into the convolution's at
+    # each load (_bn_grad).
 
     for i in range(images_per_program):
         img = pid_g * images_per_program + i
@@ -691,7 +687,7 @@ def _bwd_s1s2_kernel(
                             if BN:
                                 o = tl.load(outq_ptr + img64 * tq * C + tok[:, None] * C + c[None, :],
                                             mask=ok[:, None] & m, other=0.0).to(ACC)
-                                g = _bn_grad(g, o, ok, aq, mq, bq, beta_q)
+                                g = _bn_grad(g, o, ok, bn_ptr, 0, C, c, cmask)
                             g00, g01, g10, g11 = _add4(pi, pj, g00, g01, g10, g11, g * w[None, :])
                             prod += _pick4(pi, pj, x00, x01, x10, x11) * g
                     gwq += tl.where(kk[:, None] == tap, tl.sum(prod, axis=0)[None, :], 0.0)
@@ -719,7 +715,7 @@ def _bwd_s1s2_kernel(
                                 if BN:
                                     o = tl.load(outk_ptr + img64 * tk * C + tok[:, None] * C + c[None, :],
                                                 mask=ok[:, None] & m, other=0.0).to(ACC)
-                                    gk = _bn_grad(gk, o, ok, ak, mk, bk, beta_k)
+                                    gk = _bn_grad(gk, o, ok, bn_ptr, 1, C, c, cmask)
                                 w = tl.load(wk_ptr + tap * C + c, mask=cmask, other=0.0).to(ACC)
                                 delta += gk * w[None, :]
                                 gwk += tl.where(kk[:, None] == tap, tl.sum(xv * gk, axis=0)[None, :], 0.0)
@@ -729,7 +725,7 @@ def _bwd_s1s2_kernel(
                                     if BN:
                                         o = tl.load(outv_ptr + img64 * tk * C + tok[:, None] * C + c[None, :],
                                                     mask=ok[:, None] & m, other=0.0).to(ACC)
-                                        gv = _bn_grad(gv, o, ok, av, mv, bv, beta_v)
+                                        gv = _bn_grad(gv, o, ok, bn_ptr, 2, C, c, cmask)
                                     w = tl.load(wv_ptr + tap * C + c, mask=cmask, other=0.0).to(ACC)
                                     delta += gv * w[None, :]
                                     gwv += tl.where(kk[:, None] == tap, tl.sum(xv * gv, axis=0)[None, :], 0.0)
@@ -805,10 +801,6 @@ def _bwd_generic_kernel(
     gwq = tl.zeros((KK_PAD, BLOCK_C), dtype=ACC)
     gwk = tl.zeros((KK_PAD, BLOCK_C), dtype=ACC)
     gwv = tl.zeros((KK_PAD, BLOCK_C), dtype=ACC)
-    if BN:
-        aq, mq, bq, beta_q = _bn_coefficients(bn_ptr, 0, C, c, cmask)
-        ak, mk, bk, beta_k = _bn_coefficients(bn_ptr, 1, C, c, cmask)
-        av, mv, bv, beta_v = _bn_coefficients(bn_ptr, 2, C, c, cmask)
 
     for i in range(images_per_program):
         img = pid_g * images_per_program + i
@@ -841,7 +833,7 @@ def _bwd_generic_kernel(
                     if BN:
                         o = tl.load(outq_ptr + img64 * tq * C + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
                                     other=0.0).to(ACC)
-                        g = _bn_grad(g, o, ok, aq, mq, bq, beta_q)
+                        g = _bn_grad(g, o, ok, bn_ptr, 0, C, c, cmask)
                     gx, gwq = _tap_backward(gx, gwq, xv, g, wq_ptr, C, c, cmask, kk, tap)
                 if HAS_GKV:
                     nr = r + PKV - dy
@@ -856,7 +848,7 @@ def _bwd_generic_kernel(
                     if BN:
                         o = tl.load(outk_ptr + img64 * tk * C + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
                                     other=0.0).to(ACC)
-                        g = _bn_grad(g, o, ok, ak, mk, bk, beta_k)
+                        g = _bn_grad(g, o, ok, bn_ptr, 1, C, c, cmask)
                     gx, gwk = _tap_backward(gx, gwk, xv, g, wk_ptr, C, c, cmask, kk, tap)
                     if HAS_GV:
                         g = tl.load(gv_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
@@ -864,7 +856,7 @@ def _bwd_generic_kernel(
                         if BN:
                             o = tl.load(outv_ptr + img64 * tk * C + tok[:, None] * C + c[None, :],
                                         mask=ok[:, None] & m, other=0.0).to(ACC)
-                            g = _bn_grad(g, o, ok, av, mv, bv, beta_v)
+                            g = _bn_grad(g, o, ok, bn_ptr, 2, C, c, cmask)
                         gx, gwv = _tap_backward(gx, gwv, xv, g, wv_ptr, C, c, cmask, kk, tap)
             gx_base = gx_ptr + img64 * t_in * C
             tl.store(gx_base + tok_x[:, None] * C + c[None, :], gx.to(gx_ptr.dtype.element_ty),
@@ -1174,7 +1166,9 @@ def conv_proj_bn_backward(
     count = torch.tensor([batch * (t.shape[1] - cls) for t in outputs], dtype=stats, device=x.device)[:, None]
     gamma = torch.stack([gamma_q, gamma_k, gamma_v]).to(stats)
     beta = torch.stack([beta_q, beta_k, beta_v]).to(stats)
-    coefficients = torch.stack([gamma * invstd, sum_dy / count, invstd * sum_dy_xhat / count, beta], dim=1)
+    a = gamma * invstd
+    b = invstd * sum_dy_xhat / count
+    coefficients = torch.stack([a, b, b * beta - a * sum_dy / count], dim=1)  # (3, [a, b, e], C): see _bn_grad
     grad_x, grad_wq, grad_wk, grad_wv = _backward(grads, x, (weight_q, weight_k, weight_v), weights, kernel,
                                                   *geometry, outputs=outputs, bn=coefficients.contiguous())
     return (grad_x, grad_wq, grad_wk, grad_wv, sum_dy_xhat.to(gamma_q.dtype), sum_dy.to(beta_q.dtype))
@@ -1218,7 +1212,7 @@ def _backward(grads: tuple, x: torch.Tensor, originals: tuple, weights: tuple, k
               has_cls: bool, stride_q: int, stride_kv: int, padding_q: int, padding_kv: int,
               outputs: Optional[tuple] = None, bn: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
     """Launch the backward: grads (contiguous or None; grad_k None implies grad_v None), weights
-    tap-major (originals: the (C, 1, k, k) tensors, for the gradients' dtypes). With bn (3, 4, C) and
+    tap-major (originals: the (C, 1, k, k) tensors, for the gradients' dtypes). With bn (3, 3, C) [a, b, e] and
     the forward's outputs, the grads are BatchNorm's output gradients (see _bn_grad)."""
     batch, _, channels = x.shape
     cls = int(has_cls)
