@@ -432,14 +432,19 @@ def _stats_s1s2_kernel(
                 HAS_CLS, K, PQ, PKV, R_OFF, NR, TILE_H, TILE_W, BLOCK_C, ACC)
             if GRAD:
                 gq_base = gq_ptr + img64 * tq * C + tok00[:, None] * C + c[None, :]
-                d00 = tl.load(gq_base, mask=ok00[:, None] & m, other=0.0).to(ACC)
-                d01 = tl.load(gq_base + C, mask=ok01[:, None] & m, other=0.0).to(ACC)
-                d10 = tl.load(gq_base + Wq * C, mask=ok10[:, None] & m, other=0.0).to(ACC)
-                d11 = tl.load(gq_base + (Wq + 1) * C, mask=ok11[:, None] & m, other=0.0).to(ACC)
-                sq0 += tl.sum(d00 + d01 + d10 + d11, axis=0)
-                centred = d00 * (q00 - mean_q[None, :]) + d01 * (q01 - mean_q[None, :]) \
-                    + d10 * (q10 - mean_q[None, :]) + d11 * (q11 - mean_q[None, :])
-                sq1 += tl.sum(centred, axis=0)
+                # One parity at a time: its gradient tile is dead before the next one is loaded.
+                d = tl.load(gq_base, mask=ok00[:, None] & m, other=0.0).to(ACC)
+                sq0 += tl.sum(d, axis=0)
+                sq1 += tl.sum(d * (q00 - mean_q[None, :]), axis=0)
+                d = tl.load(gq_base + C, mask=ok01[:, None] & m, other=0.0).to(ACC)
+                sq0 += tl.sum(d, axis=0)
+                sq1 += tl.sum(d * (q01 - mean_q[None, :]), axis=0)
+                d = tl.load(gq_base + Wq * C, mask=ok10[:, None] & m, other=0.0).to(ACC)
+                sq0 += tl.sum(d, axis=0)
+                sq1 += tl.sum(d * (q10 - mean_q[None, :]), axis=0)
+                d = tl.load(gq_base + (Wq + 1) * C, mask=ok11[:, None] & m, other=0.0).to(ACC)
+                sq0 += tl.sum(d, axis=0)
+                sq1 += tl.sum(d * (q11 - mean_q[None, :]), axis=0)
                 kv_offs = img64 * tk * C + tokk[:, None] * C + c[None, :]
                 dk = tl.load(gk_ptr + kv_offs, mask=okk[:, None] & m, other=0.0).to(ACC)
                 sk0 += tl.sum(dk, axis=0)
