@@ -45,9 +45,10 @@ def op_family(op: str) -> str:
 
 
 class Implementation(NamedTuple):
-    """What `Backend.load(op)` returns (op: one of OPS or of VARIANTS). kernels/reference: forward(*op inputs) -> the op's outputs
-    and backward(*backward inputs) -> gradients, as the custom ops' bodies call them. peer:
-    forward(q, k, v, scale) -> out, differentiable by autograd; backward None."""
+    """What `Backend.load(op)` returns (op: one of OPS or of VARIANTS). kernels/reference:
+    forward(*op inputs) -> the op's outputs and backward(*backward inputs) -> gradients, as the
+    custom ops' bodies call them. peer: forward(q, k, v, scale) -> out, differentiable by
+    autograd; backward None."""
     forward: Callable
     backward: Optional[Callable]
 

@@ -259,9 +259,10 @@ def check_conv_proj_bn_arguments(x: object, weights: tuple, gammas: tuple, betas
 def check_conv_proj_bn(x: Tensor, weights: tuple, gammas: tuple, betas: tuple, height: int, width: int,
                        has_cls: bool, stride_q: int, stride_kv: int, padding_q: int, padding_kv: int,
                        eps: "list[float]", contiguous_last_dim: bool = True) -> None:
-    """conv_proj's checks (no conv bias; contiguous_last_dim as there), plus: BatchNorm weights and biases (C,), one floating dtype
-    for all six, on x's device; eps three finite floats >= 0 (nn.BatchNorm2d takes 0 too); more than
-    one grid value per channel in every output, as BatchNorm2d requires in training."""
+    """conv_proj's checks (no conv bias; contiguous_last_dim as there), plus: BatchNorm weights and
+    biases (C,), one floating dtype for all six, on x's device; eps three finite floats >= 0
+    (nn.BatchNorm2d takes 0 too); more than one grid value per channel in every output, as
+    BatchNorm2d requires in training."""
     check_conv_proj(x, weights, (None, None, None), height, width, has_cls, stride_q, stride_kv, padding_q,
                     padding_kv, contiguous_last_dim)
     channels = x.shape[2]
