@@ -45,6 +45,14 @@ def _conv_proj_as_reference(x, wq, wk, wv, bq, bk, bv, height, width, has_cls, s
                                          padding_q, padding_kv)
 
 
+def _conv_proj_bn_as_reference(x, wq, wk, wv, gamma_q, gamma_k, gamma_v, beta_q, beta_k, beta_v, height, width,
+                               has_cls, stride_q, stride_kv, padding_q, padding_kv, eps, backend):
+    # Training mode only (batch statistics); an eval export folds BatchNorm into conv_proj instead.
+    del backend
+    return reference.conv_proj_bn_reference(x, wq, wk, wv, gamma_q, gamma_k, gamma_v, beta_q, beta_k, beta_v,
+                                            height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv, eps)
+
+
 def _attention_as_reference(q, k, v, scale, backend):
     del backend
     return reference.attention_reference(q, k, v, scale)
@@ -72,6 +80,7 @@ def reference_decompositions() -> dict[torch._ops.OpOverload, Callable]:
 
     ops = torch.ops.cvt_fast
     return {ops.conv_proj.default: _conv_proj_as_reference,
+            ops.conv_proj_bn.default: _conv_proj_bn_as_reference,
             ops.attention.default: _attention_as_reference,
             ops.mlp_activation.default: _mlp_activation_as_reference,
             ops.linear_activation.default: _linear_activation_as_reference,

@@ -226,14 +226,17 @@ class Attention(nn.Module):
 
         convs = (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v)
         has_cls = self.with_cls_token
-        if self.training:
-            # Batch statistics must be computed from the convolution outputs, so the
-            # BatchNorm runs after the op, on the grid rows only (cls rows are never
-            # normalised).
-            outs = ops.conv_proj(x, *(c.conv.weight for c in convs), height, width,
-                                 has_cls, self.stride_q, self.stride_kv, self.padding_q,
-                                 self.padding_kv, backend=self._conv_backend())
-            return [_batch_norm_tokens(c.bn, t, has_cls) for c, t in zip(convs, outs)]
+        batch_statistics = _uses_batch_statistics([c.bn for c in convs])
+        if batch_statistics is None:
+            # One op serves the three branches; BatchNorms in different modes take the modules'
+            # own path (rare: a partly frozen model), which is nn.BatchNorm2d by construction.
+            return self._project_official(x, height, width)
+        if batch_statistics:
+            # Batch statistics come from the convolution outputs: the op computes them and
+            # normalises the grid rows (cls rows never), and the running statistics are
+            # updated here, as nn.BatchNorm2d updates them.
+            return _conv_proj_batch_norm(x, convs, height, width, has_cls, self.stride_q, self.stride_kv,
+                                         self.padding_q, self.padding_kv, self._conv_backend())
         # Eval: BatchNorm is an affine map per channel, folded into the convolution (once per
         # weight state: cvt_fast/batch_norm_fold.py).
         wq, wk, wv, bq, bk, bv = self._folded_bn.get(convs, conv_dtype(x))
@@ -260,21 +263,46 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
-def _batch_norm_tokens(bn: nn.BatchNorm2d, tokens: torch.Tensor, has_cls: bool) -> torch.Tensor:
-    """nn.BatchNorm2d semantics (statistics, running-stat update, counter) on token rows."""
+def _uses_batch_statistics(batch_norms: list[nn.BatchNorm2d]) -> bool | None:
+    """Whether the q, k, v BatchNorms normalise with batch statistics (training mode, or no running
+    statistics kept), as nn.BatchNorm2d decides; None when they disagree (one frozen, say)."""
+    modes = {bn.training or bn.running_mean is None for bn in batch_norms}
+    return modes.pop() if len(modes) == 1 else None
+
+
+def _conv_proj_batch_norm(x: torch.Tensor, convs: tuple, height: int, width: int, has_cls: bool, stride_q: int,
+                          stride_kv: int, padding_q: int, padding_kv: int, backend: str | None) -> list[torch.Tensor]:
+    """Each of `convs` (depthwise Conv2d -> BatchNorm2d) on the token grid, with nn.BatchNorm2d's
+    training semantics: batch statistics over the grid rows (cls rows pass through), running
+    statistics and the batch counter updated in place."""
+    from cvt_fast import ops
+
+    bns = [c.bn for c in convs]
+    channels = x.shape[-1]
+    # affine=False BatchNorms normalise only: the identity affine map.
+    gammas = [bn.weight if bn.weight is not None else x.new_ones(channels, dtype=torch.float32) for bn in bns]
+    betas = [bn.bias if bn.bias is not None else x.new_zeros(channels, dtype=torch.float32) for bn in bns]
+    *outputs, mean, var = ops.conv_proj_bn(x, *(c.conv.weight for c in convs), *gammas, *betas, height, width,
+                                           has_cls, stride_q, stride_kv, padding_q, padding_kv,
+                                           eps=[bn.eps for bn in bns], backend=backend)
+    with torch.no_grad():
+        for bn, out, batch_mean, batch_var in zip(bns, outputs, mean.unbind(0), var.unbind(0)):
+            _update_running_statistics(bn, batch_mean, batch_var, out.shape[0] * (out.shape[1] - int(has_cls)))
+    return outputs
+
+
+def _update_running_statistics(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """What nn.BatchNorm2d does to its buffers in training: count the batch, then move the running
+    mean and the running (unbiased) variance towards the batch's by `momentum`, or by 1 / batches
+    seen (a cumulative average) when momentum is None."""
+    if not (bn.training and bn.track_running_stats):
+        return
+    bn.num_batches_tracked.add_(1)
     momentum = bn.momentum
-    if bn.training and bn.track_running_stats:
-        bn.num_batches_tracked.add_(1)
-        if momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    use_batch_stats = bn.training or bn.running_mean is None
-    grid = tokens[:, int(has_cls):]
-    channels = grid.shape[-1]
-    # (B * N, C) with channels in dim 1 is exactly what BatchNorm2d reduces over.
-    normed = F.batch_norm(grid.reshape(-1, channels), bn.running_mean, bn.running_var,
-                          bn.weight, bn.bias, use_batch_stats, momentum or 0.0, bn.eps)
-    normed = normed.view_as(grid)
-    return torch.cat((tokens[:, :1], normed), dim=1) if has_cls else normed
+    if momentum is None:  # a tensor, not float(): no host sync, no graph break under torch.compile
+        momentum = bn.num_batches_tracked.to(bn.running_mean.dtype).reciprocal()
+    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+    bn.running_var.lerp_((var * (count / (count - 1))).to(bn.running_var.dtype), momentum)
 
 
 class Block(nn.Module):

@@ -35,11 +35,32 @@
 # in [K*K (padded), BLOCK_C] fp32 register tiles, and writes them to a small buffer that torch
 # sums (deterministic). `_bwd_generic_kernel` does the same for any strides, one tap at a time.
 #
+# BatchNorm in training (`conv_proj_bn_forward` / `_backward`, the op cvt_fast::conv_proj_bn). The
+# batch statistics are global (every image, every grid position) and the normalised outputs
+# depend on them, so one pass cannot both reduce and normalise. Forward, two launches over x:
+# (1) `_stats_*_kernel` computes the convolution tile by tile exactly as the forward kernel does
+# and keeps per channel fp32 (count, mean, M2) of each output's grid rows, merged tile after tile
+# (Chan's update: every term is a deviation, so |mean| >> std loses nothing in fp32, where sums
+# of y and y^2 would); one partial row per program goes to a small buffer that torch merges in a
+# fixed order (deterministic); (2) the forward kernel with the normalisation (y - mean) *
+# gamma*invstd + beta in its epilogue, writing q, k, v with the cls row in place. Recomputing
+# the convolution costs one more read of x (9 MACs per output are free on a memory-bound
+# kernel); writing y unnormalised and normalising it afterwards would cost a write and a read
+# and a write of all three outputs. Backward, two launches: (1) the statistics kernel in its
+# gradient mode sums dy and dy * x_hat per channel (y recomputed from x, the output gradients
+# read beside it); (2) the conv_proj backward kernel turns each output gradient it gathers into
+# the convolution's, a * (dy - mean(dy)) - b * (out - beta) (`_bn_grad`: x_hat from the saved
+# output, so no division by gamma), before the transposed convolution and the weight gradients.
+# The cls row is never normalised, never counted, and its gradient passes straight to x's.
+#
 # Bandwidth floor (the kernels are memory bound: 9 MACs per output element). Forward: read x
 # once, write q, k, v. CvT-13 stage 1 at B=256, bf16: x = 256*3136*64*2 B = 102.8 MB, q the
 # same, k and v a quarter each (25.7 MB): 257 MB in all, about 77 us at 3.35 TB/s (H100 SXM).
 # Backward: read x, grad_q, grad_k, grad_v, write grad_x: 102.8*3 + 2*25.7 = 360 MB; the
-# weight-gradient partial buffer is (images / group) * tiles * 3 * 9 * C fp32, a few MB.
+# weight-gradient partial buffer is (images / group) * tiles * 3 * 9 * C fp32, a few MB. With
+# BatchNorm: forward one more read of x (stage 1: 360 MB against the 257 MB floor), backward one
+# more read of x and the output gradients and one read of q, k, v (771 MB against 617 MB for two
+# passes); kernels/BYTES.md has every stage and the unfused sequences.
 from typing import Optional, Tuple
 
 import torch
@@ -109,25 +130,12 @@ def _tap_backward(gx, gw, xv, g, w_ptr, C, c, cmask, kk, tap):
 
 
 @triton.jit
-def _fwd_s1s2_kernel(
-    x_ptr, wq_ptr, wk_ptr, wv_ptr, bq_ptr, bk_ptr, bv_ptr, q_ptr, k_ptr, v_ptr,
-    C, H, W, Hq, Wq, Hk, Wk, tiles_w, x_stride_b, x_stride_t,
-    HAS_CLS: tl.constexpr, K: tl.constexpr, PQ: tl.constexpr, PKV: tl.constexpr,
-    R_OFF: tl.constexpr, NR: tl.constexpr,
-    HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
-    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
-):
-    pid_t = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-
-    p = tl.arange(0, TILE_H * TILE_W)
-    a = (pid_t // tiles_w) * TILE_H + p // TILE_W
-    b = (pid_t % tiles_w) * TILE_W + p % TILE_W
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    x_base = x_ptr + pid_b * x_stride_b
-
+def _conv_s1s2_tile(x_base, wq_ptr, wk_ptr, wv_ptr, a, b, c, cmask, C, H, W, x_stride_t,
+                    HAS_CLS: tl.constexpr, K: tl.constexpr, PQ: tl.constexpr, PKV: tl.constexpr,
+                    R_OFF: tl.constexpr, NR: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                    BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """The three convolutions of one image at a tile (a, b) of the half-resolution grid: the four q
+    parity sub-tiles q(2a+pi, 2b+pj), then k(a, b) and v(a, b), as ACC accumulators."""
     q00 = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
     q01 = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
     q10 = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
@@ -152,6 +160,43 @@ def _fwd_s1s2_kernel(
             q11 = _tap_accumulate(q11, xv, wq_ptr, C, c, cmask, ty - R_OFF - 1 + PQ, tx - R_OFF - 1 + PQ, K)
             kacc = _tap_accumulate(kacc, xv, wk_ptr, C, c, cmask, ty - R_OFF + PKV, tx - R_OFF + PKV, K)
             vacc = _tap_accumulate(vacc, xv, wv_ptr, C, c, cmask, ty - R_OFF + PKV, tx - R_OFF + PKV, K)
+    return q00, q01, q10, q11, kacc, vacc
+
+
+@triton.jit
+def _normalise(acc, norm_ptr, BRANCH: tl.constexpr, C, c, cmask):
+    """BatchNorm's affine map with batch statistics, (y - mean) * (gamma * invstd) + beta; norm_ptr
+    holds (3 branches, [mean, gamma * invstd, beta], C) in the accumulator dtype."""
+    row = norm_ptr + BRANCH * 3 * C
+    mean = tl.load(row + c, mask=cmask, other=0.0)
+    scale = tl.load(row + C + c, mask=cmask, other=0.0)
+    beta = tl.load(row + 2 * C + c, mask=cmask, other=0.0)
+    return (acc - mean[None, :]) * scale[None, :] + beta[None, :]
+
+
+@triton.jit
+def _fwd_s1s2_kernel(
+    x_ptr, wq_ptr, wk_ptr, wv_ptr, bq_ptr, bk_ptr, bv_ptr, norm_ptr, q_ptr, k_ptr, v_ptr,
+    C, H, W, Hq, Wq, Hk, Wk, tiles_w, x_stride_b, x_stride_t,
+    HAS_CLS: tl.constexpr, K: tl.constexpr, PQ: tl.constexpr, PKV: tl.constexpr,
+    R_OFF: tl.constexpr, NR: tl.constexpr,
+    HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, NORM: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+
+    p = tl.arange(0, TILE_H * TILE_W)
+    a = (pid_t // tiles_w) * TILE_H + p // TILE_W
+    b = (pid_t % tiles_w) * TILE_W + p % TILE_W
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    x_base = x_ptr + pid_b * x_stride_b
+
+    q00, q01, q10, q11, kacc, vacc = _conv_s1s2_tile(x_base, wq_ptr, wk_ptr, wv_ptr, a, b, c, cmask, C, H, W,
+                                                     x_stride_t, HAS_CLS, K, PQ, PKV, R_OFF, NR, TILE_H, TILE_W,
+                                                     BLOCK_C, ACC)
 
     if HAS_BQ:
         bias = tl.load(bq_ptr + c, mask=cmask, other=0.0).to(ACC)
@@ -163,6 +208,13 @@ def _fwd_s1s2_kernel(
         kacc += tl.load(bk_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
     if HAS_BV:
         vacc += tl.load(bv_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
+    if NORM:
+        q00 = _normalise(q00, norm_ptr, 0, C, c, cmask)
+        q01 = _normalise(q01, norm_ptr, 0, C, c, cmask)
+        q10 = _normalise(q10, norm_ptr, 0, C, c, cmask)
+        q11 = _normalise(q11, norm_ptr, 0, C, c, cmask)
+        kacc = _normalise(kacc, norm_ptr, 1, C, c, cmask)
+        vacc = _normalise(vacc, norm_ptr, 2, C, c, cmask)
 
     out_ty = q_ptr.dtype.element_ty
     tq = HAS_CLS + Hq * Wq
@@ -193,25 +245,12 @@ def _store_tile(base, acc, r, s, Ho, Wo, C, c, cmask, HAS_CLS: tl.constexpr):
 
 
 @triton.jit
-def _fwd_generic_kernel(
-    x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, o0_ptr, o1_ptr, o2_ptr,
-    C, H, W, Ho, Wo, tiles_w, x_stride_b, x_stride_t,
-    HAS_CLS: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-    NUM_OUT: tl.constexpr, HAS_B0: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
-):
-    """Up to three depthwise convolutions sharing (STRIDE, PAD): one x load per tap feeds all."""
-    pid_t = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-
-    p = tl.arange(0, TILE_H * TILE_W)
-    r = (pid_t // tiles_w) * TILE_H + p // TILE_W
-    s = (pid_t % tiles_w) * TILE_W + p % TILE_W
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    x_base = x_ptr + pid_b * x_stride_b
-
+def _conv_generic_tile(x_base, w0_ptr, w1_ptr, w2_ptr, r, s, c, cmask, C, H, W, x_stride_t,
+                       HAS_CLS: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+                       NUM_OUT: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr,
+                       ACC: tl.constexpr):
+    """Up to three depthwise convolutions sharing (STRIDE, PAD) at output positions (r, s) of one
+    image: one x load per tap feeds all."""
     acc0 = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
     acc1 = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
     acc2 = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
@@ -229,6 +268,33 @@ def _fwd_generic_kernel(
                 acc1 = _tap_accumulate(acc1, xv, w1_ptr, C, c, cmask, dy, dx, K)
             if NUM_OUT >= 3:
                 acc2 = _tap_accumulate(acc2, xv, w2_ptr, C, c, cmask, dy, dx, K)
+    return acc0, acc1, acc2
+
+
+@triton.jit
+def _fwd_generic_kernel(
+    x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, norm_ptr, o0_ptr, o1_ptr, o2_ptr,
+    C, H, W, Ho, Wo, tiles_w, x_stride_b, x_stride_t,
+    HAS_CLS: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+    NUM_OUT: tl.constexpr, HAS_B0: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+    NORM: tl.constexpr, BRANCH0: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """Up to three depthwise convolutions sharing (STRIDE, PAD); output i is branch BRANCH0 + i
+    (q, k, v = 0, 1, 2) of the BatchNorm parameters when NORM."""
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+
+    p = tl.arange(0, TILE_H * TILE_W)
+    r = (pid_t // tiles_w) * TILE_H + p // TILE_W
+    s = (pid_t % tiles_w) * TILE_W + p % TILE_W
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    x_base = x_ptr + pid_b * x_stride_b
+
+    acc0, acc1, acc2 = _conv_generic_tile(x_base, w0_ptr, w1_ptr, w2_ptr, r, s, c, cmask, C, H, W, x_stride_t,
+                                          HAS_CLS, K, STRIDE, PAD, NUM_OUT, TILE_H, TILE_W, BLOCK_C, ACC)
 
     if HAS_B0:
         acc0 += tl.load(b0_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
@@ -236,6 +302,12 @@ def _fwd_generic_kernel(
         acc1 += tl.load(b1_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
     if HAS_B2:
         acc2 += tl.load(b2_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
+    if NORM:
+        acc0 = _normalise(acc0, norm_ptr, BRANCH0, C, c, cmask)
+        if NUM_OUT >= 2:
+            acc1 = _normalise(acc1, norm_ptr, BRANCH0 + 1, C, c, cmask)
+        if NUM_OUT >= 3:
+            acc2 = _normalise(acc2, norm_ptr, BRANCH0 + 2, C, c, cmask)
 
     t_out = HAS_CLS + Ho * Wo
     out_off = pid_b * t_out * C
@@ -254,6 +326,235 @@ def _fwd_generic_kernel(
                 tl.store(o1_ptr + out_off + c, cls.to(out_ty), mask=cmask)
             if NUM_OUT >= 3:
                 tl.store(o2_ptr + out_off + c, cls.to(out_ty), mask=cmask)
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm statistics: the convolution recomputed from x, reduced over the grid rows
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_moments(y, ok, ACC: tl.constexpr):
+    """(count, mean, sum of squared deviations from that mean) of the valid rows of a tile, per
+    channel; centred on the tile's own mean, so nothing cancels when |mean| >> std."""
+    n = tl.sum(ok.to(ACC), axis=0)
+    mean = tl.sum(tl.where(ok[:, None], y, 0.0), axis=0) / tl.maximum(n, 1.0)
+    dev = tl.where(ok[:, None], y - mean[None, :], 0.0)
+    return n, mean, tl.sum(dev * dev, axis=0)
+
+
+@triton.jit
+def _tile_moments4(y00, y01, y10, y11, ok00, ok01, ok10, ok11, ACC: tl.constexpr):
+    """_tile_moments over the four q parity sub-tiles of the s1s2 layout together."""
+    n = tl.sum(ok00.to(ACC), axis=0) + tl.sum(ok01.to(ACC), axis=0) + tl.sum(ok10.to(ACC), axis=0) \
+        + tl.sum(ok11.to(ACC), axis=0)
+    total = tl.sum(tl.where(ok00[:, None], y00, 0.0), axis=0) + tl.sum(tl.where(ok01[:, None], y01, 0.0), axis=0) \
+        + tl.sum(tl.where(ok10[:, None], y10, 0.0), axis=0) + tl.sum(tl.where(ok11[:, None], y11, 0.0), axis=0)
+    mean = total / tl.maximum(n, 1.0)
+    d00 = tl.where(ok00[:, None], y00 - mean[None, :], 0.0)
+    d01 = tl.where(ok01[:, None], y01 - mean[None, :], 0.0)
+    d10 = tl.where(ok10[:, None], y10 - mean[None, :], 0.0)
+    d11 = tl.where(ok11[:, None], y11 - mean[None, :], 0.0)
+    return n, mean, tl.sum(d00 * d00 + d01 * d01 + d10 * d10 + d11 * d11, axis=0)
+
+
+@triton.jit
+def _merge_moments(n, mean, m2, n_t, mean_t, m2_t):
+    """Chan et al.'s pairwise update of (count, mean, M2) with a tile's: exact in exact arithmetic,
+    and every term is a deviation, so fp32 keeps the variance when |mean| >> std."""
+    total = n + n_t
+    frac = n_t / tl.maximum(total, 1.0)
+    delta = mean_t - mean
+    return total, mean + delta * frac, m2 + m2_t + delta * delta * n * frac
+
+
+@triton.jit
+def _store_stats(part_ptr, row, BRANCH: tl.constexpr, NUM_BRANCHES: tl.constexpr, NSTAT: tl.constexpr, C, c, cmask,
+                 s0, s1, s2):
+    """Row `row` of the partial-statistics buffer (rows, NUM_BRANCHES, NSTAT, C): s0..s{NSTAT-1}."""
+    base = part_ptr + (row.to(tl.int64) * NUM_BRANCHES + BRANCH) * NSTAT * C
+    tl.store(base + c, s0, mask=cmask)
+    tl.store(base + C + c, s1, mask=cmask)
+    if NSTAT >= 3:
+        tl.store(base + 2 * C + c, s2, mask=cmask)
+
+
+@triton.jit
+def _stats_s1s2_kernel(
+    x_ptr, wq_ptr, wk_ptr, wv_ptr, gq_ptr, gk_ptr, gv_ptr, centre_ptr, part_ptr,
+    B, C, H, W, Hq, Wq, Hk, Wk, tiles_w, num_tiles, images_per_program, x_stride_b, x_stride_t,
+    HAS_CLS: tl.constexpr, K: tl.constexpr, PQ: tl.constexpr, PKV: tl.constexpr,
+    R_OFF: tl.constexpr, NR: tl.constexpr, GRAD: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """Per-channel reductions over the grid rows of q, k, v, the convolutions recomputed from x (what
+    the forward kernel computes at the same tile), over a group of images; one partial row per program.
+    GRAD=False (forward): (count, mean, M2) of each output, merged tile by tile (_merge_moments).
+    GRAD=True (backward): sum of dy and of dy * x_hat, x_hat = (y - mean) * invstd with the forward's
+    statistics from centre_ptr (2, 3, C): [mean; invstd] of q, k, v."""
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_g = tl.program_id(2)
+
+    p = tl.arange(0, TILE_H * TILE_W)
+    a = (pid_t // tiles_w) * TILE_H + p // TILE_W
+    b = (pid_t % tiles_w) * TILE_W + p % TILE_W
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    m = cmask[None, :]
+    tq = HAS_CLS + Hq * Wq
+    tk = HAS_CLS + Hk * Wk
+    # Validity and token offsets of the outputs this tile computes.
+    ok00 = (2 * a < Hq) & (2 * b < Wq)
+    ok01 = (2 * a < Hq) & (2 * b + 1 < Wq)
+    ok10 = (2 * a + 1 < Hq) & (2 * b < Wq)
+    ok11 = (2 * a + 1 < Hq) & (2 * b + 1 < Wq)
+    okk = (a < Hk) & (b < Wk)
+    tok00 = (HAS_CLS + (2 * a) * Wq + 2 * b).to(tl.int64)
+    tokk = (HAS_CLS + a * Wk + b).to(tl.int64)
+
+    zero = tl.zeros((BLOCK_C,), dtype=ACC)
+    # Forward: (count, mean, M2) per branch; backward: (sum dy, sum dy * (y - mean)) per branch.
+    sq0, sq1, sq2 = zero, zero, zero
+    sk0, sk1, sk2 = zero, zero, zero
+    sv0, sv1, sv2 = zero, zero, zero
+    if GRAD:
+        mean_q = tl.load(centre_ptr + c, mask=cmask, other=0.0)
+        mean_k = tl.load(centre_ptr + C + c, mask=cmask, other=0.0)
+        mean_v = tl.load(centre_ptr + 2 * C + c, mask=cmask, other=0.0)
+
+    for i in range(images_per_program):
+        img = pid_g * images_per_program + i
+        if img < B:
+            img64 = img.to(tl.int64)
+            q00, q01, q10, q11, kacc, vacc = _conv_s1s2_tile(
+                x_ptr + img64 * x_stride_b, wq_ptr, wk_ptr, wv_ptr, a, b, c, cmask, C, H, W, x_stride_t,
+                HAS_CLS, K, PQ, PKV, R_OFF, NR, TILE_H, TILE_W, BLOCK_C, ACC)
+            if GRAD:
+                gq_base = gq_ptr + img64 * tq * C + tok00[:, None] * C + c[None, :]
+                # One parity at a time: its gradient tile is dead before the next one is loaded.
+                d = tl.load(gq_base, mask=ok00[:, None] & m, other=0.0).to(ACC)
+                sq0 += tl.sum(d, axis=0)
+                sq1 += tl.sum(d * (q00 - mean_q[None, :]), axis=0)
+                d = tl.load(gq_base + C, mask=ok01[:, None] & m, other=0.0).to(ACC)
+                sq0 += tl.sum(d, axis=0)
+                sq1 += tl.sum(d * (q01 - mean_q[None, :]), axis=0)
+                d = tl.load(gq_base + Wq * C, mask=ok10[:, None] & m, other=0.0).to(ACC)
+                sq0 += tl.sum(d, axis=0)
+                sq1 += tl.sum(d * (q10 - mean_q[None, :]), axis=0)
+                d = tl.load(gq_base + (Wq + 1) * C, mask=ok11[:, None] & m, other=0.0).to(ACC)
+                sq0 += tl.sum(d, axis=0)
+                sq1 += tl.sum(d * (q11 - mean_q[None, :]), axis=0)
+                kv_offs = img64 * tk * C + tokk[:, None] * C + c[None, :]
+                dk = tl.load(gk_ptr + kv_offs, mask=okk[:, None] & m, other=0.0).to(ACC)
+                sk0 += tl.sum(dk, axis=0)
+                sk1 += tl.sum(dk * (kacc - mean_k[None, :]), axis=0)
+                dv = tl.load(gv_ptr + kv_offs, mask=okk[:, None] & m, other=0.0).to(ACC)
+                sv0 += tl.sum(dv, axis=0)
+                sv1 += tl.sum(dv * (vacc - mean_v[None, :]), axis=0)
+            else:
+                n_t, mean_t, m2_t = _tile_moments4(q00, q01, q10, q11, ok00, ok01, ok10, ok11, ACC)
+                sq0, sq1, sq2 = _merge_moments(sq0, sq1, sq2, n_t, mean_t, m2_t)
+                n_t, mean_t, m2_t = _tile_moments(kacc, okk, ACC)
+                sk0, sk1, sk2 = _merge_moments(sk0, sk1, sk2, n_t, mean_t, m2_t)
+                n_t, mean_t, m2_t = _tile_moments(vacc, okk, ACC)
+                sv0, sv1, sv2 = _merge_moments(sv0, sv1, sv2, n_t, mean_t, m2_t)
+
+    row = pid_g * num_tiles + pid_t
+    if GRAD:
+        # x_hat = (y - mean) * invstd: the invstd factor once, here.
+        sq1 *= tl.load(centre_ptr + 3 * C + c, mask=cmask, other=0.0)
+        sk1 *= tl.load(centre_ptr + 4 * C + c, mask=cmask, other=0.0)
+        sv1 *= tl.load(centre_ptr + 5 * C + c, mask=cmask, other=0.0)
+        _store_stats(part_ptr, row, 0, 3, 2, C, c, cmask, sq0, sq1, sq2)
+        _store_stats(part_ptr, row, 1, 3, 2, C, c, cmask, sk0, sk1, sk2)
+        _store_stats(part_ptr, row, 2, 3, 2, C, c, cmask, sv0, sv1, sv2)
+    else:
+        _store_stats(part_ptr, row, 0, 3, 3, C, c, cmask, sq0, sq1, sq2)
+        _store_stats(part_ptr, row, 1, 3, 3, C, c, cmask, sk0, sk1, sk2)
+        _store_stats(part_ptr, row, 2, 3, 3, C, c, cmask, sv0, sv1, sv2)
+
+
+@triton.jit
+def _stats_generic_kernel(
+    x_ptr, w0_ptr, w1_ptr, w2_ptr, g0_ptr, g1_ptr, g2_ptr, centre_ptr, part_ptr,
+    B, C, H, W, Ho, Wo, tiles_w, num_tiles, images_per_program, x_stride_b, x_stride_t,
+    HAS_CLS: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+    NUM_OUT: tl.constexpr, BRANCH0: tl.constexpr, GRAD: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """_stats_s1s2_kernel for up to three outputs sharing (STRIDE, PAD); output i is branch
+    BRANCH0 + i of centre_ptr, and slot i of the partial rows (rows, NUM_OUT, NSTAT, C)."""
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_g = tl.program_id(2)
+
+    p = tl.arange(0, TILE_H * TILE_W)
+    r = (pid_t // tiles_w) * TILE_H + p // TILE_W
+    s = (pid_t % tiles_w) * TILE_W + p % TILE_W
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    ok = (r < Ho) & (s < Wo)
+    m = ok[:, None] & cmask[None, :]
+    t_out = HAS_CLS + Ho * Wo
+    tok = (HAS_CLS + r * Wo + s).to(tl.int64)
+
+    zero = tl.zeros((BLOCK_C,), dtype=ACC)
+    s00, s01, s02 = zero, zero, zero
+    s10, s11, s12 = zero, zero, zero
+    s20, s21, s22 = zero, zero, zero
+    if GRAD:
+        # With NUM_OUT < 3 the unused rows read are still inside the (2, 3, C) buffer, and unused.
+        mean0 = tl.load(centre_ptr + BRANCH0 * C + c, mask=cmask, other=0.0)
+        mean1 = tl.load(centre_ptr + (BRANCH0 + 1) * C + c, mask=cmask, other=0.0)
+        mean2 = tl.load(centre_ptr + (BRANCH0 + 2) * C + c, mask=cmask, other=0.0)
+
+    for i in range(images_per_program):
+        img = pid_g * images_per_program + i
+        if img < B:
+            img64 = img.to(tl.int64)
+            acc0, acc1, acc2 = _conv_generic_tile(x_ptr + img64 * x_stride_b, w0_ptr, w1_ptr, w2_ptr, r, s, c,
+                                                  cmask, C, H, W, x_stride_t, HAS_CLS, K, STRIDE, PAD, NUM_OUT,
+                                                  TILE_H, TILE_W, BLOCK_C, ACC)
+            if GRAD:
+                offs = img64 * t_out * C + tok[:, None] * C + c[None, :]
+                d = tl.load(g0_ptr + offs, mask=m, other=0.0).to(ACC)
+                s00 += tl.sum(d, axis=0)
+                s01 += tl.sum(d * (acc0 - mean0[None, :]), axis=0)
+                if NUM_OUT >= 2:
+                    d = tl.load(g1_ptr + offs, mask=m, other=0.0).to(ACC)
+                    s10 += tl.sum(d, axis=0)
+                    s11 += tl.sum(d * (acc1 - mean1[None, :]), axis=0)
+                if NUM_OUT >= 3:
+                    d = tl.load(g2_ptr + offs, mask=m, other=0.0).to(ACC)
+                    s20 += tl.sum(d, axis=0)
+                    s21 += tl.sum(d * (acc2 - mean2[None, :]), axis=0)
+            else:
+                n_t, mean_t, m2_t = _tile_moments(acc0, ok, ACC)
+                s00, s01, s02 = _merge_moments(s00, s01, s02, n_t, mean_t, m2_t)
+                if NUM_OUT >= 2:
+                    n_t, mean_t, m2_t = _tile_moments(acc1, ok, ACC)
+                    s10, s11, s12 = _merge_moments(s10, s11, s12, n_t, mean_t, m2_t)
+                if NUM_OUT >= 3:
+                    n_t, mean_t, m2_t = _tile_moments(acc2, ok, ACC)
+                    s20, s21, s22 = _merge_moments(s20, s21, s22, n_t, mean_t, m2_t)
+
+    row = pid_g * num_tiles + pid_t
+    if GRAD:
+        s01 *= tl.load(centre_ptr + (3 + BRANCH0) * C + c, mask=cmask, other=0.0)
+        _store_stats(part_ptr, row, 0, NUM_OUT, 2, C, c, cmask, s00, s01, s02)
+        if NUM_OUT >= 2:
+            s11 *= tl.load(centre_ptr + (4 + BRANCH0) * C + c, mask=cmask, other=0.0)
+            _store_stats(part_ptr, row, 1, NUM_OUT, 2, C, c, cmask, s10, s11, s12)
+        if NUM_OUT >= 3:
+            s21 *= tl.load(centre_ptr + (5 + BRANCH0) * C + c, mask=cmask, other=0.0)
+            _store_stats(part_ptr, row, 2, NUM_OUT, 2, C, c, cmask, s20, s21, s22)
+    else:
+        _store_stats(part_ptr, row, 0, NUM_OUT, 3, C, c, cmask, s00, s01, s02)
+        if NUM_OUT >= 2:
+            _store_stats(part_ptr, row, 1, NUM_OUT, 3, C, c, cmask, s10, s11, s12)
+        if NUM_OUT >= 3:
+            _store_stats(part_ptr, row, 2, NUM_OUT, 3, C, c, cmask, s20, s21, s22)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,12 +595,31 @@ def _add4(PI: tl.constexpr, PJ: tl.constexpr, t00, t01, t10, t11, delta):
 
 
 @triton.jit
+def _bn_grad(d_out, out, ok, bn_ptr, BRANCH: tl.constexpr, C, c, cmask):
+    """Gradient of the convolution output y from that of BatchNorm's output, at valid rows:
+        dy = gamma * invstd * (d_out - mean(d_out) - x_hat * mean(d_out * x_hat))
+    with gamma * x_hat = out - beta (the forward's output), so that
+        dy = a * d_out - b * out + e,  a = gamma * invstd,  b = invstd * mean(d_out * x_hat),
+        e = b * beta - a * mean(d_out); the means are over the grid rows (the statistics pass).
+    bn_ptr holds (3 branches, [a, b, e], C). The three vectors are loaded here, at each use (L1
+    hits), not once per program: held for the whole tap loop they cost the registers that made
+    the s1s2 backward spill."""
+    row = bn_ptr + BRANCH * 3 * C
+    a = tl.load(row + c, mask=cmask, other=0.0)
+    b = tl.load(row + C + c, mask=cmask, other=0.0)
+    e = tl.load(row + 2 * C + c, mask=cmask, other=0.0)
+    dy = a[None, :] * d_out - b[None, :] * out + e[None, :]
+    return tl.where(ok[:, None], dy, 0.0)
+
+
+@triton.jit
 def _bwd_s1s2_kernel(
     x_ptr, gq_ptr, gk_ptr, gv_ptr, wq_ptr, wk_ptr, wv_ptr, gx_ptr, gw_part_ptr,
+    outq_ptr, outk_ptr, outv_ptr, bn_ptr,
     B, C, H, W, Hq, Wq, Hk, Wk, tiles_w, num_tiles, images_per_program,
     x_stride_b, x_stride_t,
     HAS_CLS: tl.constexpr, K: tl.constexpr, PQ: tl.constexpr, PKV: tl.constexpr,
-    HAS_GQ: tl.constexpr, HAS_GKV: tl.constexpr, HAS_GV: tl.constexpr,
+    HAS_GQ: tl.constexpr, HAS_GKV: tl.constexpr, HAS_GV: tl.constexpr, BN: tl.constexpr,
     KK_PAD: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -331,6 +651,8 @@ def _bwd_s1s2_kernel(
     gwq = tl.zeros((KK_PAD, BLOCK_C), dtype=ACC)
     gwk = tl.zeros((KK_PAD, BLOCK_C), dtype=ACC)
     gwv = tl.zeros((KK_PAD, BLOCK_C), dtype=ACC)
+    # With BN the grads given are BatchNorm's output gradients: turned into the convolution's at
+    # each load (_bn_grad).
 
     for i in range(images_per_program):
         img = pid_g * images_per_program + i
@@ -367,6 +689,10 @@ def _bwd_s1s2_kernel(
                             tok = (HAS_CLS + orow * Wq + ocol).to(tl.int64)
                             g = tl.load(gq_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
                                         other=0.0).to(ACC)
+                            if BN:
+                                o = tl.load(outq_ptr + img64 * tq * C + tok[:, None] * C + c[None, :],
+                                            mask=ok[:, None] & m, other=0.0).to(ACC)
+                                g = _bn_grad(g, o, ok, bn_ptr, 0, C, c, cmask)
                             g00, g01, g10, g11 = _add4(pi, pj, g00, g01, g10, g11, g * w[None, :])
                             prod += _pick4(pi, pj, x00, x01, x10, x11) * g
                     gwq += tl.where(kk[:, None] == tap, tl.sum(prod, axis=0)[None, :], 0.0)
@@ -391,12 +717,20 @@ def _bwd_s1s2_kernel(
                                 tok = (HAS_CLS + orow * Wk + ocol).to(tl.int64)
                                 gk = tl.load(gk_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
                                              other=0.0).to(ACC)
+                                if BN:
+                                    o = tl.load(outk_ptr + img64 * tk * C + tok[:, None] * C + c[None, :],
+                                                mask=ok[:, None] & m, other=0.0).to(ACC)
+                                    gk = _bn_grad(gk, o, ok, bn_ptr, 1, C, c, cmask)
                                 w = tl.load(wk_ptr + tap * C + c, mask=cmask, other=0.0).to(ACC)
                                 delta += gk * w[None, :]
                                 gwk += tl.where(kk[:, None] == tap, tl.sum(xv * gk, axis=0)[None, :], 0.0)
                                 if HAS_GV:
                                     gv = tl.load(gv_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
                                                  other=0.0).to(ACC)
+                                    if BN:
+                                        o = tl.load(outv_ptr + img64 * tk * C + tok[:, None] * C + c[None, :],
+                                                    mask=ok[:, None] & m, other=0.0).to(ACC)
+                                        gv = _bn_grad(gv, o, ok, bn_ptr, 2, C, c, cmask)
                                     w = tl.load(wv_ptr + tap * C + c, mask=cmask, other=0.0).to(ACC)
                                     delta += gv * w[None, :]
                                     gwv += tl.where(kk[:, None] == tap, tl.sum(xv * gv, axis=0)[None, :], 0.0)
@@ -443,11 +777,12 @@ def _store_weight_partials(gw_part_ptr, gwq, gwk, gwv, row, C, c, cmask, kk, K: 
 @triton.jit
 def _bwd_generic_kernel(
     x_ptr, gq_ptr, gk_ptr, gv_ptr, wq_ptr, wk_ptr, wv_ptr, gx_ptr, gw_part_ptr,
+    outq_ptr, outk_ptr, outv_ptr, bn_ptr,
     B, C, H, W, Hq, Wq, Hk, Wk, tiles_w, num_tiles, images_per_program,
     x_stride_b, x_stride_t,
     HAS_CLS: tl.constexpr, K: tl.constexpr,
     SQ: tl.constexpr, PQ: tl.constexpr, SKV: tl.constexpr, PKV: tl.constexpr,
-    HAS_GQ: tl.constexpr, HAS_GKV: tl.constexpr, HAS_GV: tl.constexpr,
+    HAS_GQ: tl.constexpr, HAS_GKV: tl.constexpr, HAS_GV: tl.constexpr, BN: tl.constexpr,
     KK_PAD: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     """Any strides: per x tile and tap, gather the one output of each branch that read it."""
@@ -500,6 +835,10 @@ def _bwd_generic_kernel(
                     tok = (HAS_CLS + orow * Wq + ocol).to(tl.int64)
                     g = tl.load(gq_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
                                 other=0.0).to(ACC)
+                    if BN:
+                        o = tl.load(outq_ptr + img64 * tq * C + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
+                                    other=0.0).to(ACC)
+                        g = _bn_grad(g, o, ok, bn_ptr, 0, C, c, cmask)
                     gx, gwq = _tap_backward(gx, gwq, xv, g, wq_ptr, C, c, cmask, kk, tap)
                 if HAS_GKV:
                     nr = r + PKV - dy
@@ -511,10 +850,18 @@ def _bwd_generic_kernel(
                     tok = (HAS_CLS + orow * Wk + ocol).to(tl.int64)
                     g = tl.load(gk_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
                                 other=0.0).to(ACC)
+                    if BN:
+                        o = tl.load(outk_ptr + img64 * tk * C + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
+                                    other=0.0).to(ACC)
+                        g = _bn_grad(g, o, ok, bn_ptr, 1, C, c, cmask)
                     gx, gwk = _tap_backward(gx, gwk, xv, g, wk_ptr, C, c, cmask, kk, tap)
                     if HAS_GV:
                         g = tl.load(gv_base + tok[:, None] * C + c[None, :], mask=ok[:, None] & m,
                                     other=0.0).to(ACC)
+                        if BN:
+                            o = tl.load(outv_ptr + img64 * tk * C + tok[:, None] * C + c[None, :],
+                                        mask=ok[:, None] & m, other=0.0).to(ACC)
+                            g = _bn_grad(g, o, ok, bn_ptr, 2, C, c, cmask)
                         gx, gwv = _tap_backward(gx, gwv, xv, g, wv_ptr, C, c, cmask, kk, tap)
             gx_base = gx_ptr + img64 * t_in * C
             tl.store(gx_base + tok_x[:, None] * C + c[None, :], gx.to(gx_ptr.dtype.element_ty),
@@ -594,6 +941,90 @@ def _shift_range(lo: int, hi: int) -> Tuple[int, int]:
     return -lo, hi - lo + 1
 
 
+def _output_sizes(height: int, width: int, kernel: int, stride_q: int, stride_kv: int, padding_q: int,
+                  padding_kv: int) -> Tuple[int, int, int, int]:
+    return (output_size(height, kernel, stride_q, padding_q), output_size(width, kernel, stride_q, padding_q),
+            output_size(height, kernel, stride_kv, padding_kv), output_size(width, kernel, stride_kv, padding_kv))
+
+
+def _branch_groups(stride_q: int, stride_kv: int, padding_q: int, padding_kv: int) -> list:
+    """The generic kernels' launches: (first branch, number of branches, stride, padding) for each
+    distinct (stride, padding) among q (branch 0) and k, v (branches 1, 2)."""
+    if stride_q == stride_kv and padding_q == padding_kv:
+        return [(0, 3, stride_q, padding_q)]
+    return [(0, 1, stride_q, padding_q), (1, 2, stride_kv, padding_kv)]
+
+
+def _images_per_program(batch: int, per_image: int) -> int:
+    """Images one program loops over, so that about _BWD_TARGET_PROGRAMS programs remain: the
+    per-program partial buffers (weight gradients, statistics) then stay small."""
+    return max(1, min(batch, (per_image * batch) // _BWD_TARGET_PROGRAMS))
+
+
+def _forward(x: torch.Tensor, weights: tuple, biases: tuple, norm: Optional[torch.Tensor], kernel: int,
+             height: int, width: int, has_cls: bool, stride_q: int, stride_kv: int, padding_q: int,
+             padding_kv: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward: weights tap-major (k*k, C); biases (C,) or None; norm: None, or the
+    BatchNorm epilogue's (3, 3, C) [mean, gamma * invstd, beta] per branch."""
+    channels = x.shape[2]
+    batch = x.shape[0]
+    cls = int(has_cls)
+    hq, wq, hk, wk = _output_sizes(height, width, kernel, stride_q, stride_kv, padding_q, padding_kv)
+    q = torch.empty((batch, cls + hq * wq, channels), dtype=x.dtype, device=x.device)
+    k = torch.empty((batch, cls + hk * wk, channels), dtype=x.dtype, device=x.device)
+    v = torch.empty_like(k)
+    if batch == 0:
+        return q, k, v
+    biases = [bias.contiguous() if bias is not None else None for bias in biases]
+    block_c = _block_c(channels)
+    c_blocks = triton.cdiv(channels, block_c)
+    norm_arg = norm if norm is not None else x
+
+    if stride_q == 1 and stride_kv == 2:
+        tile_h, tile_w = _tile(generic=False)
+        # The half-resolution grid must cover every k/v output and every q parity pair.
+        ha, wa = max(hk, triton.cdiv(hq, 2)), max(wk, triton.cdiv(wq, 2))
+        tiles_w = triton.cdiv(wa, tile_w)
+        r_off, nr = _s1s2_rows(kernel, padding_q, padding_kv)
+        grid = (triton.cdiv(ha, tile_h) * tiles_w, c_blocks, batch)
+        _run(
+            _fwd_s1s2_kernel, grid,
+            (x, *weights, *(bias if bias is not None else x for bias in biases), norm_arg, q, k, v,
+             channels, height, width, hq, wq, hk, wk, tiles_w, x.stride(0), x.stride(1)),
+            HAS_CLS=cls, K=kernel, PQ=padding_q, PKV=padding_kv, R_OFF=r_off, NR=nr,
+            HAS_BQ=biases[0] is not None, HAS_BK=biases[1] is not None, HAS_BV=biases[2] is not None,
+            NORM=norm is not None,
+            TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS,
+        )
+        return q, k, v
+
+    # Generic path: one launch per distinct (stride, padding), each computing all its branches.
+    outputs, sizes = (q, k, v), ((hq, wq), (hk, wk), (hk, wk))
+    tile_h, tile_w = _tile(generic=True)
+    for first, n, stride, padding in _branch_groups(stride_q, stride_kv, padding_q, padding_kv):
+        ws = tuple(weights[first:first + n]) + (weights[first],) * (3 - n)
+        bs = tuple(biases[first:first + n]) + (None,) * (3 - n)
+        outs = tuple(outputs[first:first + n]) + (outputs[first],) * (3 - n)
+        ho, wo = sizes[first]
+        tiles_w = triton.cdiv(wo, tile_w)
+        grid = (triton.cdiv(ho, tile_h) * tiles_w, c_blocks, batch)
+        _run(
+            _fwd_generic_kernel, grid,
+            (x, *ws, *(bias if bias is not None else x for bias in bs), norm_arg, *outs,
+             channels, height, width, ho, wo, tiles_w, x.stride(0), x.stride(1)),
+            HAS_CLS=cls, K=kernel, STRIDE=stride, PAD=padding, NUM_OUT=n,
+            HAS_B0=bs[0] is not None, HAS_B1=bs[1] is not None, HAS_B2=bs[2] is not None,
+            NORM=norm is not None, BRANCH0=first,
+            TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS,
+        )
+    return q, k, v
+
+
+def _s1s2_rows(kernel: int, padding_q: int, padding_kv: int) -> Tuple[int, int]:
+    """Offsets ry of the x rows 2a+ry that q (ry = pi - PQ + dy) or k/v (ry = dy - PKV) read."""
+    return _shift_range(min(-padding_q, -padding_kv), max(kernel - padding_q, kernel - 1 - padding_kv))
+
+
 def conv_proj_forward(
     x: torch.Tensor,
     weight_q: torch.Tensor, weight_k: torch.Tensor, weight_v: torch.Tensor,
@@ -609,62 +1040,143 @@ def conv_proj_forward(
     Inputs as the op checks them (cvt_fast.ops.contract.check_conv_proj); only the launch is checked here.
     """
     kernel = _check_launch(x, (weight_q, weight_k, weight_v), padding_q, padding_kv)
-    channels = x.shape[2]
-    batch = x.shape[0]
+    weights = tuple(_taps_major(w) for w in (weight_q, weight_k, weight_v))
+    return _forward(x, weights, (bias_q, bias_k, bias_v), None, kernel, height, width, has_cls, stride_q, stride_kv,
+                    padding_q, padding_kv)
+
+
+def _grid_reductions(x: torch.Tensor, weights: tuple, kernel: int, height: int, width: int, has_cls: bool,
+                     stride_q: int, stride_kv: int, padding_q: int, padding_kv: int,
+                     grads: Optional[tuple] = None, centre: Optional[torch.Tensor] = None) -> list:
+    """Launch the statistics kernels and reduce their per-program partial rows (deterministically,
+    in torch, over a few hundred rows). weights tap-major (k*k, C).
+
+    grads None (forward): per branch q, k, v the (count, mean, M2) merged over the grid rows, as a
+    list of three (rows, 3, C) partial tensors' reductions: returns [(mean, var_biased)] * 3.
+    grads given (backward, with centre (2, 3, C) = [mean; invstd]): returns [(sum dy, sum dy * x_hat)] * 3.
+    """
+    batch, _, channels = x.shape
     cls = int(has_cls)
-    hq, wq = output_size(height, kernel, stride_q, padding_q), output_size(width, kernel, stride_q, padding_q)
-    hk, wk = output_size(height, kernel, stride_kv, padding_kv), output_size(width, kernel, stride_kv, padding_kv)
-    q = torch.empty((batch, cls + hq * wq, channels), dtype=x.dtype, device=x.device)
-    k = torch.empty((batch, cls + hk * wk, channels), dtype=x.dtype, device=x.device)
-    v = torch.empty_like(k)
-    if batch == 0:
-        return q, k, v
-    weight_q, weight_k, weight_v = (_taps_major(w) for w in (weight_q, weight_k, weight_v))
-    biases = [bias.contiguous() if bias is not None else None for bias in (bias_q, bias_k, bias_v)]
+    hq, wq, hk, wk = _output_sizes(height, width, kernel, stride_q, stride_kv, padding_q, padding_kv)
+    acc = _acc_dtype(x.dtype)
+    part_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    nstat = 3 if grads is None else 2
     block_c = _block_c(channels)
     c_blocks = triton.cdiv(channels, block_c)
-
-    if stride_q == 1 and stride_kv == 2:
-        tile_h, tile_w = _tile(generic=False)
-        # The half-resolution grid must cover every k/v output and every q parity pair.
-        ha, wa = max(hk, triton.cdiv(hq, 2)), max(wk, triton.cdiv(wq, 2))
-        tiles_w = triton.cdiv(wa, tile_w)
-        # Offsets ry of the x rows 2a+ry that q (ry = pi - PQ + dy) or k/v (ry = dy - PKV) read.
-        r_off, nr = _shift_range(min(-padding_q, -padding_kv), max(kernel - padding_q, kernel - 1 - padding_kv))
-        grid = (triton.cdiv(ha, tile_h) * tiles_w, c_blocks, batch)
-        _run(
-            _fwd_s1s2_kernel, grid,
-            (x, weight_q, weight_k, weight_v, *(bias if bias is not None else x for bias in biases), q, k, v,
-             channels, height, width, hq, wq, hk, wk, tiles_w, x.stride(0), x.stride(1)),
-            HAS_CLS=cls, K=kernel, PQ=padding_q, PKV=padding_kv, R_OFF=r_off, NR=nr,
-            HAS_BQ=biases[0] is not None, HAS_BK=biases[1] is not None, HAS_BV=biases[2] is not None,
-            TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS,
-        )
-        return q, k, v
-
-    # Generic path: one launch per distinct (stride, padding), each computing all its branches.
-    if stride_q == stride_kv and padding_q == padding_kv:
-        groups = [((weight_q, weight_k, weight_v), biases, (q, k, v), stride_q, padding_q, hq, wq)]
+    gq, gk, gv = grads if grads is not None else (x, x, x)
+    centre_arg = centre if centre is not None else x
+    fused = stride_q == 1 and stride_kv == 2
+    tile_h, tile_w = _tile(generic=not fused)
+    if fused:
+        launches = [(0, 3, None, None, max(hk, triton.cdiv(hq, 2)), max(wk, triton.cdiv(wq, 2)))]
     else:
-        groups = [((weight_q,), biases[:1], (q,), stride_q, padding_q, hq, wq),
-                  ((weight_k, weight_v), biases[1:], (k, v), stride_kv, padding_kv, hk, wk)]
-    tile_h, tile_w = _tile(generic=True)
-    for ws, bs, outs, stride, padding, ho, wo in groups:
-        n = len(ws)
-        ws = tuple(ws) + (ws[0],) * (3 - n)
-        bs = tuple(bs) + (None,) * (3 - n)
-        outs = tuple(outs) + (outs[0],) * (3 - n)
-        tiles_w = triton.cdiv(wo, tile_w)
-        grid = (triton.cdiv(ho, tile_h) * tiles_w, c_blocks, batch)
-        _run(
-            _fwd_generic_kernel, grid,
-            (x, *ws, *(bias if bias is not None else x for bias in bs), *outs,
-             channels, height, width, ho, wo, tiles_w, x.stride(0), x.stride(1)),
-            HAS_CLS=cls, K=kernel, STRIDE=stride, PAD=padding, NUM_OUT=n,
-            HAS_B0=bs[0] is not None, HAS_B1=bs[1] is not None, HAS_B2=bs[2] is not None,
-            TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS,
-        )
-    return q, k, v
+        sizes = ((hq, wq), (hk, wk), (hk, wk))
+        launches = [(first, n, stride, padding, *sizes[first])
+                    for first, n, stride, padding in _branch_groups(stride_q, stride_kv, padding_q, padding_kv)]
+    per_branch = [None, None, None]
+    for first, n, stride, padding, ha, wa in launches:
+        tiles_w = triton.cdiv(wa, tile_w)
+        num_tiles = triton.cdiv(ha, tile_h) * tiles_w
+        images_per_program = _images_per_program(batch, num_tiles * c_blocks)
+        groups = triton.cdiv(batch, images_per_program)
+        part = torch.empty((groups * num_tiles, n, nstat, channels), dtype=part_dtype, device=x.device)
+        grid = (num_tiles, c_blocks, groups)
+        meta = dict(HAS_CLS=cls, K=kernel, GRAD=grads is not None, TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c,
+                    ACC=acc, num_warps=_NUM_WARPS)
+        if fused:
+            r_off, nr = _s1s2_rows(kernel, padding_q, padding_kv)
+            _run(_stats_s1s2_kernel, grid,
+                 (x, *weights, gq, gk, gv, centre_arg, part, batch, channels, height, width, hq, wq, hk, wk,
+                  tiles_w, num_tiles, images_per_program, x.stride(0), x.stride(1)),
+                 PQ=padding_q, PKV=padding_kv, R_OFF=r_off, NR=nr, **meta)
+        else:
+            ws = tuple(weights[first:first + n]) + (weights[first],) * (3 - n)
+            gs = tuple((gq, gk, gv)[first:first + n]) + (gq,) * (3 - n)
+            _run(_stats_generic_kernel, grid,
+                 (x, *ws, *gs, centre_arg, part, batch, channels, height, width, ha, wa, tiles_w, num_tiles,
+                  images_per_program, x.stride(0), x.stride(1)),
+                 STRIDE=stride, PAD=padding, NUM_OUT=n, BRANCH0=first, **meta)
+        for i in range(n):
+            per_branch[first + i] = part[:, i]
+    if grads is not None:
+        sums = [p.sum(dim=0) for p in per_branch]  # (2, C) each: sum dy, sum dy * x_hat
+        return [(s[0], s[1]) for s in sums]
+    return [_merged_moments(p) for p in per_branch]
+
+
+def _merged_moments(part: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) per channel from per-program (count, mean, M2) rows (rows, 3, C):
+    Chan's merge of all rows at once, M2 = sum M2_i + sum n_i (mean_i - mean)^2, every term a deviation."""
+    count, means, m2 = part[:, 0], part[:, 1], part[:, 2]
+    total = count.sum(dim=0)
+    mean = (count * means).sum(dim=0) / total
+    m2_total = m2.sum(dim=0) + (count * (means - mean).square()).sum(dim=0)
+    return mean, m2_total / total
+
+
+def conv_proj_bn_forward(
+    x: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor, weight_v: torch.Tensor,
+    gamma_q: torch.Tensor, gamma_k: torch.Tensor, gamma_v: torch.Tensor,
+    beta_q: torch.Tensor, beta_k: torch.Tensor, beta_v: torch.Tensor,
+    height: int, width: int, has_cls: bool, stride_q: int, stride_kv: int, padding_q: int, padding_kv: int,
+    eps: list,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """conv_proj + training-mode BatchNorm (see cvt_fast.ops.conv_proj_bn) in two passes over x:
+    the statistics kernel (reads x, writes a few hundred partial rows), then the forward kernel with
+    the normalisation in its epilogue (reads x, writes q, k, v with the cls row in place).
+    Returns q, k, v and the (3, C) batch mean and biased variance (fp32; fp64 for fp64 x)."""
+    kernel = _check_launch(x, (weight_q, weight_k, weight_v), padding_q, padding_kv)
+    geometry = (height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
+    weights = tuple(_taps_major(w) for w in (weight_q, weight_k, weight_v))
+    stats = torch.float64 if x.dtype == torch.float64 else torch.float32
+    # The op guarantees more than one grid value per channel (so at least one image).
+    moments = _grid_reductions(x, weights, kernel, *geometry)
+    mean = torch.stack([m for m, _ in moments])
+    var = torch.stack([v for _, v in moments])
+    invstd = (var + var.new_tensor(eps)[:, None]).rsqrt()
+    gamma = torch.stack([gamma_q, gamma_k, gamma_v]).to(stats)
+    beta = torch.stack([beta_q, beta_k, beta_v]).to(stats)
+    norm = torch.stack([mean, gamma * invstd, beta], dim=1).contiguous()  # (3, 3, C)
+    q, k, v = _forward(x, weights, (None,) * 3, norm, kernel, *geometry)
+    return q, k, v, mean, var
+
+
+def conv_proj_bn_backward(
+    grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor, x: torch.Tensor,
+    weight_q: torch.Tensor, weight_k: torch.Tensor, weight_v: torch.Tensor,
+    gamma_q: torch.Tensor, gamma_k: torch.Tensor, gamma_v: torch.Tensor,
+    beta_q: torch.Tensor, beta_k: torch.Tensor, beta_v: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+    height: int, width: int, has_cls: bool, stride_q: int, stride_kv: int, padding_q: int, padding_kv: int,
+    eps: list,
+) -> Tuple[torch.Tensor, ...]:
+    """Gradients (grad_x, grad_wq, grad_wk, grad_wv, grad_gamma (3, C), grad_beta (3, C)) of
+    conv_proj_bn_forward, in two passes: the statistics kernel in its gradient mode (reads x and the
+    output gradients, recomputes y, sums dy and dy * x_hat per channel), then the conv_proj backward
+    kernel, which turns each output gradient it gathers into the convolution's (_bn_grad, reading the
+    forward's output beside it) before the transposed convolution and the weight gradients."""
+    kernel = _check_launch(x, (weight_q, weight_k, weight_v), padding_q, padding_kv)
+    geometry = (height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
+    weights = tuple(_taps_major(w) for w in (weight_q, weight_k, weight_v))
+    grads = tuple(g.contiguous() for g in (grad_q, grad_k, grad_v))
+    outputs = tuple(t.contiguous() for t in (q, k, v))
+    batch, _, channels = x.shape
+    stats = mean.dtype
+    invstd = (var + var.new_tensor(eps)[:, None]).rsqrt()
+    centre = torch.stack([mean, invstd]).contiguous()  # (2, 3, C)
+    sums = _grid_reductions(x, weights, kernel, *geometry, grads=grads, centre=centre)
+    sum_dy = torch.stack([s for s, _ in sums])
+    sum_dy_xhat = torch.stack([s for _, s in sums])
+    cls = int(has_cls)
+    count = torch.tensor([batch * (t.shape[1] - cls) for t in outputs], dtype=stats, device=x.device)[:, None]
+    gamma = torch.stack([gamma_q, gamma_k, gamma_v]).to(stats)
+    beta = torch.stack([beta_q, beta_k, beta_v]).to(stats)
+    a = gamma * invstd
+    b = invstd * sum_dy_xhat / count
+    coefficients = torch.stack([a, b, b * beta - a * sum_dy / count], dim=1)  # (3, [a, b, e], C): see _bn_grad
+    grad_x, grad_wq, grad_wk, grad_wv = _backward(grads, x, (weight_q, weight_k, weight_v), weights, kernel,
+                                                  *geometry, outputs=outputs, bn=coefficients.contiguous())
+    return (grad_x, grad_wq, grad_wk, grad_wv, sum_dy_xhat.to(gamma_q.dtype), sum_dy.to(beta_q.dtype))
 
 
 def conv_proj_backward(
@@ -684,10 +1196,6 @@ def conv_proj_backward(
     the op checks them (cvt_fast.ops.contract.check_conv_proj_backward); only the launch is checked here.
     """
     kernel = _check_launch(x, (weight_q, weight_k, weight_v), padding_q, padding_kv)
-    batch, _, channels = x.shape
-    cls = int(has_cls)
-    hq, wq = output_size(height, kernel, stride_q, padding_q), output_size(width, kernel, stride_q, padding_q)
-    hk, wk = output_size(height, kernel, stride_kv, padding_kv), output_size(width, kernel, stride_kv, padding_kv)
     # The kernels index the output gradients densely (token * C + channel).
     gq, gk, gv = (None if g is None else g.contiguous() for g in (grad_q, grad_k, grad_v))
     # The kernels treat k and v as one branch (same grid); a missing grad_k with a present
@@ -696,13 +1204,30 @@ def conv_proj_backward(
     swapped = gk is None and gv is not None
     if swapped:
         gk, gv, wk_, wv_ = gv, None, weight_v, weight_k
+    originals = (weight_q, wk_, wv_)
+    grad_x, grad_wq, grad_wk, grad_wv = _backward((gq, gk, gv), x, originals, tuple(_taps_major(w) for w in originals),
+                                                  kernel, height, width, has_cls, stride_q, stride_kv, padding_q,
+                                                  padding_kv)
+    if swapped:
+        grad_wk, grad_wv = grad_wv, grad_wk
+    return grad_x, grad_wq, grad_wk, grad_wv
 
+
+def _backward(grads: tuple, x: torch.Tensor, originals: tuple, weights: tuple, kernel: int, height: int, width: int,
+              has_cls: bool, stride_q: int, stride_kv: int, padding_q: int, padding_kv: int,
+              outputs: Optional[tuple] = None, bn: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+    """Launch the backward: grads (contiguous or None; grad_k None implies grad_v None), weights
+    tap-major (originals: the (C, 1, k, k) tensors, for the gradients' dtypes). With bn (3, 3, C) [a, b, e] and
+    the forward's outputs, the grads are BatchNorm's output gradients (see _bn_grad)."""
+    batch, _, channels = x.shape
+    cls = int(has_cls)
+    gq, gk, gv = grads
+    hq, wq, hk, wk = _output_sizes(height, width, kernel, stride_q, stride_kv, padding_q, padding_kv)
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     kk = kernel * kernel
     if batch == 0:
-        zeros = torch.zeros_like(weight_q)
+        zeros = torch.zeros_like(originals[0])
         return grad_x, zeros, zeros.clone(), zeros.clone()
-    w3 = tuple(_taps_major(w) for w in (weight_q, wk_, wv_))
     block_c = _block_c(channels)
     c_blocks = triton.cdiv(channels, block_c)
     fused = stride_q == 1 and stride_kv == 2
@@ -713,18 +1238,19 @@ def conv_proj_backward(
         ha, wa = height, width
     tiles_w = triton.cdiv(wa, tile_w)
     num_tiles = triton.cdiv(ha, tile_h) * tiles_w
-    per_image = num_tiles * c_blocks
-    images_per_program = max(1, min(batch, (per_image * batch) // _BWD_TARGET_PROGRAMS))
+    images_per_program = _images_per_program(batch, num_tiles * c_blocks)
     groups = triton.cdiv(batch, images_per_program)
     part_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     gw_part = torch.empty((groups * num_tiles, 3, kk, channels), dtype=part_dtype, device=x.device)
     dummy = x
+    outq, outk, outv = outputs if outputs is not None else (dummy, dummy, dummy)
     common = (x, gq if gq is not None else dummy, gk if gk is not None else dummy,
-              gv if gv is not None else dummy, *w3, grad_x, gw_part,
+              gv if gv is not None else dummy, *weights, grad_x, gw_part, outq, outk, outv,
+              bn if bn is not None else dummy,
               batch, channels, height, width, hq, wq, hk, wk, tiles_w, num_tiles, images_per_program,
               x.stride(0), x.stride(1))
     flags = dict(HAS_CLS=cls, K=kernel, HAS_GQ=gq is not None, HAS_GKV=gk is not None,
-                 HAS_GV=gv is not None, KK_PAD=triton.next_power_of_2(kk),
+                 HAS_GV=gv is not None, BN=bn is not None, KK_PAD=triton.next_power_of_2(kk),
                  TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS)
     grid = (num_tiles, c_blocks, groups)
     if fused:
@@ -734,8 +1260,4 @@ def conv_proj_backward(
 
     gw = gw_part.sum(dim=0)  # (3, k*k, C), fp32 (fp64 for fp64 inputs)
     gw = gw.permute(0, 2, 1).reshape(3, channels, 1, kernel, kernel)
-    grad_wq = gw[0].to(weight_q.dtype)
-    grad_wk, grad_wv = gw[1].to(weight_k.dtype), gw[2].to(weight_v.dtype)
-    if swapped:
-        grad_wk, grad_wv = grad_wv, grad_wk
-    return grad_x, grad_wq, grad_wk, grad_wv
+    return grad_x, gw[0].to(originals[0].dtype), gw[1].to(originals[1].dtype), gw[2].to(originals[2].dtype)

@@ -32,9 +32,27 @@ conv_proj(x, weight_q, weight_k, weight_v, height, width, has_cls,
     token order. The input is read once for all three convolutions.
     Backends: the records of backends.py that implement conv_proj (reference, triton, cuda).
 
-BatchNorm is NOT part of conv_proj: the model applies it (training: batch statistics
-over the spatial rows, exactly nn.BatchNorm2d semantics; eval: folded into
-weight/bias of conv_proj). See cvt_fast/model.py.
+conv_proj_bn(x, weight_q, weight_k, weight_v, bn_weight_q, bn_weight_k, bn_weight_v,
+             bn_bias_q, bn_bias_k, bn_bias_v, height, width, has_cls,
+             stride_q=1, stride_kv=2, padding_q=1, padding_kv=1, eps=1e-5, backend=None)
+    -> (q, k, v, mean, var)
+    conv_proj without conv bias, then on each output nn.BatchNorm2d in training mode, with
+    batch statistics over the grid rows only (all images, all Ho*Wo positions; the cls row
+    passes through untouched, never normalised and never counted):
+        q[:, has_cls:] = (y_q - mean[0]) / sqrt(var[0] + eps_q) * bn_weight_q + bn_bias_q
+    (k and v likewise with rows 1 and 2), y the depthwise convolution in the compute dtype
+    (float32 for 16-bit x). bn_weight_*, bn_bias_*: (C,), one floating dtype for all six (the
+    module's parameters, float32 under autocast); eps: one float or three (q, k, v). Returns
+    q, k, v as conv_proj does (x's dtype, contiguous, cls row in place) and mean, var: (3, C)
+    batch means and BIASED variances (what the normalisation used), float32 (float64 for
+    float64 x), not differentiable. The running statistics are not touched: the caller
+    updates them (running_var with the unbiased variance var * n / (n - 1), n = B * Ho * Wo),
+    as cvt_fast/model.py does. Needs n > 1 per output, as BatchNorm2d in training.
+    Backward: gradients of x, the three conv weights and the six BatchNorm parameters, with
+    BatchNorm's reductions (sums of dy and of dy * x_hat) done by the op's backward kernels.
+    Eval-mode BatchNorm (running statistics) is an affine map: the model folds it into
+    conv_proj's weight and bias instead. Backends: those that implement conv_proj (for the
+    CUDA extension, BatchNorm in torch around its conv_proj kernels until they have an epilogue).
 
 Backend choice: argument `backend` here, else the model's, else the global one
 (`cvt_fast.set_backend`), else the environment variable CVT_FAST_BACKEND, else "auto";
@@ -59,7 +77,7 @@ to let `auto` choose it where its GPU tests pass and it is fastest, and paste
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -72,7 +90,7 @@ from cvt_fast.ops.backends import BACKENDS, TABLE
 from cvt_fast.ops.reference import avg_proj_reference, linear_proj_reference
 from cvt_fast.ops.fused_elementwise import linear_activation, mlp_activation, residual_layer_norm  # noqa: F401
 
-__all__ = ["attention", "conv_proj", "avg_proj", "linear_proj", "set_backend", "get_backend",
+__all__ = ["attention", "conv_proj", "conv_proj_bn", "avg_proj", "linear_proj", "set_backend", "get_backend",
            "resolve_backend", "explain_backend", "BackendChoice", "available_backends", "BackendUnavailableError",
            "BACKENDS", "TABLE"]
 
@@ -126,6 +144,29 @@ def conv_proj(x: Tensor, weight_q: Tensor, weight_k: Tensor, weight_v: Tensor, h
         None if t is None else t.to(x.dtype) for t in (weight_q, weight_k, weight_v, bias_q, bias_k, bias_v))
     return torch.ops.cvt_fast.conv_proj(x, weight_q, weight_k, weight_v, bias_q, bias_k, bias_v, height, width,
                                         has_cls, stride_q, stride_kv, padding_q, padding_kv, name)
+
+
+def conv_proj_bn(x: Tensor, weight_q: Tensor, weight_k: Tensor, weight_v: Tensor, bn_weight_q: Tensor,
+                 bn_weight_k: Tensor, bn_weight_v: Tensor, bn_bias_q: Tensor, bn_bias_k: Tensor, bn_bias_v: Tensor,
+                 height: int, width: int, has_cls: bool, stride_q: int = 1, stride_kv: int = 2, padding_q: int = 1,
+                 padding_kv: int = 1, eps: "float | Sequence[float]" = 1e-5, backend: Optional[str] = None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """conv_proj followed by training-mode BatchNorm2d on each output's grid rows; see the module doc.
+
+    Returns (q, k, v, mean, var); mean and var (3, C) are the batch statistics (var biased). The
+    conv weights are cast as conv_proj casts them; the BatchNorm parameters keep their dtype.
+    """
+    eps = [eps] * 3 if isinstance(eps, (int, float)) and not isinstance(eps, bool) else eps
+    eps = list(eps) if isinstance(eps, (list, tuple)) else eps
+    gammas, betas = (bn_weight_q, bn_weight_k, bn_weight_v), (bn_bias_q, bn_bias_k, bn_bias_v)
+    contract.check_conv_proj_bn_arguments(x, (weight_q, weight_k, weight_v), gammas, betas, has_cls, eps,
+                                          height=height, width=width, stride_q=stride_q, stride_kv=stride_kv,
+                                          padding_q=padding_q, padding_kv=padding_kv)
+    x, weight_q, weight_k, weight_v = _autocast(x, weight_q, weight_k, weight_v)
+    name = resolve_backend("conv_proj", backend, x, weight_q, weight_k, weight_v)
+    weight_q, weight_k, weight_v = (t.to(x.dtype) for t in (weight_q, weight_k, weight_v))
+    return torch.ops.cvt_fast.conv_proj_bn(x, weight_q, weight_k, weight_v, *gammas, *betas, height, width, has_cls,
+                                           stride_q, stride_kv, padding_q, padding_kv, [float(e) for e in eps], name)
 
 
 def avg_proj(x: Tensor, height: int, width: int, has_cls: bool, kernel_size: int = 3, stride_kv: int = 2,

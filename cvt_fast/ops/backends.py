@@ -33,12 +33,22 @@ HOT_OPS = ("attention", "conv_proj")
 ELEMENTWISE_OPS = ("mlp_activation", "linear_activation", "residual_layer_norm")
 OPS = HOT_OPS + ELEMENTWISE_OPS
 KINDS = ("reference", "kernels", "peer")
+# Op variants: a variant is run by every backend that implements its family op, from the same
+# kernels, and is chosen with it (the backend choice and 'auto' see only the family). conv_proj_bn
+# is conv_proj with training-mode BatchNorm on each output (cvt_fast/ops/__init__.py).
+VARIANTS = {"conv_proj_bn": "conv_proj"}
+
+
+def op_family(op: str) -> str:
+    """The op of OPS that `op` is, or is a variant of."""
+    return VARIANTS.get(op, op)
 
 
 class Implementation(NamedTuple):
-    """What `Backend.load(op)` returns. kernels/reference: forward(*op inputs) -> the op's outputs
-    and backward(*backward inputs) -> gradients, as the custom ops' bodies call them. peer:
-    forward(q, k, v, scale) -> out, differentiable by autograd; backward None."""
+    """What `Backend.load(op)` returns (op: one of OPS or of VARIANTS). kernels/reference:
+    forward(*op inputs) -> the op's outputs and backward(*backward inputs) -> gradients, as the
+    custom ops' bodies call them. peer: forward(q, k, v, scale) -> out, differentiable by
+    autograd; backward None."""
     forward: Callable
     backward: Optional[Callable]
 
@@ -68,6 +78,8 @@ class Backend:
     # The GPU tests that verify this backend on a device, as pytest argument lists (one pytest run
     # each): bench/tune.py runs them, and 'auto' takes a measured backend only where they passed.
     gpu_tests: tuple[tuple[str, ...], ...] = ()
+    # How this backend runs an op variant when not from fused kernels of its own (README table).
+    variant_notes: tuple[tuple[str, str], ...] = ()
 
     @property
     def attention_only(self) -> bool:
@@ -203,8 +215,9 @@ def _load_reference(op: str) -> Implementation:
 
 def _load_triton(op: str) -> Implementation:
     # Imported on first use: it imports Triton and decorates the kernels, which is when
-    # TRITON_INTERPRET is read. Each op's kernels are the module kernels/<op>.py.
-    kernels = importlib.import_module(f"cvt_fast.kernels.{op}")
+    # TRITON_INTERPRET is read. Each op's kernels are the module kernels/<op>.py (a variant's:
+    # its family's).
+    kernels = importlib.import_module(f"cvt_fast.kernels.{op_family(op)}")
     forward, backward = _KERNEL_NAMES.get(op, (f"{op}_forward", f"{op}_backward"))
     return Implementation(getattr(kernels, forward), getattr(kernels, backward))
 
@@ -214,6 +227,12 @@ def _load_cuda(op: str) -> Implementation:
 
     if load_extension() is None:
         raise RuntimeError(f"cvt_fast {op}: the CUDA extension cvt_fast._C is {extension_status()}")
+    if op == "conv_proj_bn":
+        # No BatchNorm epilogue in csrc/ yet: the extension's conv_proj with torch around it.
+        from cvt_fast.ops.batch_norm_composed import compose
+
+        plain = _load_cuda("conv_proj")
+        return Implementation(*compose(plain.forward, plain.backward))
     return Implementation(getattr(torch.ops.cvt_fast, f"{op}_forward_cuda"),
                           getattr(torch.ops.cvt_fast, f"{op}_backward_cuda"))
 
@@ -245,7 +264,9 @@ _RECORDS = (
             summary="CUDA C++ kernels (`csrc/`, built into `cvt_fast._C`)",
             where="CUDA GPUs, when `cvt_fast._C` is built", head_dims=(32, 64, 128), kernel_rule=one_kernel_size,
             gpu_tests=(("tests/test_cuda_extension.py", "-m", "gpu"),
-                       ("tests/test_ops_registration.py", "-m", "gpu", "-k", "cuda"))),
+                       ("tests/test_ops_registration.py", "-m", "gpu", "-k", "cuda")),
+            variant_notes=(("conv_proj_bn", "BatchNorm statistics and normalisation in torch around its conv_proj "
+                                            "kernels (cvt_fast/ops/batch_norm_composed.py)"),)),
     Backend("sdpa", "peer", ("attention",), FLOAT_DTYPES, _runs_anywhere, _load_peer("sdpa_attention"),
             summary="`torch.nn.functional.scaled_dot_product_attention`", where="any device",
             gpu_tests=(("tests/test_backend.py", "-m", "gpu", "-k", "sdpa"),)),
@@ -263,8 +284,14 @@ BACKENDS: tuple[str, ...] = ("auto",) + tuple(TABLE)
 
 
 def backends_for(op: str, kinds: tuple[str, ...] = KINDS) -> tuple[str, ...]:
-    """Names of the backends that implement `op`, of the given kinds, in table order."""
-    return tuple(b.name for b in TABLE.values() if op in b.ops and b.kind in kinds)
+    """Names of the backends that implement `op` (or its family op), of the given kinds, in table order."""
+    return tuple(b.name for b in TABLE.values() if op_family(op) in b.ops and b.kind in kinds)
+
+
+def _with_variants(op: str) -> str:
+    """`op` and its variants, as the README table lists them: 'conv_proj (+ conv_proj_bn)'."""
+    variants = [v for v, family in VARIANTS.items() if family == op]
+    return op + (f" (+ {', '.join(variants)})" if variants else "")
 
 
 def markdown_table() -> str:
@@ -272,9 +299,11 @@ def markdown_table() -> str:
     lines = ["| backend | ops | implementation | dtypes | head sizes | where |", "|---|---|---|---|---|---|"]
     for b in TABLE.values():
         missing = [op for op in OPS if op not in b.ops]
-        ops = ", ".join(b.ops) + (f" ({', '.join(missing)}: `auto`'s choice)" if missing else "")
+        ops = ", ".join(_with_variants(op) for op in b.ops) + (f" ({', '.join(missing)}: `auto`'s choice)"
+                                                               if missing else "")
+        summary = "; ".join((b.summary,) + tuple(f"{op}: {note}" for op, note in b.variant_notes))
         dtypes = dtype_names(b.dtypes) + "".join(
             f"; no {dtype_names((lim.dtype,))} {lim.op} on {lim.device_type}" for lim in b.dtype_limits)
         head_dims = "any" if b.head_dims is None else ", ".join(map(str, b.head_dims))
-        lines.append(f"| `{b.name}` | {ops} | {b.summary} | {dtypes} | {head_dims} | {b.where} |")
+        lines.append(f"| `{b.name}` | {ops} | {summary} | {dtypes} | {head_dims} | {b.where} |")
     return "\n".join(lines)

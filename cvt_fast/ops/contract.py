@@ -24,6 +24,11 @@ FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 LSE_DTYPE = torch.float32
 
 ATTENTION_LAYOUT = "(B, N, heads, head_dim)"
+# The backward ops take the forward's inputs in any strides: autograd hands back the saved tensors,
+# and under torch.compile inductor may store a saved activation in a layout of its own (a saved q
+# came back head-major, (B, H, d, N)). The op bodies copy such a tensor (contiguous_inputs); the
+# forward ops, whose inputs the caller controls, still demand contiguous channels.
+SAVED_LAYOUT = "any strides"
 TOKENS_LAYOUT = "(B, tokens, channels)"
 
 
@@ -89,14 +94,9 @@ def check_attention_arguments(q: object, k: object, v: object, scale: object) ->
     check_scale(scale)
 
 
-def check_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> None:
-    """q (B, Nq, H, d), k and v (B, Nkv, H, d): one dtype, one device, last dims contiguous."""
-    _check_attention_shapes(q, k, v)
-    _check_last_dim_contiguous(q=q, k=k, v=v)
-    check_scale(scale)
-
-
-def _check_attention_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
+def check_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, contiguous_last_dim: bool = True) -> None:
+    """q (B, Nq, H, d), k and v (B, Nkv, H, d): one dtype, one device, last dims contiguous (unless
+    contiguous_last_dim is False: the backward, see SAVED_LAYOUT)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, 4, ATTENTION_LAYOUT)
     _check_same("batch sizes", ("q", "k", "v"), (q.shape[0], k.shape[0], v.shape[0]))
@@ -107,17 +107,17 @@ def _check_attention_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
     _check_same("devices", ("q", "k", "v"), (q.device, k.device, v.device))
     if q.shape[1] == 0 or k.shape[1] == 0:
         raise ValueError(f"attention needs at least one query and one key, got Nq={q.shape[1]}, Nkv={k.shape[1]}")
+    if contiguous_last_dim:
+        _check_last_dim_contiguous(q=q, k=k, v=v)
+    check_scale(scale)
 
 
 def check_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                              scale: float) -> None:
-    """The forward's inputs, plus grad_out and out (B, Nq, H*d) in q's dtype, lse (B, H, Nq) float32.
-
-    Any strides: autograd passes the saved tensors, whose layout a compiler may have chosen (inductor
-    laid out a q recomputed for the backward with its token dimension innermost); the op makes what
-    its kernels need itself (cvt_fast/ops/library.py, attention_backward)."""
-    _check_attention_shapes(q, k, v)
-    check_scale(scale)
+    """The forward's inputs, plus grad_out and out (B, Nq, H*d) in q's dtype, lse (B, H, Nq) float32;
+    q, k, v, out and grad_out in any strides (SAVED_LAYOUT: inductor laid out a q recomputed for the
+    backward with its tokens innermost)."""
+    check_attention(q, k, v, scale, contiguous_last_dim=False)
     batch, n_q, heads, head_dim = q.shape
     for name, t in (("grad_out", grad_out), ("out", out)):
         _check_like(name, t, (batch, n_q, heads * head_dim), q, "q")
@@ -196,9 +196,11 @@ def conv_proj_output_shapes(x: Tensor, weights: tuple, height: int, width: int, 
 
 
 def check_conv_proj(x: Tensor, weights: tuple, biases: tuple, height: int, width: int, has_cls: bool,
-                    stride_q: int, stride_kv: int, padding_q: int, padding_kv: int) -> None:
+                    stride_q: int, stride_kv: int, padding_q: int, padding_kv: int,
+                    contiguous_last_dim: bool = True) -> None:
     """x (B, has_cls + H*W, C), depthwise weights (C, 1, k, k) and optional biases (C,), all in x's
-    dtype and on its device; x's channels contiguous; every kernel fits the grid."""
+    dtype and on its device; x's channels contiguous (unless contiguous_last_dim is False: the
+    backward, SAVED_LAYOUT); every kernel fits the grid."""
     _check_tensor("x", x, 3, TOKENS_LAYOUT)
     _check_geometry(x, height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
     _check_weights(x, weights, height, width, stride_q, stride_kv, padding_q, padding_kv)
@@ -215,15 +217,102 @@ def check_conv_proj(x: Tensor, weights: tuple, biases: tuple, height: int, width
                             "(cvt_fast.ops.conv_proj casts the biases for you)")
         named[name] = b
     _check_same("devices", tuple(named), tuple(t.device for t in named.values()))
-    _check_last_dim_contiguous(x=x)
+    if contiguous_last_dim:
+        _check_last_dim_contiguous(x=x)
 
 
 def check_conv_proj_backward(grads: tuple, x: Tensor, weights: tuple, height: int, width: int, has_cls: bool,
                              stride_q: int, stride_kv: int, padding_q: int, padding_kv: int) -> None:
-    """The forward's checks (without biases), plus grad_q/k/v shaped like the outputs, in x's dtype."""
+    """The forward's checks (without biases; x in any strides, SAVED_LAYOUT), plus grad_q/k/v shaped like
+    the outputs, in x's dtype."""
     check_conv_proj(x, weights, (None, None, None), height, width, has_cls, stride_q, stride_kv, padding_q,
-                    padding_kv)
+                    padding_kv, contiguous_last_dim=False)
     shapes = conv_proj_output_shapes(x, weights, height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
     for name, g, shape in zip(("grad_q", "grad_k", "grad_v"), grads, shapes):
         _check_like(name, g, shape, x, "x")
 
+
+
+# --------------------------------------------------------------------------- conv projection + BatchNorm
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of conv_proj_bn's batch statistics: float32 for every training dtype, float64 for
+    float64 inputs (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_conv_proj_bn_arguments(x: object, weights: tuple, gammas: tuple, betas: tuple, has_cls: object,
+                                 eps: object, **geometry: object) -> None:
+    """Python types only (the entry point's part): conv_proj's, plus BatchNorm affine tensors and eps."""
+    check_conv_proj_arguments(x, weights, (None, None, None), has_cls, **geometry)
+    for prefix, tensors in (("bn_weight", gammas), ("bn_bias", betas)):
+        for branch, t in zip("qkv", tensors):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{prefix}_{branch} must be a torch.Tensor (C,), got {type(t).__name__}")
+    if not isinstance(eps, (list, tuple)) or len(eps) != 3:
+        raise TypeError(f"eps must be a sequence of three floats (q, k, v), got {eps!r}")
+    for branch, e in zip("qkv", eps):
+        if isinstance(e, bool) or not isinstance(e, (int, float)):
+            raise TypeError(f"eps of {branch} must be a Python float, got {e!r}")
+
+
+def check_conv_proj_bn(x: Tensor, weights: tuple, gammas: tuple, betas: tuple, height: int, width: int,
+                       has_cls: bool, stride_q: int, stride_kv: int, padding_q: int, padding_kv: int,
+                       eps: "list[float]", contiguous_last_dim: bool = True) -> None:
+    """conv_proj's checks (no conv bias; contiguous_last_dim as there), plus: BatchNorm weights and
+    biases (C,), one floating dtype for all six, on x's device; eps three finite floats >= 0
+    (nn.BatchNorm2d takes 0 too); more than one grid value per channel in every output, as
+    BatchNorm2d requires in training."""
+    check_conv_proj(x, weights, (None, None, None), height, width, has_cls, stride_q, stride_kv, padding_q,
+                    padding_kv, contiguous_last_dim)
+    channels = x.shape[2]
+    named = {}
+    for prefix, tensors in (("bn_weight", gammas), ("bn_bias", betas)):
+        for branch, t in zip("qkv", tensors):
+            name = f"{prefix}_{branch}"
+            _check_tensor(name, t, 1, "(C,)")
+            if t.shape[0] != channels:
+                raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
+            named[name] = t
+    _check_same("BatchNorm weight and bias dtypes", tuple(named), tuple(t.dtype for t in named.values()))
+    _check_same("devices", ("x",) + tuple(named), (x.device,) + tuple(t.device for t in named.values()))
+    if len(eps) != 3:
+        raise ValueError(f"eps must hold three values (q, k, v), got {len(eps)}")
+    for branch, e in zip("qkv", eps):
+        if not math.isfinite(e) or e < 0:
+            raise ValueError(f"eps of {branch} must be finite and >= 0, got {e!r}")
+    shapes = conv_proj_output_shapes(x, weights, height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
+    for branch, shape in zip("qkv", shapes):
+        values = shape[0] * (shape[1] - int(has_cls))
+        if values <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {values} for {branch} "
+                             f"(batch {shape[0]} x {shape[1] - int(has_cls)} grid rows): BatchNorm's batch "
+                             "statistics need at least two")
+
+
+def conv_proj_bn_stats_shape(x: Tensor) -> tuple:
+    """(3, C): one row per branch q, k, v, of the batch mean and of the biased batch variance."""
+    return (3, x.shape[2])
+
+
+def check_conv_proj_bn_backward(grads: tuple, x: Tensor, weights: tuple, gammas: tuple, betas: tuple,
+                                outputs: tuple, mean: Tensor, var: Tensor, height: int, width: int, has_cls: bool,
+                                stride_q: int, stride_kv: int, padding_q: int, padding_kv: int,
+                                eps: "list[float]") -> None:
+    """The forward's checks (x in any strides, SAVED_LAYOUT), plus grad_q/k/v and the forward's outputs
+    q/k/v shaped like the outputs in x's dtype, and its statistics mean/var (3, C) in stats_dtype(x.dtype)."""
+    geometry = (height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
+    check_conv_proj_bn(x, weights, gammas, betas, *geometry, eps, contiguous_last_dim=False)
+    shapes = conv_proj_output_shapes(x, weights, *geometry)
+    for prefix, tensors in (("grad_", grads), ("", outputs)):
+        for branch, t, shape in zip("qkv", tensors, shapes):
+            _check_like(f"{prefix}{branch}", t, shape, x, "x")
+    expected = (conv_proj_bn_stats_shape(x), stats_dtype(x.dtype))
+    for name, t in (("mean", mean), ("var", var)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor {expected[0]}, got {type(t).__name__}")
+        if (tuple(t.shape), t.dtype) != expected:
+            raise ValueError(f"{name} must be the forward's {expected[0]} {expected[1]} statistics, "
+                             f"got shape {tuple(t.shape)} and dtype {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must share one device")

@@ -7,6 +7,12 @@
     cvt_fast::conv_proj_backward  (grad_q, grad_k, grad_v, x, wq, wk, wv, height, width, has_cls,
                                    stride_q, stride_kv, padding_q, padding_kv, backend)
                                    -> (grad_x, grad_wq, grad_wk, grad_wv)
+    cvt_fast::conv_proj_bn        (x, wq, wk, wv, gamma_q, gamma_k, gamma_v, beta_q, beta_k, beta_v,
+                                   height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv,
+                                   eps[3], backend) -> (q, k, v, mean, var)
+    cvt_fast::conv_proj_bn_backward (grad_q, grad_k, grad_v, x, wq, wk, wv, gamma_*, beta_*, q, k, v,
+                                   mean, var, geometry..., eps[3], backend)
+                                   -> (grad_x, grad_wq, grad_wk, grad_wv, grad_gamma (3, C), grad_beta (3, C))
 
 Semantics and shapes are those of cvt_fast/ops/__init__.py. `backend` is always a concrete
 name of an op backend (kind 'reference' or 'kernels' in cvt_fast/ops/backends.py), resolved
@@ -28,7 +34,7 @@ from torch import Tensor
 
 from cvt_fast.ops import contract, reference
 from cvt_fast.ops.backends import TABLE, Implementation, backends_for
-from cvt_fast.ops.contract import LSE_DTYPE
+from cvt_fast.ops.contract import LSE_DTYPE, stats_dtype
 
 ATTENTION_SCHEMA = "(Tensor q, Tensor k, Tensor v, float scale, str backend) -> (Tensor, Tensor)"
 ATTENTION_BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
@@ -39,6 +45,15 @@ CONV_PROJ_SCHEMA = ("(Tensor x, Tensor wq, Tensor wk, Tensor wv, Tensor? bq, Ten
 CONV_PROJ_BACKWARD_SCHEMA = ("(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor x, Tensor wq, Tensor wk, "
                              "Tensor wv, int height, int width, bool has_cls, int stride_q, int stride_kv, "
                              "int padding_q, int padding_kv, str backend) -> (Tensor, Tensor, Tensor, Tensor)")
+_GEOMETRY_SCHEMA = "int height, int width, bool has_cls, int stride_q, int stride_kv, int padding_q, int padding_kv"
+CONV_PROJ_BN_SCHEMA = ("(Tensor x, Tensor wq, Tensor wk, Tensor wv, Tensor gamma_q, Tensor gamma_k, Tensor gamma_v, "
+                       f"Tensor beta_q, Tensor beta_k, Tensor beta_v, {_GEOMETRY_SCHEMA}, float[] eps, str backend) "
+                       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+CONV_PROJ_BN_BACKWARD_SCHEMA = (
+    "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor x, Tensor wq, Tensor wk, Tensor wv, Tensor gamma_q, "
+    "Tensor gamma_k, Tensor gamma_v, Tensor beta_q, Tensor beta_k, Tensor beta_v, Tensor q, Tensor k, Tensor v, "
+    f"Tensor mean, Tensor var, {_GEOMETRY_SCHEMA}, float[] eps, str backend) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 def _implementation(op: str, backend: str) -> Implementation:
@@ -57,9 +72,10 @@ def _no_autocast(t: Tensor):
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
-def _unit_stride_last(t: Tensor) -> Tensor:
-    # What the kernels read in place; a copy only for a layout a compiler chose otherwise.
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _unit_stride(*tensors: Tensor) -> tuple:
+    """The backward ops' saved inputs with contiguous last dimensions, copied only where they are not
+    (contract.SAVED_LAYOUT: a compiler may hand them back in another layout)."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
 
 def _fresh(t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -90,7 +106,7 @@ def _attention_fake(q, k, v, scale, backend):
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                        scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     contract.check_attention_backward(grad_out, q, k, v, out, lse, scale)
-    grad_out, q, k, v, out = (_unit_stride_last(t) for t in (grad_out, q, k, v, out))
+    grad_out, q, k, v, out = _unit_stride(grad_out, q, k, v, out)
     _, backward = _implementation("attention", backend)
     with _no_autocast(q):
         dq, dk, dv = backward(grad_out, q, k, v, out, lse, scale)
@@ -108,8 +124,10 @@ def _attention_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale, ctx.backend = scale, backend
-    # lse is saved for the backward, not a differentiable result.
+    # lse is saved for the backward, not a differentiable result; left unmaterialised, its absent
+    # gradient costs no zero-filled (B, H, Nq) tensor.
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
 
 
 def _attention_autograd(ctx, grad_out, grad_lse):
@@ -152,6 +170,7 @@ def conv_proj_backward(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, x: Tensor
                        padding_q: int, padding_kv: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     contract.check_conv_proj_backward((grad_q, grad_k, grad_v), x, (wq, wk, wv), height, width, has_cls, stride_q,
                                       stride_kv, padding_q, padding_kv)
+    x, = _unit_stride(x)
     _, backward = _implementation("conv_proj", backend)
     with _no_autocast(x):
         grads = backward(grad_q, grad_k, grad_v, x, wq, wk, wv, height, width, has_cls, stride_q, stride_kv,
@@ -197,3 +216,89 @@ def _conv_proj_autograd(ctx, grad_q, grad_k, grad_v):
 
 
 conv_proj.register_autograd(_conv_proj_autograd, setup_context=_conv_proj_setup_context)
+
+
+# --------------------------------------------------------------------------- conv projection + BatchNorm
+
+@torch.library.custom_op("cvt_fast::conv_proj_bn", mutates_args=(), schema=CONV_PROJ_BN_SCHEMA)
+def conv_proj_bn(x: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, gamma_q: Tensor, gamma_k: Tensor, gamma_v: Tensor,
+                 beta_q: Tensor, beta_k: Tensor, beta_v: Tensor, height: int, width: int, has_cls: bool,
+                 stride_q: int, stride_kv: int, padding_q: int, padding_kv: int, eps: list[float],
+                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    geometry = (height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
+    gammas, betas = (gamma_q, gamma_k, gamma_v), (beta_q, beta_k, beta_v)
+    contract.check_conv_proj_bn(x, (wq, wk, wv), gammas, betas, *geometry, eps)
+    forward, _ = _implementation("conv_proj_bn", backend)
+    with _no_autocast(x):
+        q, k, v, mean, var = forward(x, wq, wk, wv, *gammas, *betas, *geometry, list(eps))
+    stats = stats_dtype(x.dtype)
+    return _fresh(q, x.dtype), _fresh(k, x.dtype), _fresh(v, x.dtype), _fresh(mean, stats), _fresh(var, stats)
+
+
+@conv_proj_bn.register_fake
+def _conv_proj_bn_fake(x, wq, wk, wv, gamma_q, gamma_k, gamma_v, beta_q, beta_k, beta_v, height, width, has_cls,
+                       stride_q, stride_kv, padding_q, padding_kv, eps, backend):
+    geometry = (height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
+    contract.check_conv_proj_bn(x, (wq, wk, wv), (gamma_q, gamma_k, gamma_v), (beta_q, beta_k, beta_v), *geometry,
+                                eps)
+    outputs = tuple(x.new_empty(shape) for shape in contract.conv_proj_output_shapes(x, (wq, wk, wv), *geometry))
+    stats = contract.conv_proj_bn_stats_shape(x)
+    return (*outputs, x.new_empty(stats, dtype=stats_dtype(x.dtype)), x.new_empty(stats, dtype=stats_dtype(x.dtype)))
+
+
+@torch.library.custom_op("cvt_fast::conv_proj_bn_backward", mutates_args=(), schema=CONV_PROJ_BN_BACKWARD_SCHEMA)
+def conv_proj_bn_backward(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, x: Tensor, wq: Tensor, wk: Tensor,
+                          wv: Tensor, gamma_q: Tensor, gamma_k: Tensor, gamma_v: Tensor, beta_q: Tensor,
+                          beta_k: Tensor, beta_v: Tensor, q: Tensor, k: Tensor, v: Tensor, mean: Tensor, var: Tensor,
+                          height: int, width: int, has_cls: bool, stride_q: int, stride_kv: int, padding_q: int,
+                          padding_kv: int, eps: list[float], backend: str
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    geometry = (height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
+    gammas, betas = (gamma_q, gamma_k, gamma_v), (beta_q, beta_k, beta_v)
+    contract.check_conv_proj_bn_backward((grad_q, grad_k, grad_v), x, (wq, wk, wv), gammas, betas, (q, k, v), mean,
+                                         var, *geometry, eps)
+    x, q, k, v = _unit_stride(x, q, k, v)
+    _, backward = _implementation("conv_proj_bn", backend)
+    with _no_autocast(x):
+        grads = backward(grad_q, grad_k, grad_v, x, wq, wk, wv, *gammas, *betas, q, k, v, mean, var, *geometry,
+                         list(eps))
+    grad_x, grad_wq, grad_wk, grad_wv, grad_gamma, grad_beta = grads
+    return (_fresh(grad_x, x.dtype), *(_strided_like(_fresh(g, w.dtype), w) for g, w in
+                                       zip((grad_wq, grad_wk, grad_wv), (wq, wk, wv))),
+            _fresh(grad_gamma, gamma_q.dtype), _fresh(grad_beta, beta_q.dtype))
+
+
+@conv_proj_bn_backward.register_fake
+def _conv_proj_bn_backward_fake(grad_q, grad_k, grad_v, x, wq, wk, wv, gamma_q, gamma_k, gamma_v, beta_q, beta_k,
+                                beta_v, q, k, v, mean, var, height, width, has_cls, stride_q, stride_kv, padding_q,
+                                padding_kv, eps, backend):
+    geometry = (height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
+    contract.check_conv_proj_bn_backward((grad_q, grad_k, grad_v), x, (wq, wk, wv), (gamma_q, gamma_k, gamma_v),
+                                         (beta_q, beta_k, beta_v), (q, k, v), mean, var, *geometry, eps)
+    stats = contract.conv_proj_bn_stats_shape(x)
+    return (x.new_empty(x.shape), wq.new_empty(wq.shape), wk.new_empty(wk.shape), wv.new_empty(wv.shape),
+            gamma_q.new_empty(stats), beta_q.new_empty(stats))
+
+
+def _conv_proj_bn_setup_context(ctx, inputs, output):
+    x, wq, wk, wv, gamma_q, gamma_k, gamma_v, beta_q, beta_k, beta_v, *geometry, eps, backend = inputs
+    q, k, v, mean, var = output
+    # q, k, v are what the following Linear layers keep anyway: saving them costs no memory.
+    ctx.save_for_backward(x, wq, wk, wv, gamma_q, gamma_k, gamma_v, beta_q, beta_k, beta_v, q, k, v, mean, var)
+    ctx.geometry, ctx.eps, ctx.backend = tuple(geometry), list(eps), backend
+    # The statistics feed the running averages (the model updates them under no_grad), not the loss;
+    # unmaterialised, their (absent) gradients cost no zero-filled tensors.
+    ctx.mark_non_differentiable(mean, var)
+    ctx.set_materialize_grads(False)
+
+
+def _conv_proj_bn_autograd(ctx, grad_q, grad_k, grad_v, grad_mean, grad_var):
+    x, wq, wk, wv, *affine, q, k, v, mean, var = ctx.saved_tensors
+    grads = tuple(torch.zeros_like(out) if g is None else g.contiguous() for g, out in zip((grad_q, grad_k, grad_v),
+                                                                                        (q, k, v)))
+    grad_x, grad_wq, grad_wk, grad_wv, grad_gamma, grad_beta = conv_proj_bn_backward(
+        *grads, x, wq, wk, wv, *affine, q, k, v, mean, var, *ctx.geometry, ctx.eps, ctx.backend)
+    return (grad_x, grad_wq, grad_wk, grad_wv, *grad_gamma.unbind(0), *grad_beta.unbind(0)) + (None,) * 9
+
+
+conv_proj_bn.register_autograd(_conv_proj_bn_autograd, setup_context=_conv_proj_bn_setup_context)

@@ -119,6 +119,72 @@ def conv_proj_backward_reference(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor,
     return (grad_x, *grad_weights)
 
 
+# --------------------------------------------------------------------------- conv projection + BatchNorm
+
+def conv_proj_bn_reference(x: Tensor, wq: Tensor, wk: Tensor, wv: Tensor,
+                           gamma_q: Tensor, gamma_k: Tensor, gamma_v: Tensor,
+                           beta_q: Tensor, beta_k: Tensor, beta_v: Tensor,
+                           height: int, width: int, has_cls: bool, stride_q: int, stride_kv: int,
+                           padding_q: int, padding_kv: int, eps: list[float]
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """conv_proj without bias, then BatchNorm2d in training mode on each output's grid rows.
+
+    Returns q, k, v (x's dtype; the cls row passed through untouched) and the batch statistics
+    mean and biased var, (3, C) in the compute dtype, row i for output i. The statistics are those
+    of the convolution in the compute dtype, before rounding to x's dtype.
+    """
+    ct = compute_dtype(x.dtype)
+    n_cls = int(has_cls)
+    convolved = conv_proj_reference(x.to(ct), wq.to(ct), wk.to(ct), wv.to(ct), None, None, None, height, width,
+                                    has_cls, stride_q, stride_kv, padding_q, padding_kv)
+    outputs, means, variances = [], [], []
+    for y, gamma, beta, e in zip(convolved, (gamma_q, gamma_k, gamma_v), (beta_q, beta_k, beta_v), eps):
+        grid = y[:, n_cls:]
+        mean = grid.mean(dim=(0, 1))
+        var = grid.var(dim=(0, 1), correction=0)  # biased: what BatchNorm normalises with
+        normed = (grid - mean) * torch.rsqrt(var + e) * gamma.to(ct) + beta.to(ct)
+        outputs.append(torch.cat([y[:, :n_cls], normed], dim=1).to(x.dtype).contiguous())
+        means.append(mean)
+        variances.append(var)
+    return (*outputs, torch.stack(means), torch.stack(variances))
+
+
+def conv_proj_bn_backward_reference(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, x: Tensor,
+                                    wq: Tensor, wk: Tensor, wv: Tensor,
+                                    gamma_q: Tensor, gamma_k: Tensor, gamma_v: Tensor,
+                                    beta_q: Tensor, beta_k: Tensor, beta_v: Tensor,
+                                    q: Tensor, k: Tensor, v: Tensor, mean: Tensor, var: Tensor,
+                                    height: int, width: int, has_cls: bool, stride_q: int, stride_kv: int,
+                                    padding_q: int, padding_kv: int, eps: list[float]
+                                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (grad_x, grad_wq, grad_wk, grad_wv, grad_bn_weight (3, C), grad_bn_bias (3, C)) of
+    `conv_proj_bn_reference`, from the BatchNorm backward formula on the recomputed convolution.
+    The forward's outputs q, k, v are accepted for the contract's sake (the kernels read them)."""
+    del q, k, v
+    ct = compute_dtype(x.dtype)
+    n_cls = int(has_cls)
+    geometry = (height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
+    convolved = conv_proj_reference(x.to(ct), wq.to(ct), wk.to(ct), wv.to(ct), None, None, None, *geometry)
+    grad_convolved, grad_gammas, grad_betas = [], [], []
+    for i, (y, g, gamma) in enumerate(zip(convolved, (grad_q, grad_k, grad_v), (gamma_q, gamma_k, gamma_v))):
+        g = g.to(ct)
+        invstd = torch.rsqrt(var[i].to(ct) + eps[i])
+        x_hat = (y[:, n_cls:] - mean[i].to(ct)) * invstd
+        d_out = g[:, n_cls:]
+        grad_beta = d_out.sum(dim=(0, 1))
+        grad_gamma = (d_out * x_hat).sum(dim=(0, 1))
+        count = d_out.shape[0] * d_out.shape[1]
+        # BatchNorm backward with batch statistics: the mean and the variance depend on every row.
+        d_grid = gamma.to(ct) * invstd * (d_out - grad_beta / count - x_hat * grad_gamma / count)
+        grad_convolved.append(torch.cat([g[:, :n_cls], d_grid], dim=1))
+        grad_gammas.append(grad_gamma)
+        grad_betas.append(grad_beta)
+    grad_x, *grad_weights = conv_proj_backward_reference(*grad_convolved, x.to(ct), wq.to(ct), wk.to(ct),
+                                                         wv.to(ct), *geometry)
+    return (grad_x.to(x.dtype), *(g.to(w.dtype) for g, w in zip(grad_weights, (wq, wk, wv))),
+            torch.stack(grad_gammas).to(gamma_q.dtype), torch.stack(grad_betas).to(beta_q.dtype))
+
+
 # --------------------------------------------------------------------------- other projections
 
 def avg_proj_reference(x: Tensor, height: int, width: int, has_cls: bool, kernel_size: int,
