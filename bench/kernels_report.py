@@ -242,7 +242,8 @@ CONV_PROJ_SHAPES = [
 
 
 def conv_proj_launches(subset: str) -> list[Launch]:
-    """Eval forward (BatchNorm folded into biases), training forward (no biases) and backward."""
+    """Eval forward (BatchNorm folded into biases), training forward (no biases) and backward, and
+    training with BatchNorm (conv_proj_bn: statistics, normalising forward, backward)."""
     _use_gpu_kernels()
     import torch
     from cvt_fast.kernels import conv_proj
@@ -266,6 +267,17 @@ def conv_proj_launches(subset: str) -> list[Launch]:
                 current["case"] = f"conv_proj bwd {label} {_dtype(dtype)}"
                 conv_proj.conv_proj_backward(torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), x,
                                              *weights, *geometry)
+                # Training with BatchNorm (cvt_fast::conv_proj_bn): statistics kernel, then the
+                # normalising forward; the backward with BatchNorm's reductions. BatchNorm's own
+                # parameters stay float32 (as under autocast).
+                gammas = [_meta((channels,), torch.float32) for _ in range(3)]
+                betas = [_meta((channels,), torch.float32) for _ in range(3)]
+                eps = [1e-5] * 3
+                current["case"] = f"conv_proj bn-fwd {label} {_dtype(dtype)}"
+                q, k, v, mean, var = conv_proj.conv_proj_bn_forward(x, *weights, *gammas, *betas, *geometry, eps)
+                current["case"] = f"conv_proj bn-bwd {label} {_dtype(dtype)}"
+                conv_proj.conv_proj_bn_backward(torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), x,
+                                                *weights, *gammas, *betas, q, k, v, mean, var, *geometry, eps)
         launches.extend(recorded)
     return launches
 

@@ -34,6 +34,10 @@ ACTIVATION_CODES = {"quick_gelu": 0, "gelu": 1}
 _BLOCK_M = 32
 _BLOCK_N_MAX = 128
 _NUM_WARPS = 4
+# float64's backward on 8 warps and 16-row steps: on 4 warps and 32 rows, exact GELU's derivative
+# with the recomputed activation spilled up to 2.2 KB for sm_90 (bench/kernels_report.py found it).
+_NUM_WARPS_FP64_BACKWARD = 8
+_BLOCK_M_FP64_BACKWARD = 16
 # Backward row groups: enough programs to fill an H100 (132 SMs) several times over, and few
 # enough that the partial-sum buffer stays small. Powers of two, so few kernel variants compile.
 _TARGET_PROGRAMS = 1024
@@ -156,13 +160,14 @@ def mlp_activation_backward(grad: torch.Tensor, x: torch.Tensor, bias, act: str,
     rows_per_program = _rows_per_program(rows, column_blocks)
     groups = triton.cdiv(rows, rows_per_program)
     partial = torch.zeros((groups, channels), dtype=_acc_torch_dtype(x.dtype), device=x.device)
+    fp64 = x.dtype == torch.float64
     if rows > 0:
         _mlp_activation_bwd_kernel[(groups, column_blocks)](
             grad2, x2, x2 if bias is None else bias.contiguous(), grad_x, activation if with_activation else x2,
             partial, rows, channels,
             HAS_BIAS=bias is not None, WITH_ACTIVATION=with_activation, ACT=ACTIVATION_CODES[act],
-            ROWS_PER_PROGRAM=rows_per_program, BLOCK_M=_BLOCK_M, BLOCK_N=block_n, ACC=_acc_dtype(x.dtype),
-            num_warps=_NUM_WARPS)
+            ROWS_PER_PROGRAM=rows_per_program, BLOCK_M=_BLOCK_M_FP64_BACKWARD if fp64 else _BLOCK_M,
+            BLOCK_N=block_n, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS_FP64_BACKWARD if fp64 else _NUM_WARPS)
     grad_bias = partial.sum(0).to(x.dtype if bias is None else bias.dtype)
     return (grad_x.view(x.shape), grad_bias,
             activation.view(x.shape) if with_activation else activation)

@@ -5,7 +5,8 @@ GPUTarget("cuda", 90, 32)) and reads them with ptxas -v and cuobjdump, the tools
 In CI it runs its 'ci' subset, in a process of its own (the kernels must be decorated as GPU
 kernels, not interpreted): bf16, attention at head sizes 64 and 128 in every config of their
 autotune lists (the autotuner may pick any, and 'auto' is Triton on CUDA), conv_proj's eval
-and training forward and its backward at CvT-13's stage-1 and stage-3 shapes (25 compiles), and
+and training forward and its backward, and training with BatchNorm (conv_proj_bn: statistics,
+normalising forward, backward), at CvT-13's stage-1 and stage-3 shapes (33 compiles), and
 the fused elementwise kernels (13 compiles): the MLP's two fused products in every autotune config
 with exact GELU (the heavier epilogue) at CvT-13's stage 3, the activation alone, and residual +
 LayerNorm at CvT-13's stage 3 and CvT-W24's widest (C = 1024) row. Measured: 1m46 of CPU time for
@@ -72,7 +73,7 @@ def test_no_config_auto_can_pick_spills_or_leaves_wgmma(tmp_path):
     triton_rows = [r for r in payload["rows"] if r["source"] == "triton"]
     kernels = {r["kernel"] for r in triton_rows}
     assert {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_delta_kernel",
-            "_fwd_s1s2_kernel", "_bwd_s1s2_kernel"} | set(FUSED_KERNELS) <= kernels
+            "_fwd_s1s2_kernel", "_bwd_s1s2_kernel", "_stats_s1s2_kernel"} | set(FUSED_KERNELS) <= kernels
     for row in triton_rows:
         assert row["checked"] and row["registers"] > 0 and row["threads"] > 0, row
         assert row["spill_store_bytes"] == 0 and row["spill_load_bytes"] == 0, row
