@@ -96,6 +96,13 @@ def invalid_reason(mutant: Mutant, source: str) -> str | None:
 def copy_tree(destination: Path) -> Path:
     tree = destination / "tree"
     shutil.copytree(REPO, tree, symlinks=True, ignore=IGNORED)
+    # kernels/ is the package cvt_fast.kernels only through the install's package_dir mapping:
+    # with the copy first on PYTHONPATH, an editable install would still import the original
+    # checkout's kernels, and every kernel mutant would survive unseen. A link makes the copy
+    # import its own (mutated) kernels.
+    link = tree / "cvt_fast" / "kernels"
+    if not link.exists():
+        link.symlink_to(Path("..") / "kernels", target_is_directory=True)
     return tree
 
 
