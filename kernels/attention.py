@@ -363,6 +363,99 @@ def _attn_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=mask_m[:, None])
 
 
+@triton.jit
+def _attn_bwd_fused_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, DQ,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don,
+    stride_lb, stride_lh, stride_ln,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_dqb, stride_dqn, stride_dqh,
+    H, Nq, Nkv,
+    qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SPLIT_SCALE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    LSE_LOG2: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
+):
+    # The dK/dV kernel's loop, plus dQ from the same P and dS tiles: a program owns a BLOCK_N
+    # tile of K/V and adds its share dS K of each query tile's dQ into DQ. With several K/V
+    # tiles per (b, h) the shares meet in DQ through atomic adds (an fp32 buffer, zeroed by the
+    # host); with one K/V tile (DQ_ATOMIC false, the host checked Nkv <= BLOCK_N) the share is
+    # the whole dQ and is stored directly, in order, so the result is deterministic.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_n = offs_n < Nkv
+
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=mask_n[:, None], other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=mask_n[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    # dQ^T = K^T dS^T keeps d (64 or 128), not the small query tile, as the product's M
+    # dimension: Hopper's wgmma needs 64 rows per warp group, so BLOCK_M may be 32.
+    kT = tl.trans(k)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC_DTYPE)
+
+    qT_base = Q + off_b * stride_qb + off_h * stride_qh + offs_d[:, None]
+    do_base = DO + off_b * stride_dob + off_h * HEAD_DIM + offs_d[None, :]
+    dqT_base = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_d[:, None]
+    lse_base = Lse + off_b * stride_lb + off_h * stride_lh
+    delta_base = Delta + pid_bh.to(tl.int64) * Nq
+
+    for start_m in range(0, Nq, BLOCK_M):
+        rows = start_m + offs_m
+        mask_m = rows < Nq
+        qT = tl.load(qT_base + rows[None, :] * stride_qn, mask=mask_m[None, :], other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_don, mask=mask_m[:, None], other=0.0)
+        if UPCAST:
+            qT = qT.to(tl.float32)
+            do = do.to(tl.float32)
+        lse2 = tl.load(lse_base + rows * stride_ln, mask=mask_m, other=0.0).to(ACC_DTYPE)
+        if not LSE_LOG2:
+            lse2 = lse2 * LOG2E
+        delta = tl.load(delta_base + rows, mask=mask_m, other=0.0)
+
+        sT = tl.dot(k, qT, input_precision=DOT_PRECISION).to(ACC_DTYPE)
+        sT = _scaled(sT, qk_scale_hi, qk_scale_lo, SPLIT_SCALE)
+        # Padded query columns must not contribute to dK/dV, and padded K rows (k = 0 there,
+        # so P is not 0) must not contribute to dQ.
+        pT = tl.where(mask_m[None, :] & mask_n[:, None], tl.exp2(sT - lse2[None, :]), 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION).to(ACC_DTYPE)
+        dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
+        dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=DOT_PRECISION)
+        dqT = tl.dot(kT, dsT, input_precision=DOT_PRECISION).to(ACC_DTYPE)
+        dqT = _scaled(dqT, scale_hi, scale_lo, SPLIT_SCALE)
+        dqT_ptrs = dqT_base + rows[None, :] * stride_dqn
+        if DQ_ATOMIC:
+            tl.atomic_add(dqT_ptrs, dqT, mask=mask_m[None, :], sem="relaxed")
+        else:
+            tl.store(dqT_ptrs, dqT.to(DQ.dtype.element_ty), mask=mask_m[None, :])
+
+    dk = _scaled(dk, scale_hi, scale_lo, SPLIT_SCALE)
+    out_off = off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=mask_n[:, None])
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
+
+
 # --------------------------------------------------------------------------------------
 # Launch configurations (GPU autotune lists, fixed fp32 and interpreter configs)
 # --------------------------------------------------------------------------------------
@@ -400,6 +493,16 @@ _GPU_CONFIGS = {
         64: [_config(128, 32, 8, 3), _config(64, 64, 4, 3), _config(64, 32, 4, 3)],
         128: [_config(64, 64, 8, 2), _config(64, 32, 4, 3)],
     },
+    # The one-pass backward: dK/dV's registers plus a (d, BLOCK_M) fp32 dQ share per step.
+    # Its products have BLOCK_N or d as their M dimension (dQ is formed transposed), so the
+    # streamed query tile may be 32 rows. CvT-13 stage 3 (Nq=197, Nkv=50) is covered by
+    # BLOCK_N=64, BLOCK_M=32: one K/V tile 78% used (50 of 64; 64 is wgmma's smallest M) and
+    # 7 query tiles 88% used (197 of 224), against 77% (256 rows) for 64- or 128-row tiles.
+    # Stages 1-2 (Nkv=784, 196) also take 64x64 and 32x128 (784 = 12.25 x 64 = 6.1 x 128).
+    "fused": {
+        64: [_config(32, 64, 4, 3), _config(64, 64, 4, 3), _config(32, 128, 8, 3)],
+        128: [_config(32, 64, 8, 3), _config(64, 64, 8, 2)],
+    },
 }
 # fp32 on the GPU is the accuracy path (tl.dot with input_precision="ieee" runs on FMA
 # units, not tensor cores, and needs far more registers): one fixed small config that
@@ -410,20 +513,29 @@ _GPU_FP32_CONFIG = _config(32, 32, 8, 2)
 # tile size; these mid-size tiles still leave several tiles at the small odd test shapes
 # (Nq=37, Nkv=50: 2 query tiles x 4 key tiles), so the masks and the online softmax
 # across tiles are exercised. dK/dV owns the K/V tile, so its larger block is along Nkv.
-_INTERPRETER_CONFIGS = {"fwd": _config(32, 16, 4, 1), "dkdv": _config(16, 32, 4, 1), "dq": _config(32, 16, 4, 1)}
+_INTERPRETER_CONFIGS = {"fwd": _config(32, 16, 4, 1), "dkdv": _config(16, 32, 4, 1), "dq": _config(32, 16, 4, 1),
+                        "fused": _config(16, 32, 4, 1)}
 # The delta pass is pure bandwidth (one row tile per program, no reuse): one fixed config.
 _DELTA_BLOCK_M = 64
 _DELTA_NUM_WARPS = 4
 
 # tests/test_kernel_configs.py swaps each entry of _GPU_CONFIGS into _INTERPRETER_CONFIGS (and
 # spies on _KERNELS), so every GPU config also runs on the CPU: keep both read at launch time.
-_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel,
+            "fused": _attn_bwd_fused_kernel}
 _AUTOTUNE_KEY = ["Nq", "Nkv", "HEAD_DIM"]
+# The autotuner runs every config on the same arguments: the fused kernel adds into DQ, which
+# must start from zero for each of those runs.
+_RESET_TO_ZERO = {"fused": ["DQ"]}
 # Multi-config autotuning needs a GPU driver; the interpreter uses _INTERPRETER_CONFIGS.
 _TUNED = {} if _INTERPRET else {
-    (name, d_group): triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(_KERNELS[name])
+    (name, d_group): triton.autotune(configs=configs, key=_AUTOTUNE_KEY,
+                                     reset_to_zero=_RESET_TO_ZERO.get(name))(_KERNELS[name])
     for name, by_d in _GPU_CONFIGS.items() for d_group, configs in by_d.items()
 }
+# Set to 1 for the split backward (bit-reproducible dQ, 14 units of FLOPs instead of 10);
+# torch.use_deterministic_algorithms(True) selects it too.
+DETERMINISTIC_ENV = "CVT_FAST_DETERMINISTIC_ATTENTION"
 
 
 def _launch(name: str, grid, args: tuple, head_dim: int, dtype: torch.dtype, **constexprs) -> None:
@@ -436,6 +548,19 @@ def _launch(name: str, grid, args: tuple, head_dim: int, dtype: torch.dtype, **c
         _run(_KERNELS[name], grid(cfg.kwargs), args, HEAD_DIM=head_dim, **cfg.kwargs, **constexprs, **launch)
     else:
         _TUNED[(name, 64 if head_dim <= 64 else 128)][grid](*args, HEAD_DIM=head_dim, **constexprs)
+
+
+def _block_ns(name: str, head_dim: int, dtype: torch.dtype) -> list:
+    """The BLOCK_N values kernel `name` may launch with on this device and dtype (as _launch picks)."""
+    if _INTERPRET:
+        return [_INTERPRETER_CONFIGS[name].kwargs["BLOCK_N"]]
+    if dtype == torch.float32:
+        return [_GPU_FP32_CONFIG.kwargs["BLOCK_N"]]
+    return [cfg.kwargs["BLOCK_N"] for cfg in _GPU_CONFIGS[name][64 if head_dim <= 64 else 128]]
+
+
+def _use_split_backward() -> bool:
+    return os.environ.get(DETERMINISTIC_ENV) == "1" or torch.are_deterministic_algorithms_enabled()
 
 
 def _run(kernel, grid: tuple, args: tuple, **meta) -> None:
@@ -588,6 +713,22 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             lse_rows.stride(0), lse_rows.stride(1), lse_rows.stride(2),
         )
         scalars = (H, Nq, Nkv, qk_hi, qk_lo, s_hi, s_lo)
+        if not _use_split_backward():
+            # One K/V tile per (b, h) whatever config runs: dQ is stored, not added, straight
+            # into dq. Else the shares are added in an accumulator of the accumulation dtype.
+            dq_atomic = Nkv > min(_block_ns("fused", d, q.dtype))
+            if not dq_atomic or dq.dtype == delta.dtype:
+                dq_acc = dq.zero_() if dq_atomic else dq
+            else:
+                dq_acc = torch.zeros(dq.shape, dtype=delta.dtype, device=q.device)
+            _launch("fused", lambda meta: (triton.cdiv(Nkv, meta["BLOCK_N"]), B * H),
+                    (q, k, v, grad_out, lse_rows, delta, dk, dv, dq_acc, *common,
+                     dk.stride(0), dk.stride(1), dk.stride(2),
+                     dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), *scalars),
+                    d, q.dtype, LSE_LOG2=is_fp64, DQ_ATOMIC=dq_atomic, **flags)
+            if dq_acc is not dq:
+                dq.copy_(dq_acc)
+            return dq, dk, dv
         _launch("dkdv", lambda meta: (triton.cdiv(Nkv, meta["BLOCK_N"]), B * H),
                 (q, k, v, grad_out, lse_rows, delta, dk, dv, *common,
                  dk.stride(0), dk.stride(1), dk.stride(2), *scalars),
