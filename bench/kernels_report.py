@@ -222,7 +222,7 @@ def _env(name: str, value: str):
 def attention_launches(subset: str) -> list[Launch]:
     """Forward and backward launches (the one-pass backward and the split one) of the Triton
     attention at a CvT stage-3-like shape (B=8, Nq=197, Nkv=50, 6 heads), and the one-pass
-    backward with atomic dQ at a stage-2 shape (Nq=784, Nkv=196, 3 heads), for every head size
+    backward with atomic dQ at CvT-13's stage-1 shape (Nq=3136, Nkv=784, 1 head), for every head size
     and dtype the kernels take on a GPU."""
     _use_gpu_kernels()
     import torch
@@ -247,9 +247,9 @@ def attention_launches(subset: str) -> list[Launch]:
                 with _env(attention.DETERMINISTIC_ENV, "1"):
                     attention.attention_backward(torch.empty_like(out), q, k, v, out, lse, 0.05)
                 # Nkv=50 fits one K/V tile, where the one-pass backward stores dQ; at CvT-13
-                # stage 2's Nkv=196 it adds dQ atomically from several tiles (another compile).
+                # stage 1's Nkv=784 it adds dQ atomically from several tiles (another compile).
                 current["case"] = f"attention atomic-dq d={d} {_dtype(dtype)}"
-                n_q, n_kv, heads = 784, 196, 3
+                n_q, n_kv, heads = 3136, 784, 1
                 q = _meta((batch, n_q, heads * d), dtype).view(batch, n_q, heads, d)
                 k = _meta((batch, n_kv, heads * d), dtype).view(batch, n_kv, heads, d)
                 v = _meta((batch, n_kv, heads * d), dtype).view(batch, n_kv, heads, d)

@@ -14,14 +14,23 @@ Tiling
   the whole loop; each K/V tile is streamed through shared memory (software-pipelined by
   num_stages on the GPU). Scores are pre-multiplied by scale*log2(e) so the kernel uses
   exp2, and lse is turned back into natural log at the end.
-- Backward (flash-attention-2 split, no atomics, nothing of size Nq x Nkv in memory):
+- Backward, nothing of size Nq x Nkv in memory:
   1. delta kernel: delta[b,h,i] = sum_c dO[b,i,h,c] * O[b,i,h,c] (fp32, one pass over O, dO).
-  2. dK/dV kernel: a program owns a BLOCK_N tile of K and V (kept in registers together
-     with its fp32 dK, dV accumulators) and loops over all Q tiles, recomputing
-     P^T = exp2(scale*log2e * K Q^T - lse*log2e) tile by tile:
-        dV += P^T dO,  dS^T = P^T * (V dO^T - delta),  dK += dS^T Q   (then dK *= scale).
-  3. dQ kernel: a program owns a BLOCK_M tile of Q, dO, lse, delta and loops over the
-     K/V tiles: dS = P * (dO V^T - delta), dQ += dS K (then dQ *= scale).
+  2. one-pass kernel (the default where the count below favours it): a program owns a BLOCK_N
+     tile of K and V (kept in registers with its fp32 dK, dV accumulators) and loops over all
+     Q tiles, recomputing P^T = exp2(scale*log2e * K Q^T - lse*log2e) tile by tile:
+        dV += P^T dO,  dS^T = P^T * (V dO^T - delta),  dK += dS^T Q,
+        dQ[tile] += scale * (K^T dS^T)^T   (this K/V tile's share of the query tile's dQ).
+     The shares of the Nkv/BLOCK_N programs of one (b, h) meet by fp32 tl.atomic_add in an
+     accumulator zeroed first (dq itself for fp32, an fp32 buffer cast to q's dtype after for
+     bf16/fp16). The order of those additions is not fixed, so dQ is NOT bit-reproducible
+     from run to run (dK, dV are). When one K/V tile covers Nkv (CvT-13 stage 3: Nkv=50 with
+     BLOCK_N=64) there is one share per query row: it is stored, no atomics, deterministic.
+  3. split (deterministic): the dK/dV kernel (step 2 without dQ) and a dQ kernel, where a
+     program owns a BLOCK_M tile of Q, dO, lse, delta and loops over the K/V tiles:
+     dS = P * (dO V^T - delta), dQ += dS K. Taken with CVT_FAST_DETERMINISTIC_ATTENTION=1 or
+     torch.use_deterministic_algorithms(True), and for 16-bit inputs with several K/V tiles
+     and fewer than ATOMIC_DQ_MIN_KEYS keys, where it moves fewer bytes (count below).
   For float64 inputs (interpreter only) one more pass recomputes lse in fp64 first,
   since the lse the forward returns is float32 by contract.
 - All accumulation is fp32 (fp64 for fp64 inputs); on the GPU the tl.dot operands stay
@@ -32,10 +41,30 @@ Floor (per call), itemsize = bytes per element of q:
 - forward: 4*B*H*Nq*Nkv*d FLOPs (S = QK^T and PV); HBM traffic at least
   B*H*d*(2*Nq + 2*Nkv)*itemsize + 4*B*H*Nq bytes (read q, k, v, write out and lse),
   K/V re-reads by the Nq/BLOCK_M programs of one (b, h) being served from L2.
-- backward: 10*B*H*Nq*Nkv*d FLOPs (2.5x the forward: S recomputed, dP, dV, dK, dQ);
-  this split runs 14*B*H*Nq*Nkv*d because both the dK/dV and the dQ kernel recompute
-  S and dP, the price of having no atomics. HBM traffic at least reads of q, k, v, out,
-  dO, lse and writes of dq, dk, dv (plus delta, 4*B*H*Nq bytes each way).
+- backward: 10*B*H*Nq*Nkv*d FLOPs (2.5x the forward: S recomputed, dP, dV, dK, dQ), the
+  one-pass kernel's count; the split runs 14 units (its dQ kernel recomputes S and dP).
+  HBM traffic at least reads of q, k, v, out, dO, lse and writes of dq, dk, dv (plus delta,
+  4*B*H*Nq bytes each way).
+
+Which backward (a count, not a measurement: no GPU was at hand; H200 peaks taken as 989
+TFLOP/s bf16 dense and 4.8 TB/s). With U = B*H*Nq*Nkv*d and Q = B*H*Nq*d elements, going
+from the split to one pass saves 4U FLOPs and the dQ kernel's bytes (q, dO, lse, delta, k, v
+read again, dq written: 6Q + 4*B*H*Nkv*d + 8*B*H*Nq bytes at 2 bytes an element), and with
+several K/V tiles adds, for 16-bit inputs, the fp32 accumulator: zeroing (4Q), the summed
+lines written back (4Q), the cast pass (4Q read, 2Q written), 14Q bytes; plus
+ceil(Nkv/BLOCK_N)*4Q bytes of fp32 reductions that stay in L2 (the Nkv/BLOCK_N programs of
+one (b, h) run side by side). Net for 16-bit: 4U FLOPs saved against about 8Q bytes, so
+one pass wins once 4U/989e12 > 8Q/4.8e12, i.e. Nkv > about 410; ATOMIC_DQ_MIN_KEYS = 512
+leaves room for the L2 reductions (about a fifth of the FLOP time saved). CvT-13, batch 256,
+bf16, d=64, BLOCK_N=64:
+  stage  Nq    Nkv  H  split: FLOPs / HBM      one pass: FLOPs / HBM / L2 atomics  chosen
+  1      3136  784  1  564 G / 890 MB          403 G / 1243 MB / 2672 MB          one pass
+                       (at peaks: 161 GFLOP saved = 0.16 ms, 353 MB more = 0.07 ms)
+  2       784  196  3  106 G / 667 MB           76 G /  932 MB /  617 MB          split
+                       (30 GFLOP saved = 0.03 ms, 265 MB more = 0.06 ms)
+  3       197   50  6   14 G / 336 MB           10 G /  237 MB /    0 (stored)    one pass
+For fp32 inputs the accumulator is dq itself (8Q bytes: zero and write-back, against the dQ
+kernel's 12Q), so one pass moves fewer bytes and does fewer FLOPs at every shape.
 """
 from __future__ import annotations
 
@@ -533,6 +562,9 @@ _TUNED = {} if _INTERPRET else {
                                      reset_to_zero=_RESET_TO_ZERO.get(name))(_KERNELS[name])
     for name, by_d in _GPU_CONFIGS.items() for d_group, configs in by_d.items()
 }
+# 16-bit inputs take the one-pass backward with atomic dQ from this many keys (the count in
+# the module docstring: the FLOPs saved outweigh the fp32 buffer's bytes from about 410 keys).
+ATOMIC_DQ_MIN_KEYS = 512
 # Set to 1 for the split backward (bit-reproducible dQ, 14 units of FLOPs instead of 10);
 # torch.use_deterministic_algorithms(True) selects it too.
 DETERMINISTIC_ENV = "CVT_FAST_DETERMINISTIC_ATTENTION"
@@ -559,8 +591,15 @@ def _block_ns(name: str, head_dim: int, dtype: torch.dtype) -> list:
     return [cfg.kwargs["BLOCK_N"] for cfg in _GPU_CONFIGS[name][64 if head_dim <= 64 else 128]]
 
 
-def _use_split_backward() -> bool:
-    return os.environ.get(DETERMINISTIC_ENV) == "1" or torch.are_deterministic_algorithms_enabled()
+def _use_one_pass_backward(Nkv: int, head_dim: int, dtype: torch.dtype) -> Tuple[bool, bool]:
+    """(one pass?, dQ added atomically?) by the count in the module docstring."""
+    if os.environ.get(DETERMINISTIC_ENV) == "1" or torch.are_deterministic_algorithms_enabled():
+        return False, False
+    if Nkv <= min(_block_ns("fused", head_dim, dtype)):
+        return True, False  # one K/V tile: dQ stored, fewer FLOPs and fewer bytes than the split
+    # fp32/fp64 accumulate in dq itself (no buffer, no cast): fewer bytes too. 16-bit inputs pay
+    # an fp32 buffer and a cast, worth it only for enough keys to amortise them.
+    return dtype in (torch.float32, torch.float64) or Nkv >= ATOMIC_DQ_MIN_KEYS, True
 
 
 def _run(kernel, grid: tuple, args: tuple, **meta) -> None:
@@ -713,10 +752,11 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             lse_rows.stride(0), lse_rows.stride(1), lse_rows.stride(2),
         )
         scalars = (H, Nq, Nkv, qk_hi, qk_lo, s_hi, s_lo)
-        if not _use_split_backward():
-            # One K/V tile per (b, h) whatever config runs: dQ is stored, not added, straight
-            # into dq. Else the shares are added in an accumulator of the accumulation dtype.
-            dq_atomic = Nkv > min(_block_ns("fused", d, q.dtype))
+        one_pass, dq_atomic = _use_one_pass_backward(Nkv, d, q.dtype)
+        if one_pass:
+            # Without atomics one K/V tile per (b, h) covers Nkv whatever config runs: dQ is
+            # stored straight into dq. Else the shares are added in an accumulator of the
+            # accumulation dtype (dq itself for fp32/fp64).
             if not dq_atomic or dq.dtype == delta.dtype:
                 dq_acc = dq.zero_() if dq_atomic else dq
             else:

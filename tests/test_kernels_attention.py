@@ -316,6 +316,32 @@ def test_deterministic_algorithms_select_the_split_backward(monkeypatch):
         assert_close(a, b, dtype=torch.float32)
 
 
+@pytest.mark.skipif(GPU, reason="interpreter shapes; the GPU tests cover the real ones")
+@pytest.mark.parametrize("min_keys, path", [(0, "atomic"), (10**6, "split")])
+def test_bf16_backward_adds_dq_in_an_fp32_buffer_from_enough_keys(min_keys, path, monkeypatch):
+    # 16-bit inputs with several K/V tiles: one pass (dQ summed in fp32, then cast) from
+    # ATOMIC_DQ_MIN_KEYS keys, the split below (where it moves fewer bytes).
+    monkeypatch.delenv(attn.DETERMINISTIC_ENV, raising=False)
+    monkeypatch.setattr(attn, "ATOMIC_DQ_MIN_KEYS", min_keys)
+    spies = {name: KernelSpy(monkeypatch, name) for name in ("fused", "dkdv", "dq")}
+    q, k, v = random_qkv(2, 37, 45, 3, 32, torch.bfloat16)
+    scale = 96 ** -0.5
+    out, lse = attn.attention_forward(q, k, v, scale)
+    grad_out = torch.randn_like(out)
+    grads = attn.attention_backward(grad_out, q, k, v, out, lse, scale)
+    for what, got, ref in zip("qkv", grads, reference_gradients(q, k, v, grad_out, scale)):
+        assert got.dtype == torch.bfloat16
+        try:
+            assert_close(got, ref, dtype=torch.bfloat16)
+        except AssertionError as err:
+            raise AssertionError(f"grad {what}: {err}") from None
+    if path == "atomic":
+        (args,) = spies["fused"].launches
+        assert args["DQ_ATOMIC"] and args["DQ"].dtype == torch.float32
+    else:
+        assert not spies["fused"].launches and spies["dkdv"].launches and spies["dq"].launches
+
+
 @pytest.mark.skipif(bool(NO_FLOAT64), reason=str(NO_FLOAT64))
 def test_gradcheck_float64_of_dq_added_from_two_kv_tiles(monkeypatch):
     # Nkv=37 spans two of the interpreter's 32-key tiles, so dQ is summed by atomic adds; only
