@@ -467,7 +467,7 @@ def _attn_bwd_fused_kernel(
         # Padded query columns must not contribute to dK/dV, and padded K rows (k = 0 there,
         # so P is not 0) must not contribute to dQ.
         pT = tl.where(mask_m[None, :] & mask_n[:, None], tl.exp2(sT - lse2[None, :]), 0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dv = tl.dot(pT.to(do.dtype), do, acc=dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION).to(ACC_DTYPE)
         dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
         dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=DOT_PRECISION)
@@ -765,7 +765,8 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                     (q, k, v, grad_out, lse_rows, delta, dk, dv, dq_acc, *common,
                      dk.stride(0), dk.stride(1), dk.stride(2),
                      dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), *scalars),
-                    d, q.dtype, LSE_LOG2=is_fp64, DQ_ATOMIC=dq_atomic, **flags)
+                    # lse_rows is lse, or (fp64) its recomputation in log2 units.
+                    d, q.dtype, LSE_LOG2=lse_rows is not lse, DQ_ATOMIC=dq_atomic, **flags)
             if dq_acc is not dq:
                 dq.copy_(dq_acc)
             return dq, dk, dv
