@@ -65,6 +65,10 @@ bf16, d=64, BLOCK_N=64:
   3       197   50  6   14 G / 336 MB           10 G /  237 MB /    0 (stored)    one pass
 For fp32 inputs the accumulator is dq itself (8Q bytes: zero and write-back, against the dQ
 kernel's 12Q), so one pass moves fewer bytes and does fewer FLOPs at every shape.
+Stage 3's tiles (Nq=197, Nkv=50): the one-pass config BLOCK_M=32, BLOCK_N=64 uses 78% of
+its K/V tile (64 is wgmma's smallest M) and 88% of its query tiles (7 x 32 = 224 rows), the
+best the autotune list offers there (64 x 64: 77% of 256 rows); the forward's 64-key tiles
+are 78% used, its 64- and 128-row query tiles 77%.
 """
 from __future__ import annotations
 
