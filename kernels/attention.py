@@ -440,8 +440,9 @@ def _attn_bwd_fused_kernel(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    # dQ^T = K^T dS^T keeps d (64 or 128), not the small query tile, as the product's M
-    # dimension: Hopper's wgmma needs 64 rows per warp group, so BLOCK_M may be 32.
+    # Hopper's wgmma needs 64 rows (M) per warp group. For d >= 64 dQ is formed transposed,
+    # dQ^T = K^T dS^T, with d as M, so the query tile may be 32 rows; for d < 64 it is
+    # dS K with BLOCK_M as M (the d <= 32 configs have BLOCK_M >= 64).
     kT = tl.trans(k)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC_DTYPE)
@@ -449,7 +450,7 @@ def _attn_bwd_fused_kernel(
 
     qT_base = Q + off_b * stride_qb + off_h * stride_qh + offs_d[:, None]
     do_base = DO + off_b * stride_dob + off_h * HEAD_DIM + offs_d[None, :]
-    dqT_base = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_d[:, None]
+    dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
     lse_base = Lse + off_b * stride_lb + off_h * stride_lh
     delta_base = Delta + pid_bh.to(tl.int64) * Nq
 
@@ -475,13 +476,19 @@ def _attn_bwd_fused_kernel(
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION).to(ACC_DTYPE)
         dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
         dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=DOT_PRECISION)
-        dqT = tl.dot(kT, dsT, input_precision=DOT_PRECISION).to(ACC_DTYPE)
-        dqT = _scaled(dqT, scale_hi, scale_lo, SPLIT_SCALE)
-        dqT_ptrs = dqT_base + rows[None, :] * stride_dqn
-        if DQ_ATOMIC:
-            tl.atomic_add(dqT_ptrs, dqT, mask=mask_m[None, :], sem="relaxed")
+        if HEAD_DIM >= 64:  # constexpr: one branch is compiled
+            dq_part = tl.dot(kT, dsT, input_precision=DOT_PRECISION).to(ACC_DTYPE)
+            dq_ptrs = dq_base + rows[None, :] * stride_dqn + offs_d[:, None]
+            dq_mask = mask_m[None, :]
         else:
-            tl.store(dqT_ptrs, dqT.to(DQ.dtype.element_ty), mask=mask_m[None, :])
+            dq_part = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION).to(ACC_DTYPE)
+            dq_ptrs = dq_base + rows[:, None] * stride_dqn + offs_d[None, :]
+            dq_mask = mask_m[:, None]
+        dq_part = _scaled(dq_part, scale_hi, scale_lo, SPLIT_SCALE)
+        if DQ_ATOMIC:
+            tl.atomic_add(dq_ptrs, dq_part, mask=dq_mask, sem="relaxed")
+        else:
+            tl.store(dq_ptrs, dq_part.to(DQ.dtype.element_ty), mask=dq_mask)
 
     dk = _scaled(dk, scale_hi, scale_lo, SPLIT_SCALE)
     out_off = off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
@@ -527,12 +534,14 @@ _GPU_CONFIGS = {
         128: [_config(64, 64, 8, 2), _config(64, 32, 4, 3)],
     },
     # The one-pass backward: dK/dV's registers plus a (d, BLOCK_M) fp32 dQ share per step.
-    # Its products have BLOCK_N or d as their M dimension (dQ is formed transposed), so the
-    # streamed query tile may be 32 rows. CvT-13 stage 3 (Nq=197, Nkv=50) is covered by
+    # Its products have BLOCK_N or d as their M dimension for d >= 64 (dQ is formed
+    # transposed), so the streamed query tile may be 32 rows; for d <= 32, dQ's product has
+    # BLOCK_M as M, so those configs stream 64-row query tiles. CvT-13 stage 3 (Nq=197, Nkv=50) is covered by
     # BLOCK_N=64, BLOCK_M=32: one K/V tile 78% used (50 of 64; 64 is wgmma's smallest M) and
     # 7 query tiles 88% used (197 of 224), against 77% (256 rows) for 64- or 128-row tiles.
     # Stages 1-2 (Nkv=784, 196) also take 64x64 and 32x128 (784 = 12.25 x 64 = 6.1 x 128).
     "fused": {
+        32: [_config(64, 64, 4, 3), _config(64, 128, 8, 3)],
         64: [_config(32, 64, 4, 3), _config(64, 64, 4, 3), _config(32, 128, 8, 3)],
         128: [_config(32, 64, 8, 3), _config(64, 64, 8, 2)],
     },
@@ -542,6 +551,9 @@ _GPU_CONFIGS = {
 # compiles without spills for d up to 128, and no autotuning (which would compile slow
 # fp32 variants for nothing).
 _GPU_FP32_CONFIG = _config(32, 32, 8, 2)
+# ...except where ptxas spills with it (checked by bench/kernels_report.py): the one-pass
+# backward at d <= 32 (8 bytes on 8 warps; none on 4; d=128 needs the 8).
+_GPU_FP32_CONFIG_BY_GROUP = {("fused", 32): _config(32, 32, 4, 2)}
 # The interpreter's cost grows with the number of programs and loop trips, not with the
 # tile size; these mid-size tiles still leave several tiles at the small odd test shapes
 # (Nq=37, Nkv=50: 2 query tiles x 4 key tiles), so the masks and the online softmax
@@ -579,11 +591,11 @@ def _launch(name: str, grid, args: tuple, head_dim: int, dtype: torch.dtype, **c
     With _run below, the only places this module launches kernels (bench/kernels_report.py
     records the launches there to compile them ahead of time)."""
     if _INTERPRET or dtype == torch.float32:
-        cfg = _INTERPRETER_CONFIGS[name] if _INTERPRET else _GPU_FP32_CONFIG
+        cfg = _INTERPRETER_CONFIGS[name] if _INTERPRET else _gpu_fp32_config(name, head_dim)
         launch = {} if _INTERPRET else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         _run(_KERNELS[name], grid(cfg.kwargs), args, HEAD_DIM=head_dim, **cfg.kwargs, **constexprs, **launch)
     else:
-        _TUNED[(name, 64 if head_dim <= 64 else 128)][grid](*args, HEAD_DIM=head_dim, **constexprs)
+        _TUNED[(name, _d_group(name, head_dim))][grid](*args, HEAD_DIM=head_dim, **constexprs)
 
 
 def _block_ns(name: str, head_dim: int, dtype: torch.dtype) -> list:
@@ -591,8 +603,17 @@ def _block_ns(name: str, head_dim: int, dtype: torch.dtype) -> list:
     if _INTERPRET:
         return [_INTERPRETER_CONFIGS[name].kwargs["BLOCK_N"]]
     if dtype == torch.float32:
-        return [_GPU_FP32_CONFIG.kwargs["BLOCK_N"]]
-    return [cfg.kwargs["BLOCK_N"] for cfg in _GPU_CONFIGS[name][64 if head_dim <= 64 else 128]]
+        return [_gpu_fp32_config(name, head_dim).kwargs["BLOCK_N"]]
+    return [cfg.kwargs["BLOCK_N"] for cfg in _GPU_CONFIGS[name][_d_group(name, head_dim)]]
+
+
+def _gpu_fp32_config(name: str, head_dim: int) -> triton.Config:
+    return _GPU_FP32_CONFIG_BY_GROUP.get((name, _d_group(name, head_dim)), _GPU_FP32_CONFIG)
+
+
+def _d_group(name: str, head_dim: int) -> int:
+    """The key of kernel `name`'s autotune list for head size `head_dim`: the smallest >= it."""
+    return min(group for group in _GPU_CONFIGS[name] if group >= head_dim)
 
 
 def _use_one_pass_backward(Nkv: int, head_dim: int, dtype: torch.dtype) -> Tuple[bool, bool]:

@@ -145,6 +145,8 @@ def _gpu_configs():
                 params.append(pytest.param(kernel, head_dim, cfg, id=f"{kernel}-d{head_dim}-{i}-{blocks}"))
     for kernel in attn._KERNELS:
         params.append(pytest.param(kernel, 64, attn._GPU_FP32_CONFIG, id=f"{kernel}-fp32_config"))
+    for (kernel, head_dim), cfg in attn._GPU_FP32_CONFIG_BY_GROUP.items():
+        params.append(pytest.param(kernel, head_dim, cfg, id=f"{kernel}-d{head_dim}-fp32_config"))
     return params
 
 
