@@ -420,8 +420,8 @@ def _attn_bwd_fused_kernel(
 ):
     # The dK/dV kernel's loop, plus dQ from the same P and dS tiles: a program owns a BLOCK_N
     # tile of K/V and adds its share dS K of each query tile's dQ into DQ. With several K/V
-    # tiles per (b, h) the shares meet in DQ through atomic adds (an fp32 buffer, zeroed by the
-    # host); with one K/V tile (DQ_ATOMIC false, the host checked Nkv <= BLOCK_N) the share is
+    # tiles per (b, h) the shares meet in DQ through atomic adds (zeroed by the host: dq itself
+    # for fp32/fp64, an fp32 buffer for 16-bit inputs); with one K/V tile (DQ_ATOMIC false, the host checked Nkv <= BLOCK_N) the share is
     # the whole dQ and is stored directly, in order, so the result is deterministic.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -469,8 +469,8 @@ def _attn_bwd_fused_kernel(
 
         sT = tl.dot(k, qT, input_precision=DOT_PRECISION).to(ACC_DTYPE)
         sT = _scaled(sT, qk_scale_hi, qk_scale_lo, SPLIT_SCALE)
-        # Padded query columns must not contribute to dK/dV, and padded K rows (k = 0 there,
-        # so P is not 0) must not contribute to dQ.
+        # Padded query columns must not contribute to dK/dV, nor padded K rows to dQ (their
+        # k = 0 zeroes that share already; the mask keeps P itself exact).
         pT = tl.where(mask_m[None, :] & mask_n[:, None], tl.exp2(sT - lse2[None, :]), 0.0)
         dv = tl.dot(pT.to(do.dtype), do, acc=dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION).to(ACC_DTYPE)
