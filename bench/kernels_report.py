@@ -205,9 +205,25 @@ def _meta(shape: tuple, dtype) -> "Any":
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """Environment variable `name` set to `value` for the block, then restored."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
 def attention_launches(subset: str) -> list[Launch]:
-    """Forward and backward launches of the Triton attention at a CvT stage-3-like shape
-    (B=8, Nq=197, Nkv=50, 6 heads) for every head size and dtype the kernels take on a GPU."""
+    """Forward and backward launches (the one-pass backward and the split one) of the Triton
+    attention at a CvT stage-3-like shape (B=8, Nq=197, Nkv=50, 6 heads), and the one-pass
+    backward with atomic dQ at CvT-13's stage-1 shape (Nq=3136, Nkv=784, 1 head), for every head size
+    and dtype the kernels take on a GPU."""
     _use_gpu_kernels()
     import torch
     from cvt_fast.kernels import attention
@@ -226,6 +242,19 @@ def attention_launches(subset: str) -> list[Launch]:
                 k = _meta((batch, n_kv, heads * d), dtype).view(batch, n_kv, heads, d)
                 v = _meta((batch, n_kv, heads * d), dtype).view(batch, n_kv, heads, d)
                 out, lse = attention.attention_forward(q, k, v, 0.05)
+                attention.attention_backward(torch.empty_like(out), q, k, v, out, lse, 0.05)
+                # The split backward (dK/dV + dQ kernels), which the deterministic mode runs.
+                with _env(attention.DETERMINISTIC_ENV, "1"):
+                    attention.attention_backward(torch.empty_like(out), q, k, v, out, lse, 0.05)
+                # Nkv=50 fits one K/V tile, where the one-pass backward stores dQ; at CvT-13
+                # stage 1's Nkv=784 it adds dQ atomically from several tiles (another compile).
+                current["case"] = f"attention atomic-dq d={d} {_dtype(dtype)}"
+                n_q, n_kv, heads = 3136, 784, 1
+                q = _meta((batch, n_q, heads * d), dtype).view(batch, n_q, heads, d)
+                k = _meta((batch, n_kv, heads * d), dtype).view(batch, n_kv, heads, d)
+                v = _meta((batch, n_kv, heads * d), dtype).view(batch, n_kv, heads, d)
+                out = _meta((batch, n_q, heads * d), dtype)
+                lse = _meta((batch, heads, n_q), torch.float32)
                 attention.attention_backward(torch.empty_like(out), q, k, v, out, lse, 0.05)
         launches.extend(recorded)
     return launches

@@ -14,14 +14,23 @@ Tiling
   the whole loop; each K/V tile is streamed through shared memory (software-pipelined by
   num_stages on the GPU). Scores are pre-multiplied by scale*log2(e) so the kernel uses
   exp2, and lse is turned back into natural log at the end.
-- Backward (flash-attention-2 split, no atomics, nothing of size Nq x Nkv in memory):
+- Backward, nothing of size Nq x Nkv in memory:
   1. delta kernel: delta[b,h,i] = sum_c dO[b,i,h,c] * O[b,i,h,c] (fp32, one pass over O, dO).
-  2. dK/dV kernel: a program owns a BLOCK_N tile of K and V (kept in registers together
-     with its fp32 dK, dV accumulators) and loops over all Q tiles, recomputing
-     P^T = exp2(scale*log2e * K Q^T - lse*log2e) tile by tile:
-        dV += P^T dO,  dS^T = P^T * (V dO^T - delta),  dK += dS^T Q   (then dK *= scale).
-  3. dQ kernel: a program owns a BLOCK_M tile of Q, dO, lse, delta and loops over the
-     K/V tiles: dS = P * (dO V^T - delta), dQ += dS K (then dQ *= scale).
+  2. one-pass kernel (the default where the count below favours it): a program owns a BLOCK_N
+     tile of K and V (kept in registers with its fp32 dK, dV accumulators) and loops over all
+     Q tiles, recomputing P^T = exp2(scale*log2e * K Q^T - lse*log2e) tile by tile:
+        dV += P^T dO,  dS^T = P^T * (V dO^T - delta),  dK += dS^T Q,
+        dQ[tile] += scale * (K^T dS^T)^T   (this K/V tile's share of the query tile's dQ).
+     The shares of the Nkv/BLOCK_N programs of one (b, h) meet by fp32 tl.atomic_add in an
+     accumulator zeroed first (dq itself for fp32, an fp32 buffer cast to q's dtype after for
+     bf16/fp16). The order of those additions is not fixed, so dQ is NOT bit-reproducible
+     from run to run (dK, dV are). When one K/V tile covers Nkv (CvT-13 stage 3: Nkv=50 with
+     BLOCK_N=64) there is one share per query row: it is stored, no atomics, deterministic.
+  3. split (deterministic): the dK/dV kernel (step 2 without dQ) and a dQ kernel, where a
+     program owns a BLOCK_M tile of Q, dO, lse, delta and loops over the K/V tiles:
+     dS = P * (dO V^T - delta), dQ += dS K. Taken with CVT_FAST_DETERMINISTIC_ATTENTION=1 or
+     torch.use_deterministic_algorithms(True), and for 16-bit inputs with several K/V tiles
+     and fewer than ATOMIC_DQ_MIN_KEYS keys, where it moves fewer bytes (count below).
   For float64 inputs (interpreter only) one more pass recomputes lse in fp64 first,
   since the lse the forward returns is float32 by contract.
 - All accumulation is fp32 (fp64 for fp64 inputs); on the GPU the tl.dot operands stay
@@ -32,10 +41,34 @@ Floor (per call), itemsize = bytes per element of q:
 - forward: 4*B*H*Nq*Nkv*d FLOPs (S = QK^T and PV); HBM traffic at least
   B*H*d*(2*Nq + 2*Nkv)*itemsize + 4*B*H*Nq bytes (read q, k, v, write out and lse),
   K/V re-reads by the Nq/BLOCK_M programs of one (b, h) being served from L2.
-- backward: 10*B*H*Nq*Nkv*d FLOPs (2.5x the forward: S recomputed, dP, dV, dK, dQ);
-  this split runs 14*B*H*Nq*Nkv*d because both the dK/dV and the dQ kernel recompute
-  S and dP, the price of having no atomics. HBM traffic at least reads of q, k, v, out,
-  dO, lse and writes of dq, dk, dv (plus delta, 4*B*H*Nq bytes each way).
+- backward: 10*B*H*Nq*Nkv*d FLOPs (2.5x the forward: S recomputed, dP, dV, dK, dQ), the
+  one-pass kernel's count; the split runs 14 units (its dQ kernel recomputes S and dP).
+  HBM traffic at least reads of q, k, v, out, dO, lse and writes of dq, dk, dv (plus delta,
+  4*B*H*Nq bytes each way).
+
+Which backward (a count, not a measurement: no GPU was at hand; H200 peaks taken as 989
+TFLOP/s bf16 dense and 4.8 TB/s). With U = B*H*Nq*Nkv*d and Q = B*H*Nq*d elements, going
+from the split to one pass saves 4U FLOPs and the dQ kernel's bytes (q, dO, lse, delta, k, v
+read again, dq written: 6Q + 4*B*H*Nkv*d + 8*B*H*Nq bytes at 2 bytes an element), and with
+several K/V tiles adds, for 16-bit inputs, the fp32 accumulator: zeroing (4Q), the summed
+lines written back (4Q), the cast pass (4Q read, 2Q written), 14Q bytes; plus
+ceil(Nkv/BLOCK_N)*4Q bytes of fp32 reductions that stay in L2 (the Nkv/BLOCK_N programs of
+one (b, h) run side by side). Net for 16-bit: 4U FLOPs saved against about 8Q bytes, so
+one pass wins once 4U/989e12 > 8Q/4.8e12, i.e. Nkv > about 410; ATOMIC_DQ_MIN_KEYS = 512
+leaves room for the L2 reductions (about a fifth of the FLOP time saved). CvT-13, batch 256,
+bf16, d=64, BLOCK_N=64:
+  stage  Nq    Nkv  H  split: FLOPs / HBM      one pass: FLOPs / HBM / L2 atomics  chosen
+  1      3136  784  1  564 G / 890 MB          403 G / 1243 MB / 2672 MB          one pass
+                       (at peaks: 161 GFLOP saved = 0.16 ms, 353 MB more = 0.07 ms)
+  2       784  196  3  106 G / 667 MB           76 G /  932 MB /  617 MB          split
+                       (30 GFLOP saved = 0.03 ms, 265 MB more = 0.06 ms)
+  3       197   50  6   14 G / 336 MB           10 G /  237 MB /    0 (stored)    one pass
+For fp32 inputs the accumulator is dq itself (8Q bytes: zero and write-back, against the dQ
+kernel's 12Q), so one pass moves fewer bytes and does fewer FLOPs at every shape.
+Stage 3's tiles (Nq=197, Nkv=50): the one-pass config BLOCK_M=32, BLOCK_N=64 uses 78% of
+its K/V tile (64 is wgmma's smallest M) and 88% of its query tiles (7 x 32 = 224 rows), the
+best the autotune list offers there (64 x 64: 77% of 256 rows); the forward's 64-key tiles
+are 78% used, its 64- and 128-row query tiles 77%.
 """
 from __future__ import annotations
 
@@ -363,6 +396,106 @@ def _attn_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=mask_m[:, None])
 
 
+@triton.jit
+def _attn_bwd_fused_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, DQ,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don,
+    stride_lb, stride_lh, stride_ln,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_dqb, stride_dqn, stride_dqh,
+    H, Nq, Nkv,
+    qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SPLIT_SCALE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    LSE_LOG2: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
+):
+    # The dK/dV kernel's loop, plus dQ from the same P and dS tiles: a program owns a BLOCK_N
+    # tile of K/V and adds its share dS K of each query tile's dQ into DQ. With several K/V
+    # tiles per (b, h) the shares meet in DQ through atomic adds (zeroed by the host: dq itself
+    # for fp32/fp64, an fp32 buffer for 16-bit inputs); with one K/V tile (DQ_ATOMIC false, the host checked Nkv <= BLOCK_N) the share is
+    # the whole dQ and is stored directly, in order, so the result is deterministic.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_n = offs_n < Nkv
+
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=mask_n[:, None], other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=mask_n[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    # Hopper's wgmma needs 64 rows (M) per warp group. For d >= 64 dQ is formed transposed,
+    # dQ^T = K^T dS^T, with d as M, so the query tile may be 32 rows; for d < 64 it is
+    # dS K with BLOCK_M as M (the d <= 32 configs have BLOCK_M >= 64).
+    kT = tl.trans(k)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC_DTYPE)
+
+    qT_base = Q + off_b * stride_qb + off_h * stride_qh + offs_d[:, None]
+    do_base = DO + off_b * stride_dob + off_h * HEAD_DIM + offs_d[None, :]
+    dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
+    lse_base = Lse + off_b * stride_lb + off_h * stride_lh
+    delta_base = Delta + pid_bh.to(tl.int64) * Nq
+
+    for start_m in range(0, Nq, BLOCK_M):
+        rows = start_m + offs_m
+        mask_m = rows < Nq
+        qT = tl.load(qT_base + rows[None, :] * stride_qn, mask=mask_m[None, :], other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_don, mask=mask_m[:, None], other=0.0)
+        if UPCAST:
+            qT = qT.to(tl.float32)
+            do = do.to(tl.float32)
+        lse2 = tl.load(lse_base + rows * stride_ln, mask=mask_m, other=0.0).to(ACC_DTYPE)
+        if not LSE_LOG2:
+            lse2 = lse2 * LOG2E
+        delta = tl.load(delta_base + rows, mask=mask_m, other=0.0)
+
+        sT = tl.dot(k, qT, input_precision=DOT_PRECISION).to(ACC_DTYPE)
+        sT = _scaled(sT, qk_scale_hi, qk_scale_lo, SPLIT_SCALE)
+        # Padded query columns must not contribute to dK/dV, nor padded K rows to dQ (their
+        # k = 0 zeroes that share already; the mask keeps P itself exact).
+        pT = tl.where(mask_m[None, :] & mask_n[:, None], tl.exp2(sT - lse2[None, :]), 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, acc=dv, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION).to(ACC_DTYPE)
+        dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
+        dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=DOT_PRECISION)
+        if HEAD_DIM >= 64:  # constexpr: one branch is compiled
+            dq_part = tl.dot(kT, dsT, input_precision=DOT_PRECISION).to(ACC_DTYPE)
+            dq_ptrs = dq_base + rows[None, :] * stride_dqn + offs_d[:, None]
+            dq_mask = mask_m[None, :]
+        else:
+            dq_part = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION).to(ACC_DTYPE)
+            dq_ptrs = dq_base + rows[:, None] * stride_dqn + offs_d[None, :]
+            dq_mask = mask_m[:, None]
+        dq_part = _scaled(dq_part, scale_hi, scale_lo, SPLIT_SCALE)
+        if DQ_ATOMIC:
+            tl.atomic_add(dq_ptrs, dq_part, mask=dq_mask, sem="relaxed")
+        else:
+            tl.store(dq_ptrs, dq_part.to(DQ.dtype.element_ty), mask=dq_mask)
+
+    dk = _scaled(dk, scale_hi, scale_lo, SPLIT_SCALE)
+    out_off = off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=mask_n[:, None])
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
+
+
 # --------------------------------------------------------------------------------------
 # Launch configurations (GPU autotune lists, fixed fp32 and interpreter configs)
 # --------------------------------------------------------------------------------------
@@ -400,30 +533,57 @@ _GPU_CONFIGS = {
         64: [_config(128, 32, 8, 3), _config(64, 64, 4, 3), _config(64, 32, 4, 3)],
         128: [_config(64, 64, 8, 2), _config(64, 32, 4, 3)],
     },
+    # The one-pass backward: dK/dV's registers plus a (d, BLOCK_M) fp32 dQ share per step.
+    # Its products have BLOCK_N or d as their M dimension for d >= 64 (dQ is formed
+    # transposed), so the streamed query tile may be 32 rows; for d <= 32, dQ's product has
+    # BLOCK_M as M, so those configs stream 64-row query tiles. CvT-13 stage 3 (Nq=197, Nkv=50) is covered by
+    # BLOCK_N=64, BLOCK_M=32: one K/V tile 78% used (50 of 64; 64 is wgmma's smallest M) and
+    # 7 query tiles 88% used (197 of 224), against 77% (256 rows) for 64- or 128-row tiles.
+    # Stages 1-2 (Nkv=784, 196) also take 64x64 and 32x128 (784 = 12.25 x 64 = 6.1 x 128).
+    "fused": {
+        32: [_config(64, 64, 4, 3), _config(64, 128, 8, 3)],
+        64: [_config(32, 64, 4, 3), _config(64, 64, 4, 3), _config(32, 128, 8, 3)],
+        128: [_config(32, 64, 8, 3), _config(64, 64, 8, 2)],
+    },
 }
 # fp32 on the GPU is the accuracy path (tl.dot with input_precision="ieee" runs on FMA
 # units, not tensor cores, and needs far more registers): one fixed small config that
 # compiles without spills for d up to 128, and no autotuning (which would compile slow
 # fp32 variants for nothing).
 _GPU_FP32_CONFIG = _config(32, 32, 8, 2)
+# ...except where ptxas spills with it (checked by bench/kernels_report.py): the one-pass
+# backward at d <= 32 (8 bytes on 8 warps; none on 4; d=128 needs the 8).
+_GPU_FP32_CONFIG_BY_GROUP = {("fused", 32): _config(32, 32, 4, 2)}
 # The interpreter's cost grows with the number of programs and loop trips, not with the
 # tile size; these mid-size tiles still leave several tiles at the small odd test shapes
 # (Nq=37, Nkv=50: 2 query tiles x 4 key tiles), so the masks and the online softmax
 # across tiles are exercised. dK/dV owns the K/V tile, so its larger block is along Nkv.
-_INTERPRETER_CONFIGS = {"fwd": _config(32, 16, 4, 1), "dkdv": _config(16, 32, 4, 1), "dq": _config(32, 16, 4, 1)}
+_INTERPRETER_CONFIGS = {"fwd": _config(32, 16, 4, 1), "dkdv": _config(16, 32, 4, 1), "dq": _config(32, 16, 4, 1),
+                        "fused": _config(16, 32, 4, 1)}
 # The delta pass is pure bandwidth (one row tile per program, no reuse): one fixed config.
 _DELTA_BLOCK_M = 64
 _DELTA_NUM_WARPS = 4
 
 # tests/test_kernel_configs.py swaps each entry of _GPU_CONFIGS into _INTERPRETER_CONFIGS (and
 # spies on _KERNELS), so every GPU config also runs on the CPU: keep both read at launch time.
-_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel,
+            "fused": _attn_bwd_fused_kernel}
 _AUTOTUNE_KEY = ["Nq", "Nkv", "HEAD_DIM"]
+# The autotuner runs every config on the same arguments: the fused kernel adds into DQ, which
+# must start from zero for each of those runs.
+_RESET_TO_ZERO = {"fused": ["DQ"]}
 # Multi-config autotuning needs a GPU driver; the interpreter uses _INTERPRETER_CONFIGS.
 _TUNED = {} if _INTERPRET else {
-    (name, d_group): triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(_KERNELS[name])
+    (name, d_group): triton.autotune(configs=configs, key=_AUTOTUNE_KEY,
+                                     reset_to_zero=_RESET_TO_ZERO.get(name))(_KERNELS[name])
     for name, by_d in _GPU_CONFIGS.items() for d_group, configs in by_d.items()
 }
+# 16-bit inputs take the one-pass backward with atomic dQ from this many keys (the count in
+# the module docstring: the FLOPs saved outweigh the fp32 buffer's bytes from about 410 keys).
+ATOMIC_DQ_MIN_KEYS = 512
+# Set to 1 for the split backward (bit-reproducible dQ, 14 units of FLOPs instead of 10);
+# torch.use_deterministic_algorithms(True) selects it too.
+DETERMINISTIC_ENV = "CVT_FAST_DETERMINISTIC_ATTENTION"
 
 
 def _launch(name: str, grid, args: tuple, head_dim: int, dtype: torch.dtype, **constexprs) -> None:
@@ -431,11 +591,40 @@ def _launch(name: str, grid, args: tuple, head_dim: int, dtype: torch.dtype, **c
     With _run below, the only places this module launches kernels (bench/kernels_report.py
     records the launches there to compile them ahead of time)."""
     if _INTERPRET or dtype == torch.float32:
-        cfg = _INTERPRETER_CONFIGS[name] if _INTERPRET else _GPU_FP32_CONFIG
+        cfg = _INTERPRETER_CONFIGS[name] if _INTERPRET else _gpu_fp32_config(name, head_dim)
         launch = {} if _INTERPRET else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         _run(_KERNELS[name], grid(cfg.kwargs), args, HEAD_DIM=head_dim, **cfg.kwargs, **constexprs, **launch)
     else:
-        _TUNED[(name, 64 if head_dim <= 64 else 128)][grid](*args, HEAD_DIM=head_dim, **constexprs)
+        _TUNED[(name, _d_group(name, head_dim))][grid](*args, HEAD_DIM=head_dim, **constexprs)
+
+
+def _block_ns(name: str, head_dim: int, dtype: torch.dtype) -> list:
+    """The BLOCK_N values kernel `name` may launch with on this device and dtype (as _launch picks)."""
+    if _INTERPRET:
+        return [_INTERPRETER_CONFIGS[name].kwargs["BLOCK_N"]]
+    if dtype == torch.float32:
+        return [_gpu_fp32_config(name, head_dim).kwargs["BLOCK_N"]]
+    return [cfg.kwargs["BLOCK_N"] for cfg in _GPU_CONFIGS[name][_d_group(name, head_dim)]]
+
+
+def _gpu_fp32_config(name: str, head_dim: int) -> triton.Config:
+    return _GPU_FP32_CONFIG_BY_GROUP.get((name, _d_group(name, head_dim)), _GPU_FP32_CONFIG)
+
+
+def _d_group(name: str, head_dim: int) -> int:
+    """The key of kernel `name`'s autotune list for head size `head_dim`: the smallest >= it."""
+    return min(group for group in _GPU_CONFIGS[name] if group >= head_dim)
+
+
+def _use_one_pass_backward(Nkv: int, head_dim: int, dtype: torch.dtype) -> Tuple[bool, bool]:
+    """(one pass?, dQ added atomically?) by the count in the module docstring."""
+    if os.environ.get(DETERMINISTIC_ENV) == "1" or torch.are_deterministic_algorithms_enabled():
+        return False, False
+    if Nkv <= min(_block_ns("fused", head_dim, dtype)):
+        return True, False  # one K/V tile: dQ stored, fewer FLOPs and fewer bytes than the split
+    # fp32/fp64 accumulate in dq itself (no buffer, no cast): fewer bytes too. 16-bit inputs pay
+    # an fp32 buffer and a cast, worth it only for enough keys to amortise them.
+    return dtype in (torch.float32, torch.float64) or Nkv >= ATOMIC_DQ_MIN_KEYS, True
 
 
 def _run(kernel, grid: tuple, args: tuple, **meta) -> None:
@@ -588,6 +777,24 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             lse_rows.stride(0), lse_rows.stride(1), lse_rows.stride(2),
         )
         scalars = (H, Nq, Nkv, qk_hi, qk_lo, s_hi, s_lo)
+        one_pass, dq_atomic = _use_one_pass_backward(Nkv, d, q.dtype)
+        if one_pass:
+            # Without atomics one K/V tile per (b, h) covers Nkv whatever config runs: dQ is
+            # stored straight into dq. Else the shares are added in an accumulator of the
+            # accumulation dtype (dq itself for fp32/fp64).
+            if not dq_atomic or dq.dtype == delta.dtype:
+                dq_acc = dq.zero_() if dq_atomic else dq
+            else:
+                dq_acc = torch.zeros(dq.shape, dtype=delta.dtype, device=q.device)
+            _launch("fused", lambda meta: (triton.cdiv(Nkv, meta["BLOCK_N"]), B * H),
+                    (q, k, v, grad_out, lse_rows, delta, dk, dv, dq_acc, *common,
+                     dk.stride(0), dk.stride(1), dk.stride(2),
+                     dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), *scalars),
+                    # lse_rows is lse, or (fp64) its recomputation in log2 units.
+                    d, q.dtype, LSE_LOG2=lse_rows is not lse, DQ_ATOMIC=dq_atomic, **flags)
+            if dq_acc is not dq:
+                dq.copy_(dq_acc)
+            return dq, dk, dv
         _launch("dkdv", lambda meta: (triton.cdiv(Nkv, meta["BLOCK_N"]), B * H),
                 (q, k, v, grad_out, lse_rows, delta, dk, dv, *common,
                  dk.stride(0), dk.stride(1), dk.stride(2), *scalars),

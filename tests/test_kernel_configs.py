@@ -145,16 +145,28 @@ def _gpu_configs():
                 params.append(pytest.param(kernel, head_dim, cfg, id=f"{kernel}-d{head_dim}-{i}-{blocks}"))
     for kernel in attn._KERNELS:
         params.append(pytest.param(kernel, 64, attn._GPU_FP32_CONFIG, id=f"{kernel}-fp32_config"))
+    for (kernel, head_dim), cfg in attn._GPU_FP32_CONFIG_BY_GROUP.items():
+        params.append(pytest.param(kernel, head_dim, cfg, id=f"{kernel}-d{head_dim}-fp32_config"))
     return params
 
 
 # Nq and Nkv leave partial tiles and at least two tiles for every block size in the lists
-# (16..128), so the masks and the online softmax across tiles run with each config.
+# (16..128), so the masks and the online softmax across tiles run with each config (and the
+# one-pass backward adds dQ atomically from several K/V tiles).
 NQ, NKV, HEADS = 133, 70, 2
+
+
+def _select_backward(kernel, monkeypatch):
+    # "dkdv" and "dq" run only in the split (deterministic) backward; "fused" is the default.
+    if kernel in ("dkdv", "dq"):
+        monkeypatch.setenv(attn.DETERMINISTIC_ENV, "1")
+    else:
+        monkeypatch.delenv(attn.DETERMINISTIC_ENV, raising=False)
 
 
 @pytest.mark.parametrize("kernel, head_dim, config", _gpu_configs())
 def test_attention_with_each_gpu_config_matches_reference(kernel, head_dim, config, monkeypatch):
+    _select_backward(kernel, monkeypatch)
     monkeypatch.setitem(attn._INTERPRETER_CONFIGS, kernel, config)
     spy = LaunchSpy(attn._KERNELS[kernel])
     monkeypatch.setitem(attn._KERNELS, kernel, spy)
@@ -181,3 +193,33 @@ def test_attention_with_each_gpu_config_matches_reference(kernel, head_dim, conf
     assert spy.launches, f"the {kernel} kernel was not launched"
     for _, args in spy.launches:
         assert (args["BLOCK_M"], args["BLOCK_N"]) == (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])
+        if kernel == "fused":  # dQ added from several K/V tiles, or stored from the only one
+            assert args["DQ_ATOMIC"] == (NKV > config.kwargs["BLOCK_N"])
+
+
+def _fused_configs():
+    return [pytest.param(head_dim, cfg, id=f"d{head_dim}-{i}-{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}")
+            for head_dim, configs in attn._GPU_CONFIGS["fused"].items() for i, cfg in enumerate(configs)]
+
+
+@pytest.mark.parametrize("head_dim, config", _fused_configs())
+def test_fused_backward_stores_dq_when_one_kv_tile_covers_the_keys(head_dim, config, monkeypatch):
+    """CvT-13 stage 3's Nkv=50 fits every fused config's K/V tile: dQ is stored, not added."""
+    _select_backward("fused", monkeypatch)
+    monkeypatch.setitem(attn._INTERPRETER_CONFIGS, "fused", config)
+    spy = LaunchSpy(attn._KERNELS["fused"])
+    monkeypatch.setitem(attn._KERNELS, "fused", spy)
+    dtype = ATTENTION_DTYPE
+    q, k, v = (torch.randn(2, n, HEADS, head_dim, dtype=dtype) for n in (37, 50, 50))
+    scale = (HEADS * head_dim) ** -0.5
+    out, lse = attn.attention_forward(q, k, v, scale)
+    grad_out = torch.randn_like(out)
+    grads = attn.attention_backward(grad_out, q, k, v, out, lse, scale)
+    expected = attention_backward_reference(grad_out, q, k, v, out, lse, scale)
+    for what, actual, reference in zip(("q", "k", "v"), grads, expected):
+        try:
+            assert_close(actual, reference)
+        except AssertionError as err:
+            raise AssertionError(f"grad {what}: {err}") from None
+    (grid, args), = spy.launches
+    assert grid[0] == 1 and args["DQ_ATOMIC"] is False and args["DQ"] is grads[0]

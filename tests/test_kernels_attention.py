@@ -241,6 +241,120 @@ def test_gradcheck_float64():
                                     eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
+# ----------------------------------------------------------------------------- one-pass vs split backward
+# The default backward is one kernel (dK/dV per K/V tile, dQ added from every K/V tile); the
+# split (dK/dV kernel + dQ kernel) is kept for bit-reproducible dQ. Both against the reference
+# and each other: B=2, 3 heads, Nq=37 (not a multiple of any query tile), Nkv=45 (two K/V
+# tiles of the interpreter's 32, the second masked: dQ is added atomically) and Nkv=13 (one
+# masked K/V tile: dQ is stored directly).
+@pytest.fixture(params=["one_pass", "split"])
+def backward_mode(request, monkeypatch):
+    if request.param == "split":
+        monkeypatch.setenv(attn.DETERMINISTIC_ENV, "1")
+    else:
+        monkeypatch.delenv(attn.DETERMINISTIC_ENV, raising=False)
+    return request.param
+
+
+class KernelSpy:
+    """Records the launches of one attention kernel (by its _KERNELS name), then runs them."""
+
+    def __init__(self, monkeypatch, name):
+        self.kernel, self.launches = attn._KERNELS[name], []
+        monkeypatch.setitem(attn._KERNELS, name, self)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(dict(zip(self.kernel.arg_names, args), **kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.skipif(GPU, reason="interpreter shapes; the GPU tests cover the real ones")
+@pytest.mark.parametrize("dtype", [torch.float32, fp64], ids=str)
+@pytest.mark.parametrize("Nkv", [45, 13])
+def test_backward_modes_match_reference_with_several_heads_and_masked_tails(backward_mode, Nkv, dtype,
+                                                                            monkeypatch):
+    spies = {name: KernelSpy(monkeypatch, name) for name in ("fused", "dkdv", "dq")}
+    B, Nq, H, d = 2, 37, 3, 32
+    q, k, v = random_qkv(B, Nq, Nkv, H, d, dtype)
+    scale = (H * d) ** -0.5
+    out, lse = attn.attention_forward(q, k, v, scale)
+    grad_out = torch.randn_like(out)
+    grads = attn.attention_backward(grad_out, q, k, v, out, lse, scale)
+    for what, got, ref, t in zip("qkv", grads, reference_gradients(q, k, v, grad_out, scale), (q, k, v)):
+        assert got.shape == t.shape and got.dtype == dtype and got.is_contiguous()
+        try:
+            assert_close(got, ref, dtype=dtype)
+        except AssertionError as err:
+            raise AssertionError(f"grad {what}: {err}") from None
+    launched = {name for name, spy in spies.items() if spy.launches}
+    if backward_mode == "split":
+        assert launched == {"dkdv", "dq"}
+    else:
+        (args,) = spies["fused"].launches
+        assert launched == {"fused"}
+        assert args["DQ_ATOMIC"] == (Nkv > args["BLOCK_N"])
+
+
+@pytest.mark.skipif(GPU, reason="the flag is read on any device; checked once on the CPU")
+def test_deterministic_algorithms_select_the_split_backward(monkeypatch):
+    monkeypatch.delenv(attn.DETERMINISTIC_ENV, raising=False)
+    spies = {name: KernelSpy(monkeypatch, name) for name in ("fused", "dkdv", "dq")}
+    q, k, v = random_qkv(1, 9, 40, 1, 16, torch.float32)
+    out, lse = attn.attention_forward(q, k, v, 0.25)
+    grad_out = torch.randn_like(out)
+    one_pass = attn.attention_backward(grad_out, q, k, v, out, lse, 0.25)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        split = attn.attention_backward(grad_out, q, k, v, out, lse, 0.25)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert [len(spies[n].launches) for n in ("fused", "dkdv", "dq")] == [1, 1, 1]
+    for a, b in zip(one_pass, split):
+        assert_close(a, b, dtype=torch.float32)
+
+
+@pytest.mark.skipif(GPU, reason="interpreter shapes; the GPU tests cover the real ones")
+@pytest.mark.parametrize("min_keys, path", [(0, "atomic"), (10**6, "split")])
+def test_bf16_backward_adds_dq_in_an_fp32_buffer_from_enough_keys(min_keys, path, monkeypatch):
+    # 16-bit inputs with several K/V tiles: one pass (dQ summed in fp32, then cast) from
+    # ATOMIC_DQ_MIN_KEYS keys, the split below (where it moves fewer bytes).
+    monkeypatch.delenv(attn.DETERMINISTIC_ENV, raising=False)
+    monkeypatch.setattr(attn, "ATOMIC_DQ_MIN_KEYS", min_keys)
+    spies = {name: KernelSpy(monkeypatch, name) for name in ("fused", "dkdv", "dq")}
+    q, k, v = random_qkv(2, 37, 45, 3, 32, torch.bfloat16)
+    scale = 96 ** -0.5
+    out, lse = attn.attention_forward(q, k, v, scale)
+    grad_out = torch.randn_like(out)
+    grads = attn.attention_backward(grad_out, q, k, v, out, lse, scale)
+    for what, got, ref in zip("qkv", grads, reference_gradients(q, k, v, grad_out, scale)):
+        assert got.dtype == torch.bfloat16
+        try:
+            assert_close(got, ref, dtype=torch.bfloat16)
+        except AssertionError as err:
+            raise AssertionError(f"grad {what}: {err}") from None
+    if path == "atomic":
+        (args,) = spies["fused"].launches
+        assert args["DQ_ATOMIC"] and args["DQ"].dtype == torch.float32
+    else:
+        assert not spies["fused"].launches and spies["dkdv"].launches and spies["dq"].launches
+
+
+@pytest.mark.skipif(bool(NO_FLOAT64), reason=str(NO_FLOAT64))
+def test_gradcheck_float64_of_dq_added_from_two_kv_tiles(monkeypatch):
+    # Nkv=37 spans two of the interpreter's 32-key tiles, so dQ is summed by atomic adds; only
+    # q requires grad, which keeps the interpreted passes few (dq is what the atomics make).
+    monkeypatch.delenv(attn.DETERMINISTIC_ENV, raising=False)
+    spy = KernelSpy(monkeypatch, "fused")
+    q, k, v = random_qkv(1, 3, 37, 1, 16, torch.float64)
+    q.requires_grad_()
+    assert torch.autograd.gradcheck(lambda q: TritonAttention.apply(q, k, v, 0.4), (q,),
+                                    eps=1e-6, atol=1e-8, rtol=1e-6)
+    assert spy.launches and all(args["DQ_ATOMIC"] for args in spy.launches)
+
+
 # ----------------------------------------------------------------------------- launch preconditions
 # The inputs themselves (shapes, dtypes, devices, strides, scale) are checked by the registered
 # op before any backend runs: tests/test_ops_registration.py. The launchers check only what the

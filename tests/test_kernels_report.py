@@ -6,7 +6,8 @@ In CI it runs its 'ci' subset, in a process of its own (the kernels must be deco
 kernels, not interpreted): bf16, attention at head sizes 64 and 128 in every config of their
 autotune lists (the autotuner may pick any, and 'auto' is Triton on CUDA), conv_proj's eval
 and training forward and its backward, and training with BatchNorm (conv_proj_bn: statistics,
-normalising forward, backward), at CvT-13's stage-1 and stage-3 shapes (33 compiles), and
+normalising forward, backward), at CvT-13's stage-1 and stage-3 shapes (33 compiles, and 14 more
+for the one-pass attention backward with stored and with atomic dQ), and
 the fused elementwise kernels (13 compiles): the MLP's two fused products in every autotune config
 with exact GELU (the heavier epilogue) at CvT-13's stage 3, the activation alone, and residual +
 LayerNorm at CvT-13's stage 3 and CvT-W24's widest (C = 1024) row. Measured: 1m46 of CPU time for
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 # Kernels with matrix products (16-bit: all of them on wgmma), and the fused elementwise kernels
 # of the CI subset with their number of rows: the products in every autotune config, the others
 # once per case (residual + LayerNorm at two widths).
-MATRIX_PRODUCT_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
+MATRIX_PRODUCT_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_fused_kernel",
                           "_linear_activation_kernel", "_activation_grad_kernel")
 FUSED_KERNELS = {"_linear_activation_kernel": 4, "_activation_grad_kernel": 3, "_mlp_activation_fwd_kernel": 1,
                  "_mlp_activation_bwd_kernel": 1, "_residual_layer_norm_fwd_kernel": 2,
@@ -72,7 +73,8 @@ def test_no_config_auto_can_pick_spills_or_leaves_wgmma(tmp_path):
     assert payload["violations"] == []
     triton_rows = [r for r in payload["rows"] if r["source"] == "triton"]
     kernels = {r["kernel"] for r in triton_rows}
-    assert {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_delta_kernel",
+    assert {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_fused_kernel",
+            "_attn_bwd_delta_kernel",
             "_fwd_s1s2_kernel", "_bwd_s1s2_kernel", "_stats_s1s2_kernel"} | set(FUSED_KERNELS) <= kernels
     for row in triton_rows:
         assert row["checked"] and row["registers"] > 0 and row["threads"] > 0, row
@@ -82,10 +84,13 @@ def test_no_config_auto_can_pick_spills_or_leaves_wgmma(tmp_path):
             assert row["has_dot"] and row["sass"]["wgmma"] > 0 and row["sass"]["mma_sync"] == 0, row
         elif row["kernel"] in FUSED_KERNELS:  # elementwise: no matrix products
             assert not row["has_dot"] and row["sass"]["wgmma"] == row["sass"]["mma_sync"] == 0, row
-    # Every config of the autotune lists was compiled (d=64: 4 forward, 3 dK/dV, 3 dQ configs;
-    # the MLP's products: 4 forward, 3 backward).
+    # Every config of the autotune lists was compiled (d=64: 4 forward, 3 dK/dV, 3 dQ, 3 one-pass
+    # backward configs, the one-pass ones also with atomic dQ; the MLP's products: 4 forward, 3 backward).
     d64 = [r["kernel"] for r in triton_rows if r["case"] == "attention d=64 bfloat16"]
     assert d64.count("_attn_fwd_kernel") == 4 and d64.count("_attn_bwd_dkdv_kernel") == 3
+    assert d64.count("_attn_bwd_dq_kernel") == 3 and d64.count("_attn_bwd_fused_kernel") == 3
+    atomic = [r["kernel"] for r in triton_rows if r["case"] == "attention atomic-dq d=64 bfloat16"]
+    assert atomic.count("_attn_bwd_fused_kernel") == 3
     fused = [r["kernel"] for r in triton_rows if r["kernel"] in FUSED_KERNELS]
     assert {kernel: fused.count(kernel) for kernel in FUSED_KERNELS} == FUSED_KERNELS
     gemm = {r["config"] for r in triton_rows if r["kernel"] == "_linear_activation_kernel"}
