@@ -231,12 +231,20 @@ class Prologue:
     time_budget: Optional[float] = None
 
 
+def plan_size(args: argparse.Namespace, device) -> str:
+    """'quick' (--quick), 'full' (--full, or a GPU) or 'cpu' (the default elsewhere): bench/plan.py's
+    plans come in these sizes."""
+    if args.quick:
+        return "quick"
+    if getattr(args, "full", False) or device.type == "cuda":
+        return "full"
+    return "cpu"
+
+
 def prologue(args: argparse.Namespace, modes: Sequence[str], implementations: Optional[Iterable[str]] = None,
              cpu_batch: Optional[int] = None) -> Prologue:
     """Resolve the common options (after parse_args). `implementations`: the names --only must
     match (None: the script checks --only itself). `cpu_batch`: the batch of the CPU-sized plan."""
-    from bench.plan import plan_size
-
     if args.quick and getattr(args, "full", False):
         raise ValueError("--quick and --full ask for opposite plans: give one of them")
     device = resolve_device(args.device, args.quick, getattr(args, "threads", None))

@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
+from bench.common import plan_size  # noqa: F401  (the plans' sizes are decided with the common options)
+
 PLAN_SIZES = ("quick", "cpu", "full")
 
 
@@ -44,15 +46,6 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU: intra-op threads (default: 1 for the CPU-sized plan and --quick, where a "
                              "second thread on a shared machine mostly waits; torch's default for --full)")
-
-
-def plan_size(args: argparse.Namespace, device) -> str:
-    """'quick' (--quick), 'full' (--full, or a GPU) or 'cpu' (the default elsewhere)."""
-    if args.quick:
-        return "quick"
-    if getattr(args, "full", False) or device.type == "cuda":
-        return "full"
-    return "cpu"
 
 
 # --------------------------------------------------------------------------- what is left out
