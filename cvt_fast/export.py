@@ -38,53 +38,30 @@ OUTPUT_NAME = "logits"
 BATCH_DIM_NAME = "batch"
 
 
-def _conv_proj_as_reference(x, wq, wk, wv, bq, bk, bv, height, width, has_cls, stride_q, stride_kv,
-                            padding_q, padding_kv, backend):
-    del backend  # every backend computes the reference's numbers
-    return reference.conv_proj_reference(x, wq, wk, wv, bq, bk, bv, height, width, has_cls, stride_q, stride_kv,
-                                         padding_q, padding_kv)
-
-
-def _conv_proj_bn_as_reference(x, wq, wk, wv, gamma_q, gamma_k, gamma_v, beta_q, beta_k, beta_v, height, width,
-                               has_cls, stride_q, stride_kv, padding_q, padding_kv, eps, backend):
-    # Training mode only (batch statistics); an eval export folds BatchNorm into conv_proj instead.
-    del backend
-    return reference.conv_proj_bn_reference(x, wq, wk, wv, gamma_q, gamma_k, gamma_v, beta_q, beta_k, beta_v,
-                                            height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv, eps)
-
-
-def _attention_as_reference(q, k, v, scale, backend):
-    del backend
-    return reference.attention_reference(q, k, v, scale)
-
-
-def _mlp_activation_as_reference(x, bias, act, backend):
-    del backend
-    return elementwise_reference.mlp_activation_reference(x, bias, act)
-
-
-def _linear_activation_as_reference(x, weight, bias, act, keep_hidden, backend):
-    del backend
-    return elementwise_reference.linear_activation_reference(x, weight, bias, act, keep_hidden)
-
-
-def _residual_layer_norm_as_reference(x, branch, branch_bias, scale, weight, bias, eps, backend):
-    del backend
-    return elementwise_reference.residual_layer_norm_reference(x, branch, branch_bias, scale, weight, bias, eps)
+def _without_backend(reference_fn: Callable) -> Callable:
+    """The decomposition of a cvt_fast forward op: its reference called with the op's arguments
+    less the last, `backend` (every backend computes the reference's numbers)."""
+    def decomposition(*args, **kwargs):
+        if kwargs.pop("backend", None) is None:
+            args = args[:-1]
+        return reference_fn(*args, **kwargs)
+    return decomposition
 
 
 def reference_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     """Decomposition table: each cvt_fast forward op -> its plain-PyTorch reference implementation.
-    (Backward ops never reach an exported inference program.)"""
+    (Backward ops never reach an exported inference program; conv_proj_bn only a training-mode one,
+    since eval folds BatchNorm into conv_proj.)"""
     import cvt_fast.ops  # noqa: F401  (registers torch.ops.cvt_fast.*)
 
     ops = torch.ops.cvt_fast
-    return {ops.conv_proj.default: _conv_proj_as_reference,
-            ops.conv_proj_bn.default: _conv_proj_bn_as_reference,
-            ops.attention.default: _attention_as_reference,
-            ops.mlp_activation.default: _mlp_activation_as_reference,
-            ops.linear_activation.default: _linear_activation_as_reference,
-            ops.residual_layer_norm.default: _residual_layer_norm_as_reference}
+    return {op.default: _without_backend(fn) for op, fn in (
+        (ops.conv_proj, reference.conv_proj_reference),
+        (ops.conv_proj_bn, reference.conv_proj_bn_reference),
+        (ops.attention, reference.attention_reference),
+        (ops.mlp_activation, elementwise_reference.mlp_activation_reference),
+        (ops.linear_activation, elementwise_reference.linear_activation_reference),
+        (ops.residual_layer_norm, elementwise_reference.residual_layer_norm_reference))}
 
 
 def _example_input(model: nn.Module, image_size: int, batch_size: int, example_input: Optional[Tensor]) -> Tensor:
