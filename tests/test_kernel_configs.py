@@ -31,6 +31,15 @@ from cvt_fast.kernels.interpreter import float64_dot_problem  # noqa: E402
 ATTENTION_DTYPE = torch.float32 if float64_dot_problem() else torch.float64
 
 
+def assert_named_grads_close(names, actual_grads, expected_grads):
+    """assert_close per gradient, the failure naming which one."""
+    for what, actual, expected in zip(names, actual_grads, expected_grads):
+        try:
+            assert_close(actual, expected)
+        except AssertionError as err:
+            raise AssertionError(f"grad {what}: {err}") from None
+
+
 class LaunchSpy:
     """Stands in for a Triton kernel: records every launch's grid and named arguments, then runs it."""
 
@@ -98,11 +107,7 @@ def test_conv_proj_backward_with_several_images_per_program_and_a_partial_last_g
     if gpu_tiles:
         assert (args["TILE_H"], args["TILE_W"]) == gpu_tile
     expected_grads = conv_proj_backward_reference(*grads, x, *weights, *geometry)
-    for what, actual, expected in zip(("x", "weight_q", "weight_k", "weight_v"), actual_grads, expected_grads):
-        try:
-            assert_close(actual, expected)
-        except AssertionError as err:
-            raise AssertionError(f"grad {what}: {err}") from None
+    assert_named_grads_close(("x", "weight_q", "weight_k", "weight_v"), actual_grads, expected_grads)
 
 
 # (kernel, padding_q, padding_kv, height, width): q is much larger than k/v (or the reverse),
@@ -184,11 +189,7 @@ def test_attention_with_each_gpu_config_matches_reference(kernel, head_dim, conf
         grad_out = torch.randn_like(out)
         grads = attn.attention_backward(grad_out, q, k, v, out, lse, scale)
         expected = attention_backward_reference(grad_out, q, k, v, out, lse, scale)
-        for what, actual, reference in zip(("q", "k", "v"), grads, expected):
-            try:
-                assert_close(actual, reference)
-            except AssertionError as err:
-                raise AssertionError(f"grad {what}: {err}") from None
+        assert_named_grads_close(("q", "k", "v"), grads, expected)
 
     assert spy.launches, f"the {kernel} kernel was not launched"
     for _, args in spy.launches:
@@ -216,10 +217,6 @@ def test_fused_backward_stores_dq_when_one_kv_tile_covers_the_keys(head_dim, con
     grad_out = torch.randn_like(out)
     grads = attn.attention_backward(grad_out, q, k, v, out, lse, scale)
     expected = attention_backward_reference(grad_out, q, k, v, out, lse, scale)
-    for what, actual, reference in zip(("q", "k", "v"), grads, expected):
-        try:
-            assert_close(actual, reference)
-        except AssertionError as err:
-            raise AssertionError(f"grad {what}: {err}") from None
+    assert_named_grads_close(("q", "k", "v"), grads, expected)
     (grid, args), = spy.launches
     assert grid[0] == 1 and args["DQ_ATOMIC"] is False and args["DQ"] is grads[0]
