@@ -174,3 +174,22 @@ def test_evaluation_leaves_unreadable_images_out_and_names_them(tmp_path, caplog
     for key in ("loss", "top1", "top5"):
         assert with_broken[key] == pytest.approx(without[key], rel=1e-6)
     assert "2 unreadable image(s) left out" in caplog.text and all(path in caplog.text for path in broken)
+
+
+def test_official_randaugment_posterize_to_zero_bits_gives_black_not_an_error():
+    # rand-m9-mstd0.5-inc1 draws magnitude 10 (clipped) about 2% of the time, where
+    # PosterizeIncreasing keeps 0 bits; Pillow >= 12 raises there, Pillow < 12 returned black.
+    from timm.data.auto_augment import AugmentOp
+    from PIL import Image
+
+    from cvt_fast.config import load_config
+
+    cfg = load_config(str(REPO / "experiments/imagenet/cvt/cvt-13-224x224.yaml"), ["TRAIN.IMAGE_SIZE", "[32, 32]"])
+    t = build_train_transform(cfg)
+    ops = [op for tr in t.transforms for op in getattr(tr, "ops", ()) if isinstance(op, AugmentOp)]
+    posterize = next(op for op in ops if op.name == "PosterizeIncreasing")
+    img = Image.new("RGB", (8, 8), (200, 100, 30))
+    assert list(posterize.aug_fn(img, 0).getdata()) == [(0, 0, 0)] * 64
+    assert posterize.aug_fn(img, 1).getpixel((0, 0)) == (128, 0, 0)
+    posterize.prob, posterize.magnitude, posterize.magnitude_std = 1.0, 10, 0  # always 0 bits
+    assert posterize(img).getpixel((0, 0)) == (0, 0, 0)

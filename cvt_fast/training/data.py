@@ -58,6 +58,30 @@ def _timm_get(node: Any, key: str, default: Any) -> Any:
     return node[key] if key in node else default
 
 
+def _posterize(img, bits_to_keep, **kwargs):
+    """timm's posterize, with 0 bits kept giving a black image as Pillow < 12 did.
+
+    RandAugment's PosterizeIncreasing keeps 4 - int(4 * level / 10) bits: at the top level (a
+    magnitude drawn from N(9, 0.5) and clipped at 10, about 2% of its draws) that is 0 bits.
+    Pillow 12+ refuses 0 (ValueError: bits must be between or equal to 1 and 8) where Pillow
+    < 12, which the official recipe ran on, masked every bit away. Without this, about one
+    image in a thousand raises and stops the training run."""
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    from timm.data.auto_augment import posterize
+
+    return posterize(img, bits_to_keep, **kwargs)
+
+
+def _allow_posterize_to_zero_bits(transform: Any) -> None:
+    from timm.data.auto_augment import AugmentOp, posterize
+
+    for t in getattr(transform, "transforms", ()):
+        for op in getattr(t, "ops", ()):
+            if isinstance(op, AugmentOp) and op.aug_fn is posterize:
+                op.aug_fn = _posterize
+
+
 def build_train_transform(cfg: Any) -> Callable:
     import torchvision.transforms as T
 
@@ -68,7 +92,7 @@ def build_train_transform(cfg: Any) -> Callable:
         from timm.data import create_transform
 
         auto_augment = _timm_get(timm_cfg, "AUTO_AUGMENT", None)
-        return create_transform(
+        transform = create_transform(
             input_size=h if h == w else (3, h, w),
             is_training=True,
             scale=tuple(aug.SCALE), ratio=tuple(aug.RATIO),
@@ -82,6 +106,8 @@ def build_train_transform(cfg: Any) -> Callable:
             re_count=int(_timm_get(timm_cfg, "RE_COUNT", 1)),
             mean=tuple(cfg.INPUT.MEAN), std=tuple(cfg.INPUT.STD),
         )
+        _allow_posterize_to_zero_bits(transform)
+        return transform
     ts = [T.RandomResizedCrop((h, w), scale=tuple(aug.SCALE), ratio=tuple(aug.RATIO),
                               interpolation=interpolation_mode(aug.INTERPOLATION)),
           T.RandomHorizontalFlip()]
