@@ -241,7 +241,13 @@ class Progress:
 # other work, 2026-12-02: attn 8.2e10 FLOPs in 12 s, conv_proj 3.5e8 bytes in 12 s, model
 # 1.1e11 MACs in 26 s (the README's Benchmarks section shows those runs). Another CPU can be
 # faster or slower by a few times; the bar's estimate then follows this run's own measurements.
-REFERENCE_CPU_SECONDS_PER_WORK = {"attn": 1.5e-10, "conv_proj": 3.4e-8, "model": 2.4e-10}
+REFERENCE_CPU_SECONDS_PER_WORK = {"attn": 1.5e-10, "conv_proj": 3.4e-8, "model": 2.4e-10,
+                                  # data: seconds per image of the official ImageNet training transform
+                                  # on one core (bench/data.py, 2026-12-08: 150-200 images/s, loaded)
+                                  "data": 6e-3}
+# Scripts whose steps are not time-boxed on a GPU either (the input pipeline runs on the host's
+# cores): their first estimate follows their work everywhere.
+WORK_TIMED_EVERYWHERE = frozenset({"data"})
 # Whatever its work, a step costs Python, allocation and the check: the floor of a tiny step
 # (the --quick plan's, on the same machine).
 MIN_STEP_SECONDS = 0.2
@@ -256,7 +262,7 @@ def expected_seconds(script: str, steps: Sequence[Step], setup, uncounted: Itera
     compiled ones on a CPU, whose time has nothing to do with their work)."""
     skip = set(uncounted)
     todo = [s for s in steps if s.unmeasured is None and s.impl not in skip]
-    if setup.device.type == "cuda":
+    if setup.device.type == "cuda" and script not in WORK_TIMED_EVERYWHERE:
         timing = setup.timing
         box = (timing.warmup_ms + timing.rep_ms * max(1, timing.repeat)) / 1e3
         return len(todo) * (box + GPU_STEP_OVERHEAD_SECONDS)
@@ -272,7 +278,7 @@ def time_line(script: str, steps: Sequence[Step], setup, uncounted: Sequence[str
     if seconds is None:
         line = "  time: estimated from the first measurement, then refined on the progress bar as results land"
     else:
-        if setup.device.type == "cuda":
+        if setup.device.type == "cuda" and script not in WORK_TIMED_EVERYWHERE:
             basis = "each measurement time-boxed by --warmup-ms and --rep-ms, plus its first call"
         else:
             basis = "judged from the speed of a 2-core reference CPU at one thread"
@@ -290,16 +296,19 @@ def time_line(script: str, steps: Sequence[Step], setup, uncounted: Sequence[str
 
 def header(script: str, what: str, setup, shapes: Sequence[str], measured: Sequence[str],
            left_out: Mapping[str, str], unavailable: Mapping[str, str], steps: Sequence[Step],
-           calls: str, notes: Iterable[str] = (), uncounted: Sequence[str] = ()) -> list[str]:
+           calls: str, notes: Iterable[str] = (), uncounted: Sequence[str] = (),
+           plans: Optional[Mapping[str, str]] = None) -> list[str]:
     """The lines a run starts with: what it measures on this device, with which implementations
     (and why any are not), how many measurements, how each is taken and how long it will take
-    (`uncounted`: measured implementations whose time the first estimate cannot judge)."""
+    (`uncounted`: measured implementations whose time the first estimate cannot judge; `plans`: the
+    script's own words for its plan sizes, where the model-shape wording does not fit)."""
     from bench.common import DEFAULT_MODEL_SIZES, device_name
 
     sizes = {"quick": "--quick, a smoke run (tiny shapes; the timings mean nothing)",
              "cpu": "CPU-sized (--full: " + ", ".join(f"{m}@{s}" for m, s in DEFAULT_MODEL_SIZES)
                     + " at the official batch sizes, hours on a CPU)",
              "full": "full (the published shapes)"}
+    sizes.update(plans or {})
     threads = ""
     if setup.device.type == "cpu":
         import torch
