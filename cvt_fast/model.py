@@ -19,6 +19,7 @@ Both paths use the same parameters and buffers, so checkpoints are interchangeab
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from typing import Any, Mapping
@@ -129,7 +130,7 @@ class ConvEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """(B, C_in, H, W) image or feature map -> (B, H' * W', C) tokens, H', W'."""
         x = self.proj(x)
-        height, width = x.shape[-2:]
+        height, width = x.shape[-2], x.shape[-1]  # indexed, not unpacked: fx traces indexing
         return self.norm(x.flatten(2).transpose(1, 2)), height, width
 
 
@@ -345,6 +346,58 @@ class Block(nn.Module):
         return self.drop_path.sample_scale(x) if isinstance(self.drop_path, DropPath) else None
 
 
+class Blocks(nn.ModuleList):
+    """A stage's blocks, run in order (a ModuleList, so the keys stay `blocks.{j}.*`).
+
+    One module for the whole stack because the fused path chains the blocks: each residual add is
+    fused with the LayerNorm after it, which for the second add of a block is the next block's
+    norm1. timm's fx tracer keeps this module a leaf (cvt_fast/timm_models.py): inside, the ops take
+    the grid's height and width as ints, which a symbolic trace cannot give them.
+    """
+
+    def __init__(self, blocks: list[Block]):
+        super().__init__(blocks)
+        # set_grad_checkpointing: recompute each block's forward in the backward instead of keeping its
+        # activations (only the block's inputs are kept).
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        blocks = list(self)
+        checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
+        if blocks and all(b.fuse_residuals for b in blocks):
+            normed = blocks[0].norm1(x)
+            for block, following in zip(blocks, blocks[1:] + [None]):
+                step = (block.forward_chained, x, normed, height, width,
+                        None if following is None else following.norm1)
+                x, normed = _checkpoint_block(block, *step) if checkpointing else step[0](*step[1:])
+            return x
+        for block in blocks:
+            x = _checkpoint_block(block, block, x, height, width) if checkpointing else block(x, height, width)
+        return x
+
+
+def _checkpoint_block(block: Block, function, *args):
+    """function(*args) under activation checkpointing, with the block's BatchNorm buffers left as the
+    first forward leaves them: the recomputation in the backward runs the forward again, and in
+    training BatchNorm would update its running statistics (and the batch counter) a second time."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(function, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _batch_norm_buffers_kept(block)))
+
+
+@contextlib.contextmanager
+def _batch_norm_buffers_kept(module: nn.Module):
+    buffers = [b for m in module.modules() if isinstance(m, nn.BatchNorm2d) for b in m.buffers()]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+
+
 class Stage(nn.Module):
     """One CvT stage (the official code calls it VisionTransformer)."""
 
@@ -358,35 +411,24 @@ class Stage(nn.Module):
         depth = stage["DEPTH"]
         # Stochastic depth ramps from 0 within each stage.
         rates = [r.item() for r in torch.linspace(0, stage["DROP_PATH_RATE"], depth, device="cpu")]
-        self.blocks = nn.ModuleList(
+        self.blocks = Blocks([
             Block(dim, stage["NUM_HEADS"], stage["MLP_RATIO"], stage["DROP_RATE"],
                   stage["ATTN_DROP_RATE"], rates[j], act,
                   qkv_bias=stage["QKV_BIAS"], method=stage["QKV_PROJ_METHOD"],
                   kernel_size=stage["KERNEL_QKV"], stride_kv=stage["STRIDE_KV"],
                   stride_q=stage["STRIDE_Q"], padding_kv=stage["PADDING_KV"],
                   padding_q=stage["PADDING_Q"], with_cls_token=stage["CLS_TOKEN"])
-            for j in range(depth))
+            for j in range(depth)])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, C_in, H, W) -> ((B, C, H', W') feature map, (B, 1, C) cls token or None)."""
         x, height, width = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
-        x = self.pos_drop(x)
-        blocks = list(self.blocks)
-        if blocks and all(b.fuse_residuals for b in blocks):
-            # Each residual add is fused with the LayerNorm after it, which for the second add of
-            # a block is the next block's norm1.
-            normed = blocks[0].norm1(x)
-            for block, following in zip(blocks, blocks[1:] + [None]):
-                x, normed = block.forward_chained(x, normed, height, width,
-                                                  None if following is None else following.norm1)
-        else:
-            for block in blocks:
-                x = block(x, height, width)
+        x = self.blocks(self.pos_drop(x), height, width)
         cls_token = None
         if self.cls_token is not None:
-            cls_token, x = torch.split(x, [1, height * width], dim=1)
+            cls_token, x = x[:, :1], x[:, 1:]
         return _tokens_to_grid(x, height, width), cls_token
 
 
@@ -394,24 +436,30 @@ class ConvolutionalVisionTransformer(nn.Module):
     """CvT classifier. Build it with `build_model(spec)` or `create_model(name)`."""
 
     def __init__(self, spec: Mapping[str, Any], num_classes: int = 1000, act: str = "quick_gelu",
-                 backend: str | None = None, in_chans: int = 3):
+                 backend: str | None = None, in_chans: int = 3, global_pool: str | None = None):
         super().__init__()
         stages = normalize_spec(spec)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0 (0: no classifier, features out), got {num_classes!r}")
+        _check_num_classes(num_classes)
         if act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
         self.spec = {k: v for k, v in dict(spec).items()}
         self.act = act
         self.in_chans = in_chans
         self.num_stages = len(stages)
-        chans = in_chans
+        chans, reduction = in_chans, 1
+        # timm's feature_info: one entry per stage output (its grid, NCHW).
+        self.feature_info: list[dict[str, Any]] = []
         for i, stage in enumerate(stages):
             setattr(self, f"stage{i}", Stage(chans, stage, act))
             chans = stage["DIM_EMBED"]
-        self.num_features = chans
+            reduction *= stage["PATCH_STRIDE"]
+            self.feature_info.append(dict(num_chs=chans, reduction=reduction, module=f"stage{i}"))
+        self.num_features = self.head_hidden_size = chans
         self.norm = LayerNorm(chans)
         self.use_cls_token = stages[-1]["CLS_TOKEN"]
+        # The tokens in front of the grid in forward_features' output (timm's name): the cls token.
+        self.num_prefix_tokens = 1 if self.use_cls_token else 0
+        self.global_pool = self._check_global_pool(global_pool)
         self.num_classes = num_classes
         self.head = nn.Linear(chans, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights(self.spec.get("INIT", "trunc_norm"))
@@ -465,18 +513,59 @@ class ConvolutionalVisionTransformer(nn.Module):
         """Parameter names that the official recipe excludes from weight decay by name."""
         return {f"stage{i}.cls_token" for i, s in enumerate(self.stages) if s.cls_token is not None}
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a freshly initialised one for `num_classes` classes."""
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0 (0: no classifier, features out), got {num_classes!r}")
+    # -- timm's model conventions: classifier, pooling, parameter groups, checkpointing ------------
+    def _check_global_pool(self, global_pool: str | None) -> str:
+        """None -> the official pooling: the cls token when the last stage has one, else the token mean."""
+        if global_pool is None:
+            return "token" if self.use_cls_token else "avg"
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS} or None, got {global_pool!r}")
+        if global_pool == "token" and not self.use_cls_token:
+            raise ValueError("global_pool='token' needs a cls token in the last stage (MODEL.SPEC.CLS_TOKEN); "
+                             "this model has none: use 'avg'")
+        return global_pool
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a freshly initialised one for `num_classes` classes (0: none, forward
+        returns the pooled features); global_pool, when given, changes the pooling too ('' none)."""
+        _check_num_classes(num_classes)
+        if global_pool is not None:
+            self.global_pool = self._check_global_pool(global_pool)
         self.num_classes = num_classes
-        device = self.norm.weight.device
+        device = self.norm.weight.device if isinstance(self.norm, nn.LayerNorm) else None
         self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups by depth for timm's layer decay and group freezing: the first patch
+        embedding is the stem; then each stage (coarse) or each block (fine) in the order the image
+        goes through them, a stage's patch embedding and cls token before its blocks, the final
+        LayerNorm last. The head is left out (timm puts unmatched parameters in the last group)."""
+        if coarse:
+            return dict(stem=r"^stage0\.patch_embed", blocks=[(r"^stage(\d+)", None), (r"^norm", (99999,))])
+        return dict(stem=r"^stage0\.patch_embed", blocks=[
+            (r"^stage(\d+)\.(?:patch_embed|cls_token)", (0,)),  # (stage, 0): before the stage's blocks
+            (r"^stage(\d+)\.blocks\.(\d+)", (1,)),                 # (stage, block, 1)
+            (r"^norm", (99999,)),
+        ])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward instead of keeping its activations (training only)."""
+        for stage in self.stages:
+            stage.blocks.grad_checkpointing = bool(enable)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return any(stage.blocks.grad_checkpointing for stage in self.stages)
+
     def _check_input(self, x: torch.Tensor) -> None:
+        if isinstance(x, torch.fx.Proxy):
+            return  # fx traces symbolically (timm's feature extraction): there are no values to check
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"CvT expects a torch.Tensor image batch, got {type(x).__name__}")
         if x.dim() != 4:
@@ -490,32 +579,152 @@ class ConvolutionalVisionTransformer(nn.Module):
                             "convert with x.float() and normalise it first")
         if x.shape[0] == 0:
             raise ValueError(f"CvT got an empty batch (shape {tuple(x.shape)}); pass at least one image")
-        weight_dtype = self.norm.weight.dtype
+        weight_dtype = self.stage0.patch_embed.proj.weight.dtype
         if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"the image batch is {x.dtype} but the model's weights are {weight_dtype}; convert one "
                             f"(x.to({weight_dtype}) or model.to({x.dtype})) or run under torch.autocast")
+        size = tuple(x.shape[-2:])
+        for stage in self.stages:
+            proj = stage.patch_embed.proj
+            if min(size) + 2 * proj.padding[0] < proj.kernel_size[0]:
+                raise ValueError(f"input of spatial size {tuple(x.shape[-2:])} is too small for "
+                                 f"the patch embedding {proj}")
+            size = tuple((s + 2 * proj.padding[0] - proj.kernel_size[0]) // proj.stride[0] + 1 for s in size)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, H, W) -> (B, num_features) pooled features after the final LayerNorm."""
+        """(B, C_in, H, W) -> (B, num_prefix_tokens + H' * W', num_features): the last stage's tokens
+        (the cls token first, when the model has one) after the final LayerNorm, unpooled (timm's
+        convention: forward_head pools)."""
         self._check_input(x)
         cls_token = None
         for stage in self.stages:
-            if min(x.shape[-2:]) + 2 * stage.patch_embed.proj.padding[0] < stage.patch_embed.proj.kernel_size[0]:
-                raise ValueError(f"input of spatial size {tuple(x.shape[-2:])} is too small for "
-                                 f"the patch embedding {stage.patch_embed.proj}")
             x, cls_token = stage(x)
-        if self.use_cls_token:
-            return self.norm(cls_token)[:, 0]  # never squeeze(): batch size 1 must stay 2-D
-        return self.norm(_grid_to_tokens(x)).mean(dim=1)
+        return self.norm(_with_prefix(cls_token, _grid_to_tokens(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """forward_features' tokens -> pooled by global_pool ('token': the cls token, as the official
+        model classifies; 'avg': the mean of the grid tokens; '': no pooling) -> the head's logits,
+        or the pooled features when pre_logits."""
+        if self.global_pool == "token":
+            x = x[:, 0]  # never squeeze(): batch size 1 must stay 2-D
+        elif self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        return self.forward_head(self.forward_features(x))
+
+    # -- timm's feature API: the stages' outputs as a backbone's feature maps -----------------------
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | tuple[int, ...] | None = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False, return_prefix_tokens: bool = False):
+        """The stage outputs as feature maps, timm's way.
+
+        indices: the stages to return (negative from the end), or an int n for the last n; None: all.
+        norm: apply the final LayerNorm to the last stage's output (only that stage has its width).
+        stop_early: run no stage after the last one asked for.
+        output_fmt: 'NCHW' (B, C, H', W') or 'NHWC' (B, H', W', C).
+        return_prefix_tokens: each intermediate is (map, prefix tokens (B, P, C)) with P = 1 for a
+        stage with a cls token, 0 otherwise.
+        Returns the list of intermediates when intermediates_only, else (forward_features' tokens,
+        intermediates); when stop_early left the last stage out, those tokens are the last stage run's,
+        without the final LayerNorm (which has the last stage's width).
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        self._check_input(x)
+        stages = self.stages[:max_index + 1] if stop_early else self.stages
+        intermediates = []
+        cls_token = None
+        for i, stage in enumerate(stages):
+            x, cls_token = stage(x)
+            if i not in take_indices:
+                continue
+            feature, prefix = x, cls_token
+            if norm and i == self.num_stages - 1:
+                height, width = x.shape[-2], x.shape[-1]
+                tokens = self.norm(_with_prefix(cls_token, _grid_to_tokens(x)))
+                prefix = tokens[:, :1] if cls_token is not None else None
+                feature = _tokens_to_grid(tokens[:, 1:] if cls_token is not None else tokens, height, width)
+            if output_fmt == "NHWC":
+                feature = feature.permute(0, 2, 3, 1)
+            if return_prefix_tokens:
+                prefix = prefix if prefix is not None else x.new_zeros(x.shape[0], 0, x.shape[1])
+                intermediates.append((feature, prefix))
+            else:
+                intermediates.append(feature)
+        if intermediates_only:
+            return intermediates
+        tokens = _with_prefix(cls_token, _grid_to_tokens(x))
+        return (self.norm(tokens) if len(stages) == self.num_stages else tokens), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Remove the stages after the last of `indices` (and the final LayerNorm with prune_norm, the
+        classifier with prune_head), so that a backbone keeps only what its features need; return
+        the stage indices. The final LayerNorm goes too when its stage does."""
+        take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        for i in range(max_index + 1, self.num_stages):
+            delattr(self, f"stage{i}")
+        if max_index + 1 < self.num_stages:
+            self.feature_info = self.feature_info[:max_index + 1]
+            self.num_stages = max_index + 1
+            prune_norm = True
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: refuse with the routes that work instead of a compiler
+        # error deep inside a custom op.
+        raise RuntimeError("CvT cannot be compiled by torch.jit.script (its fused ops are Python custom ops and "
+                           "autograd Functions that TorchScript cannot compile); use torch.jit.trace(model.eval(), "
+                           "images), torch.export / cvt_fast.export_program, cvt_fast.export_onnx, or torch.compile")
+
+
+GLOBAL_POOLS = ("token", "avg", "")
+
+
+def _check_num_classes(num_classes: Any) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be an int >= 0 (0: no classifier, features out), got {num_classes!r}")
+
+
+def _with_prefix(cls_token: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+    return tokens if cls_token is None else torch.cat((cls_token, tokens), dim=1)
+
+
+def feature_take_indices(num_stages: int, indices: int | list[int] | tuple[int, ...] | None) -> tuple[list[int], int]:
+    """timm's index convention for forward_intermediates: None -> all stages, an int n -> the last n,
+    a sequence -> those stages (negative counted from the end); returns (sorted indices, the largest)."""
+    if indices is None:
+        indices = num_stages
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 0 < indices <= num_stages:
+            raise ValueError(f"indices={indices}: the number of last stages to take must be 1..{num_stages}")
+        take = list(range(num_stages - indices, num_stages))
+    else:
+        take = []
+        for index in indices:
+            if isinstance(index, bool) or not isinstance(index, int) or not -num_stages <= index < num_stages:
+                raise ValueError(f"indices={indices!r}: each must be a stage index in "
+                                 f"[{-num_stages}, {num_stages - 1}]")
+            take.append(index % num_stages)
+        take = sorted(set(take))
+        if not take:
+            raise ValueError("indices is empty: name at least one stage")
+    return take, max(take)
 
 
 def build_model(spec: Mapping[str, Any], num_classes: int = 1000, act: str = "quick_gelu",
-                backend: str | None = None, in_chans: int = 3) -> ConvolutionalVisionTransformer:
+                backend: str | None = None, in_chans: int = 3,
+                global_pool: str | None = None) -> ConvolutionalVisionTransformer:
     """A CvT from a MODEL.SPEC mapping with the official upper-case keys."""
-    return ConvolutionalVisionTransformer(spec, num_classes, act=act, backend=backend, in_chans=in_chans)
+    return ConvolutionalVisionTransformer(spec, num_classes, act=act, backend=backend, in_chans=in_chans,
+                                          global_pool=global_pool)
 
 
 def create_model(name: str, num_classes: int = 1000, **kwargs: Any) -> ConvolutionalVisionTransformer:

@@ -26,8 +26,10 @@ Face keys with cvt_fast.hf_convert.
 
 timm's keyword arguments map onto the official spec: drop_rate sets every stage's DROP_RATE (CvT
 has no separate head dropout), drop_path_rate the last stage's DROP_PATH_RATE (the official
-configs drop paths in the last stage only); global_pool may only be None or 'token' (CvT reads
-its cls token). act and backend pass through to cvt_fast's model.
+configs drop paths in the last stage only); global_pool is 'token' (the default: the official
+classifier reads the cls token), 'avg' (mean of the grid tokens) or '' (no pooling). act and
+backend pass through to cvt_fast's model. features_only=True (with out_indices) gives timm's
+FeatureGetterNet over forward_intermediates: the three stages' NCHW maps.
 """
 from __future__ import annotations
 
@@ -35,52 +37,42 @@ from typing import Any, Mapping, Optional
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
 from cvt_fast import hf_convert
 from cvt_fast.checkpoint import _extract_state_dict
-from cvt_fast.model import ConvolutionalVisionTransformer
+from cvt_fast.model import Blocks, ConvolutionalVisionTransformer, LayerNorm
 from cvt_fast.specs import get_spec
 
 __all__ = ["TimmCvT", "checkpoint_filter_fn"]
 
 
 class TimmCvT(ConvolutionalVisionTransformer):
-    """cvt_fast's CvT with timm's constructor arguments and classifier methods."""
+    """cvt_fast's CvT with timm's constructor arguments (the head, pooling, feature and checkpointing
+    methods timm expects are the model's own: cvt_fast/model.py)."""
 
     def __init__(self, spec_name: str, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
                  drop_path_rate: Optional[float] = None, global_pool: Optional[str] = None,
                  act: str = "quick_gelu", backend: Optional[str] = None):
-        if global_pool not in (None, "", "token"):
-            raise ValueError(f"global_pool={global_pool!r}: CvT classifies from its cls token; "
-                             "expected None or 'token'")
         spec = get_spec(spec_name)
         stages = int(spec["NUM_STAGES"])
         if drop_rate:
             spec["DROP_RATE"] = [float(drop_rate)] * stages
         if drop_path_rate is not None:
             spec["DROP_PATH_RATE"] = [0.0] * (stages - 1) + [float(drop_path_rate)]
-        super().__init__(spec, num_classes=num_classes, act=act, backend=backend, in_chans=in_chans)
+        super().__init__(spec, num_classes=num_classes, act=act, backend=backend, in_chans=in_chans,
+                         global_pool=global_pool)
         self.register_load_state_dict_pre_hook(_accept_hugging_face_keys)
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool not in (None, "", "token"):
-            raise ValueError(f"global_pool={global_pool!r}: CvT classifies from its cls token")
-        super().reset_classifier(num_classes)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pooled features (B, num_features) from forward_features -> logits (or the features)."""
-        return x if pre_logits else self.head(x)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            raise NotImplementedError("cvt_fast's CvT has no gradient checkpointing; its MLPs already "
-                                      "recompute their activation in the backward (saved activations "
-                                      "about 0.56x the official code's)")
+# timm's fx feature extraction (create_feature_extractor, FeatureGraphNet, get_graph_node_names) traces
+# the model symbolically. These stay leaves: a stage's blocks hand the grid's height and width to the
+# fused ops as ints, and the LayerNorm chooses its path by the input's dtype, neither of which a
+# symbolic trace has.
+register_notrace_module(Blocks)
+register_notrace_module(LayerNorm)
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -118,6 +110,9 @@ def _cfg(hf_hub_id: str, image_size: int = 224) -> dict[str, Any]:
         "crop_mode": "center" if at_224 else "squash",
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
+        # The last stage's grid at the default input size (stride 16); forward_features' tokens are
+        # the cls token and that grid, flattened.
+        "pool_size": (image_size // 16, image_size // 16),
         "first_conv": "stage0.patch_embed.proj",
         "classifier": "head",
         "license": "mit",
@@ -139,10 +134,10 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(name: str, spec_name: str, pretrained: bool, **kwargs: Any) -> TimmCvT:
-    if kwargs.pop("features_only", False):
-        raise ValueError(f"{name}: features_only is not supported for CvT; use model.forward_features "
-                         "or the stage outputs of cvt_fast's model")
+    # features_only=True: timm wraps the model in its FeatureGetterNet, which prunes the stages after
+    # the last of out_indices and returns forward_intermediates' NCHW stage maps (all three by default).
     return build_model_with_cfg(TimmCvT, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2)),
                                 spec_name=spec_name, **kwargs)
 
 

@@ -94,7 +94,9 @@ def test_odd_and_rectangular_inputs(size):
 def test_batch_size_one_keeps_the_batch_dimension():
     model = build_model(TINY, num_classes=4, backend="official").eval()
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 4)
-    assert model.forward_features(torch.randn(1, 3, 64, 64)).shape == (1, 48)
+    # timm's convention: forward_features is unpooled (cls token + 4x4 grid), forward_head pools
+    features = model.forward_features(torch.randn(1, 3, 64, 64))
+    assert features.shape == (1, 1 + 16, 48) and model.forward_head(features, pre_logits=True).shape == (1, 48)
 
 
 def test_eval_is_deterministic_and_batch_independent():

@@ -67,14 +67,13 @@ def test_create_model_takes_timms_arguments():
     with torch.no_grad():
         logits = model(torch.randn(2, 1, 64, 64))
         assert logits.shape == (2, 10)
-        features = model.forward_features(torch.zeros(1, 1, 64, 64))
-        assert torch.equal(model.forward_head(features, pre_logits=True), features)
+        features = model.forward_features(torch.zeros(1, 1, 64, 64))  # cls token + 4x4 grid, unpooled
+        assert features.shape == (1, 1 + 16, 384)
+        assert torch.equal(model.forward_head(features, pre_logits=True), features[:, 0])
     model.reset_classifier(4)
     assert model.head.out_features == 4
-    with pytest.raises(ValueError, match="cls token"):
-        timm.create_model("cvt_13", global_pool="avg")
-    with pytest.raises(ValueError, match="features_only is not supported"):
-        timm.create_model("cvt_13", features_only=True)
+    with pytest.raises(ValueError, match="global_pool must be one of"):
+        timm.create_model("cvt_13", global_pool="max")
 
 
 @pytest.mark.parametrize("name, official_yaml", [("cvt_13", "cvt-13-224x224.yaml"), ("cvt_21_384", "cvt-21-384x384.yaml")])
