@@ -24,6 +24,9 @@ _OPEN_SECTIONS = ("TRAIN.LR_SCHEDULER.ARGS", "TRAIN.OPTIMIZER_ARGS")
 # configs set all but 'epochs', which the official code sets from TRAIN.END_EPOCH).
 SCHEDULER_ARGS = ("sched", "epochs", "warmup_epochs", "warmup_lr", "min_lr", "cooldown_epochs", "decay_rate")
 AMP_DTYPES = ("bfloat16", "bf16", "float16", "fp16")
+# DATA.LOADER: 'torch' (the official recipe on the CPU, torch DataLoader workers) or 'dali'
+# (NVIDIA DALI: decoding and augmentation on the GPU; cvt_fast.training.dali_loader).
+DATA_LOADERS = ("torch", "dali")
 
 
 def _official_defaults() -> CN:
@@ -183,6 +186,10 @@ def _add_cvt_fast_keys(c: CN) -> None:
     c.TRAIN.START_OVER = False
     c.DATASET.SKIP_UNREADABLE = True
     c.TEST.INFERENCE_PATH = "eager"      # eager | inference_model (BatchNorm folded once, CUDA graphs on a GPU)
+    c.DATA = CN()
+    c.DATA.LOADER = "torch"              # torch | dali (see DATA_LOADERS)
+    # Warn once when waiting on the loader takes more than this share of the step time (0: never).
+    c.DATA.INPUT_BOUND_WARNING = 0.2
 
 
 def get_default_config() -> CN:
@@ -267,10 +274,13 @@ def check_values(cfg: CN) -> None:
     from cvt_fast.model import ACTIVATIONS, MODEL_BACKENDS
 
     checks = (("MODEL.BACKEND", cfg.MODEL.BACKEND, MODEL_BACKENDS), ("MODEL.ACT", cfg.MODEL.ACT, ACTIVATIONS),
-              ("AMP.DTYPE", cfg.AMP.DTYPE, AMP_DTYPES))
+              ("AMP.DTYPE", cfg.AMP.DTYPE, AMP_DTYPES), ("DATA.LOADER", cfg.DATA.LOADER, DATA_LOADERS))
     for key, value, allowed in checks:
         if value not in allowed:
             raise ValueError(f"{key}={value!r}; expected one of {', '.join(allowed)}")
+    if not 0.0 <= float(cfg.DATA.INPUT_BOUND_WARNING) < 1.0:
+        raise ValueError(f"DATA.INPUT_BOUND_WARNING={cfg.DATA.INPUT_BOUND_WARNING}; expected a share of the step "
+                         "time in [0, 1) (0 switches the warning off)")
     if str(cfg.TRAIN.LR_SCHEDULER.METHOD) == "timm":
         args = cfg.TRAIN.LR_SCHEDULER.ARGS
         for key in args:

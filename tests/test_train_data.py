@@ -193,3 +193,15 @@ def test_official_randaugment_posterize_to_zero_bits_gives_black_not_an_error():
     assert posterize.aug_fn(img, 1).getpixel((0, 0)) == (128, 0, 0)
     posterize.prob, posterize.magnitude, posterize.magnitude_std = 1.0, 10, 0  # always 0 bits
     assert posterize(img).getpixel((0, 0)) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("DATA.LOADER", "ffcv", r"DATA\.LOADER='ffcv'; expected one of torch, dali"),
+    ("DATA.INPUT_BOUND_WARNING", "1.5", r"DATA\.INPUT_BOUND_WARNING=1\.5; expected a share"),
+])
+def test_data_keys_refuse_unknown_values_naming_the_key(key, value, message):
+    from cvt_fast.config import load_config
+
+    assert load_config().DATA.LOADER == "torch"
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [key, value])

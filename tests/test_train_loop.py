@@ -37,8 +37,10 @@ def test_run_writes_metrics_plot_log_tensorboard_and_checkpoints(tiny_run):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1]
     for r in records:
-        for key in ("epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "val_top1_ema"):
+        for key in ("epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "val_top1_ema",
+                    "data_wait_s", "data_wait_fraction"):
             assert key in r and math.isfinite(r[key]), key
+        assert 0.0 < r["data_wait_s"] < r["epoch_seconds"] and 0.0 < r["data_wait_fraction"] < 1.0
         assert 0.0 <= r["val_top1"] <= r["val_top5"] <= 100.0
     png = run / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -186,3 +188,61 @@ def test_no_evaluation_before_eval_begin_epoch(tmp_path, one_thread):
     assert records[0]["val_top1"] is None and records[1]["val_top1"] is not None
     assert (trainer.run_dir / "model_0.pth").exists() and (trainer.run_dir / "model_1.pth").exists()
     assert (trainer.run_dir / "model_best.pth").exists()
+
+
+def test_input_bound_training_warns_once_with_what_to_do_and_records_the_wait(tmp_path, monkeypatch, one_thread):
+    """A loader far slower than the model step: the run says so once (not once per step or epoch),
+    naming the remedies, and every epoch's record carries its waiting share."""
+    import logging
+    import time
+
+    from cvt_fast.config import load_config
+    from cvt_fast.training.data import ImageFolderDataset
+    from cvt_fast.training.logs import LOGGER_NAME
+
+    load = ImageFolderDataset._load
+    monkeypatch.setattr(ImageFolderDataset, "_load", staticmethod(lambda path: time.sleep(0.04) or load(path)))
+    data = make_dataset(tmp_path / "data")
+    cfg = load_config(str(REPO / "experiments/digits/cvt-digits.yaml"),
+                      tiny_overrides(data, tmp_path / "out", TRAIN__END_EPOCH=3))
+    trainer = Trainer(cfg, tmp_path / "out" / "run", CPU)
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger(LOGGER_NAME)
+    collect = Collect(logging.WARNING)
+    logger.addHandler(collect)
+    try:
+        trainer.fit()
+    finally:
+        logger.removeHandler(collect)
+    warnings = [m for m in messages if "input-bound" in m]
+    assert len(warnings) == 1, warnings
+    for remedy in ("raise WORKERS", "DATA.LOADER dali", "python -m cvt_fast.data prepare"):
+        assert remedy in warnings[0]
+    records = [json.loads(s) for s in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    # 8 images x 40 ms a batch against a tiny model's step: most of the step is waiting.
+    assert all(r["data_wait_fraction"] > 0.4 and r["data_wait_s"] > 3 * 8 * 0.04 for r in records)
+
+
+def test_input_wait_meter_judges_after_its_steps_above_the_threshold_only_once():
+    from cvt_fast.training.input_wait import InputWaitMeter
+
+    meter = InputWaitMeter(threshold=0.2, min_steps=3, workers=2)
+    meter.add(0.5, 1.0)
+    meter.add(0.5, 1.0)
+    assert meter.warning() is None  # too few steps to judge
+    meter.add(0.5, 1.0)
+    message = meter.warning()
+    assert message and "50%" in message and "WORKERS 2" in message and "about 4" in message
+    assert meter.warning() is None  # once
+    calm = InputWaitMeter(threshold=0.2, min_steps=1)
+    calm.add(0.1, 1.0)
+    assert calm.warning() is None and calm.fraction == pytest.approx(0.1)
+    off = InputWaitMeter(threshold=0.0, min_steps=1)
+    off.add(0.9, 1.0)
+    assert off.warning() is None

@@ -35,6 +35,8 @@ from cvt_fast.checkpoint import atomic_write_bytes
 from . import distributed as dist_utils
 from .data import build_train_loader, build_val_loader, name_files, set_loader_epoch
 from .ema import ModelEma
+from .input_wait import MIN_STEPS as INPUT_WAIT_MIN_STEPS
+from .input_wait import InputWaitMeter
 from .logs import LOGGER_NAME, METRICS_FILE, MetricsWriter, TensorBoard
 from .optim import build_criterion, build_mixup, build_optimizer, build_scheduler
 from .outputs import OutputError, writing
@@ -55,7 +57,8 @@ class NonFiniteLossError(ValueError):
 
 
 def _fresh_sums() -> dict[str, float]:
-    return {"loss": 0.0, "samples": 0.0, "seconds": 0.0, "skipped_steps": 0.0}
+    # data_seconds: time spent waiting on the loader (rank 0's own, as seconds).
+    return {"loss": 0.0, "samples": 0.0, "seconds": 0.0, "skipped_steps": 0.0, "data_seconds": 0.0}
 
 
 @dataclass
@@ -211,6 +214,8 @@ class Trainer:
             raise ValueError(f"the training set has {n_classes} classes but MODEL.NUM_CLASSES="
                              f"{cfg.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES {n_classes}")
         self.steps_per_epoch = len(self.train_loader)
+        self.input_wait = InputWaitMeter(float(cfg.DATA.INPUT_BOUND_WARNING),
+                                         min(INPUT_WAIT_MIN_STEPS, max(self.steps_per_epoch - 1, 1)), int(cfg.WORKERS))
         self.mixup = build_mixup(cfg)
         if self.mixup is not None and int(cfg.TRAIN.BATCH_SIZE_PER_GPU) % 2:
             raise ValueError(f"mixup/cutmix needs an even TRAIN.BATCH_SIZE_PER_GPU, got {cfg.TRAIN.BATCH_SIZE_PER_GPU}")
@@ -286,6 +291,7 @@ class Trainer:
         keys = ("loss", "samples", "skipped_steps")
         totals = dict(zip(keys, dist_utils.all_reduce_sum([sums[k] for k in keys], self.device)))
         totals["seconds"] = sums["seconds"]
+        totals["data_seconds"] = sums.get("data_seconds", 0.0)
         files = sorted({i for part in dist_utils.all_gather_object(sorted(self.pos.skipped_files)) for i in part})
         return totals, files
 
@@ -435,6 +441,7 @@ class Trainer:
             sums.update({k: float(saved[k]) for k in sums if k in saved})
         else:
             sums["seconds"] = float(saved.get("seconds", 0.0))
+            sums["data_seconds"] = float(saved.get("data_seconds", 0.0))
         self.pos = Position(epoch=int(state["epoch"]), step_in_epoch=int(state["step_in_epoch"]),
                             global_step=int(state["global_step"]), best_top1=float(state["best_top1"]),
                             epoch_sums=sums,
@@ -518,10 +525,15 @@ class Trainer:
         backup = [b.detach().clone() for b in buffers]
         start = time.perf_counter()
         # The context closes the bar on errors too, so a message is not glued to it.
+        # Waiting on the loader, this call's (the bar shows its share); the first batch of a call
+        # also starts the loader's workers, so the input-bound judgement leaves it out.
+        wait_s = step_s = 0.0
+        first = True
         with bar:
             hit_limit = stop = False
             t0 = time.perf_counter()  # step time includes waiting for the data
             for x, y, unreadable in self.train_loader:
+                waited = time.perf_counter() - t0
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
                 pos.skipped_files.update(unreadable[unreadable >= 0].tolist())
@@ -575,14 +587,24 @@ class Trainer:
                 if self.step_delay:
                     time.sleep(self.step_delay)
                 dt, t0 = time.perf_counter() - t0, time.perf_counter()
+                sums["data_seconds"] = sums.get("data_seconds", 0.0) + waited
+                wait_s, step_s = wait_s + waited, step_s + dt
+                if not first:
+                    self.input_wait.add(waited, dt)
+                    warning = self.input_wait.warning()
+                    if warning and self.info.is_main:
+                        log.warning(warning)
+                first = False
                 lr = self.optimizer.param_groups[0]["lr"]
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_step / max(dt, 1e-9):.0f}")
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_step / max(dt, 1e-9):.0f}",
+                                data=f"{100 * wait_s / max(step_s, 1e-9):.0f}%")
                 bar.update(1)
                 if self.tb is not None:
                     self.tb.scalars({"train/loss": loss_value, "train/lr": lr}, pos.global_step)
                 if self.info.is_main and int(cfg.PRINT_FREQ) > 0 and pos.step_in_epoch % int(cfg.PRINT_FREQ) == 0:
-                    log.info("epoch %d/%d step %d/%d loss %.4f lr %.3e", pos.epoch + 1, end_epoch, pos.step_in_epoch,
-                             self.steps_per_epoch, loss_value, lr)
+                    log.info("epoch %d/%d step %d/%d loss %.4f lr %.3e data wait %.0f%% of the step time", pos.epoch + 1,
+                             end_epoch, pos.step_in_epoch, self.steps_per_epoch, loss_value, lr,
+                             100 * wait_s / max(step_s, 1e-9))
                 hit_limit = 0 < max_steps <= pos.global_step
                 sums["seconds"] += time.perf_counter() - start
                 start = time.perf_counter()
@@ -672,6 +694,9 @@ class Trainer:
                 "val_top5": result["top5"],
                 "images_per_s": images / seconds if seconds > 0 else 0.0,
                 "epoch_seconds": seconds,
+                # Waiting on the loader (rank 0's): above ~0.2 the run is input-bound.
+                "data_wait_s": sums["data_seconds"],
+                "data_wait_fraction": sums["data_seconds"] / seconds if seconds > 0 else 0.0,
             }
             if ema_result is not None:
                 record.update(val_loss_ema=ema_result["loss"], val_top1_ema=ema_result["top1"],
@@ -712,12 +737,14 @@ class Trainer:
         val = (f"val loss {result['loss']:.4f} top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}%"
                if evaluated else f"not evaluated (TRAIN.EVAL_BEGIN_EPOCH {cfg.TRAIN.EVAL_BEGIN_EPOCH})")
         ema_text = f" | EMA top-1 {ema_result['top1']:.2f}%" if ema_result else ""
-        log.info("=> epoch %d/%d: train loss %.4f | %s | %.0f img/s%s", pos.epoch + 1, int(cfg.TRAIN.END_EPOCH),
-                 record["train_loss"], val, record["images_per_s"], ema_text)
+        log.info("=> epoch %d/%d: train loss %.4f | %s | %.0f img/s, %.0f%% of it waiting on data%s", pos.epoch + 1,
+                 int(cfg.TRAIN.END_EPOCH), record["train_loss"], val, record["images_per_s"],
+                 100 * record["data_wait_fraction"], ema_text)
         with writing(self.metrics.path):
             self.metrics.append(record)
         if self.tb is not None:
-            scalars = {"train/epoch_loss": record["train_loss"], "train/images_per_s": record["images_per_s"]}
+            scalars = {"train/epoch_loss": record["train_loss"], "train/images_per_s": record["images_per_s"],
+                       "train/data_wait_fraction": record["data_wait_fraction"]}
             if evaluated:
                 scalars.update({"val/loss": result["loss"], "val/top1": result["top1"], "val/top5": result["top5"]})
             self.tb.scalars(scalars, pos.epoch + 1)
