@@ -139,7 +139,7 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, max_side: int = DEFA
         else:
             import multiprocessing
 
-            pool = multiprocessing.get_context("spawn").Pool(workers)
+            pool = multiprocessing.Pool(workers)
             results = pool.imap_unordered(_work, jobs, chunksize=16)
         try:
             for path, size, error in results:
