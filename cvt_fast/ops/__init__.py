@@ -97,11 +97,20 @@ __all__ = ["attention", "conv_proj", "conv_proj_bn", "avg_proj", "linear_proj", 
 
 # --------------------------------------------------------------------------- autocast
 
+def _autocast_enabled(device_type: str) -> bool:
+    # torch asks autocast about device types it has a dispatch key for; others (meta) have no
+    # autocast, and asking raises a RuntimeError that would hide the contract's own message.
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _autocast(*tensors: Optional[Tensor]) -> tuple:
     """Cast floating inputs to the autocast dtype when autocast is on, as torch's conv2d and
     matmul do (the custom ops themselves are not autocast-aware; float64 is left alone)."""
     first = tensors[0]
-    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
+    if not isinstance(first, Tensor) or not _autocast_enabled(first.device.type):
         return tensors
     dtype = torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
