@@ -6,8 +6,8 @@
 `inference_model` puts the model in eval mode and folds each conv_proj's BatchNorm into its
 convolution weights once (cvt_fast/batch_norm_fold.py keeps the folded tensors until a weight
 or running statistic changes). On a GPU it also captures the whole forward in a CUDA graph per
-input shape, dtype and autocast dtype: at small batch a CvT forward is hundreds of small kernel
-launches, and a graph replay issues them all at once. A new shape captures a new graph (each
+input shape, dtype, autocast dtype and backend choice (`graph_key`): at small batch a CvT
+forward is hundreds of small kernel launches, and a graph replay issues them all at once. A new shape captures a new graph (each
 with its own memory pool: about one forward's activations per shape); `reset()` drops them.
 
 The graph path copies each batch into a static input buffer and returns a copy of the static
@@ -30,14 +30,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
 from cvt_fast.batch_norm_fold import FoldedWeights
+from cvt_fast.ops.backend import get_backend
 
-__all__ = ["InferenceModel", "inference_model"]
+__all__ = ["InferenceModel", "inference_model", "GraphKey", "graph_key"]
 
 
 @dataclass
@@ -54,6 +55,23 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
+
+
+class GraphKey(NamedTuple):
+    """What a captured forward depends on besides the weights (those are watched apart, see
+    InferenceModel._weights_changed): a graph is replayed only for a call with the same key."""
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+    autocast_dtype: Optional[torch.dtype]  # None: autocast off for the input's device type
+    backend: str  # the process-wide choice (set_backend / CVT_FAST_BACKEND): it picks the kernels captured
+
+
+def graph_key(x: Tensor) -> GraphKey:
+    """The cache key of the CUDA graph for a call on input x, in the calling context (autocast, backend).
+    A pure function of the call, so that what it keys on is testable without a GPU. The input's
+    strides are not in it: the graph reads a contiguous copy of x."""
+    return GraphKey(tuple(x.shape), x.dtype, x.device, _autocast_dtype(x.device), get_backend())
 
 
 class InferenceModel(nn.Module):
@@ -82,7 +100,7 @@ class InferenceModel(nn.Module):
         self.check_weights = check_weights
         self.clone_output = clone_output
         self.warmup_steps = warmup_steps
-        self._graphs: dict[tuple, _CapturedForward] = {}
+        self._graphs: dict[GraphKey, _CapturedForward] = {}
         self._snapshot_weights()
         if cuda_graphs and self._device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, but it is on {self._device}; "
@@ -117,11 +135,11 @@ class InferenceModel(nn.Module):
         if not use_graphs:
             with torch.no_grad():
                 return self.model(x)
-        key = (tuple(x.shape), x.dtype, _autocast_dtype(x.device))
+        key = graph_key(x)
         captured = self._graphs.get(key)
         if captured is None:
             try:
-                captured = self._capture(x, key[2])
+                captured = self._capture(x, key.autocast_dtype)
             except RuntimeError as error:
                 raise RuntimeError(f"capturing the forward in a CUDA graph failed for input shape {tuple(x.shape)} "
                                    f"({type(error).__name__}: {error}); pass cuda_graphs=False to run without "
