@@ -323,8 +323,8 @@ attention_bwd_prep_kernel(const scalar_t* __restrict__ grad_out, const scalar_t*
   float partial = 0.0f;
   if (real) {
     const int64_t offset = ((bh / n_heads * n_q + i) * n_heads + bh % n_heads) * D + part * 8;
-    const uint4 do_raw = *reinterpret_cast<const uint4*>(grad_out + offset);
-    const uint4 o_raw = *reinterpret_cast<const uint4*>(out + offset);
+    const uint4 do_raw = load_16(grad_out + offset);
+    const uint4 o_raw = load_16(out + offset);
     const scalar_t* do_vals = reinterpret_cast<const scalar_t*>(&do_raw);
     const scalar_t* o_vals = reinterpret_cast<const scalar_t*>(&o_raw);
 #pragma unroll
@@ -638,6 +638,48 @@ attention_bwd_tc_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* _
 #endif
 }
 
+// ---------------------------------------------------------------- which backward runs (host, pure)
+// Shared by the wrapper below and csrc/emulate/emulate_attention_bwd.cpp, so the emulation runs the
+// choice the GPU build makes; no CUDA call, so tests reach it without a GPU.
+
+// A tensor as the kernels walk it: a (B, N, H) grid of rows of D elements, base pointer and strides in
+// elements (grad_out, out: (B, Nq, H*D) contiguous seen as (B, Nq, H) rows of D).
+struct RowsView {
+  const void* base;
+  int64_t sizes[3];
+  int64_t strides[3];
+};
+
+inline bool rows_aligned(const RowsView& t) { return rows_are_16_byte_aligned(t.base, t.sizes, t.strides); }
+
+struct BwdPlan {
+  bool tensor_cores;   // the tensor-core kernels (else the CUDA-core pair, which reads element by element)
+  bool copy_grad_out;  // copy grad_out to a fresh (16-byte aligned) contiguous buffer first
+  bool copy_out;       // the same for out
+};
+
+// tensor_cores_allowed: the dtype, the GPU, CVT_FAST_CUDA_ATTENTION and the scale permit them
+// (attention_use_tensor_cores). The tensor-core backward moves 16 bytes at a time through every
+// tensor it touches: q, k, v by cp.async; grad_out by cp.async and, with out, by the prep kernel's
+// 16-byte loads; dq (convert kernel), dk, dv by 16-byte stores. A view that starts off a 16-byte
+// boundary (buf[1:].view(...)) would be a sticky "misaligned address" on the GPU, which kills every
+// later CUDA call of the process. q, k, v that fail take the CUDA-core kernels, as in the forward;
+// grad_out and out (contiguous, rows of D >= 32 16-bit elements) are copied instead (one pass over
+// (B, Nq, H*D), small against the backward), and outputs the wrapper allocated are aligned, but are
+// checked too.
+inline BwdPlan plan_attention_backward(bool tensor_cores_allowed, bool deterministic, const RowsView& q,
+                                       const RowsView& k, const RowsView& v, const RowsView& grad_out,
+                                       const RowsView& out, const RowsView& dq, const RowsView& dk,
+                                       const RowsView& dv) {
+  // With several key blocks dQ is summed by fp32 reductions in no fixed order; under
+  // torch.use_deterministic_algorithms(True) the CUDA-core pair (no atomics) runs instead.
+  const bool dq_by_reductions = k.sizes[1] > kBwdBlockN;
+  const bool tensor_cores = tensor_cores_allowed && !(dq_by_reductions && deterministic) && rows_aligned(q) &&
+                            rows_aligned(k) && rows_aligned(v) && rows_aligned(dq) && rows_aligned(dk) &&
+                            rows_aligned(dv);
+  return {tensor_cores, tensor_cores && !rows_aligned(grad_out), tensor_cores && !rows_aligned(out)};
+}
+
 }  // namespace
 }  // namespace cvt_fast
 
@@ -652,6 +694,17 @@ attention_bwd_tc_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* _
 
 namespace cvt_fast {
 namespace {
+
+// (B, N, H, D) q, k, v, dq, dk, dv as RowsView.
+RowsView rows_view(const at::Tensor& t) {
+  return {t.data_ptr(), {t.size(0), t.size(1), t.size(2)}, {t.stride(0), t.stride(1), t.stride(2)}};
+}
+
+// (B, Nq, H*D) grad_out, out (contiguous) as (B, Nq, H) rows of D.
+RowsView rows_view(const at::Tensor& t, int64_t n_heads) {
+  const int64_t d = t.size(2) / n_heads;
+  return {t.data_ptr(), {t.size(0), t.size(1), n_heads}, {t.stride(0), t.stride(1), d * t.stride(2)}};
+}
 
 template <typename scalar_t, int D>
 void launch_attention_bwd_tc(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -767,14 +820,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   }
 
   const c10::cuda::OptionalCUDAGuard guard(q.device());
-  const auto grad_out_c = grad_out.contiguous();
-  const auto out_c = out.contiguous();
+  auto grad_out_c = grad_out.contiguous();
+  auto out_c = out.contiguous();
   const auto lse_c = lse.contiguous();
-  // With several key blocks the tensor-core backward sums dQ by fp32 reductions in no fixed order;
-  // under torch.use_deterministic_algorithms(True) the CUDA-core pair (no atomics) runs instead.
-  const bool dq_by_reductions = k.size(1) > kBwdBlockN;
-  const bool tc = attention_use_tensor_cores(q, k, v, scale) &&
-                  !(dq_by_reductions && at::globalContext().deterministicAlgorithms());
+  const BwdPlan plan = plan_attention_backward(
+      attention_use_tensor_cores(q, k, v, scale), at::globalContext().deterministicAlgorithms(), rows_view(q),
+      rows_view(k), rows_view(v), rows_view(grad_out_c, n_heads), rows_view(out_c, n_heads), rows_view(dq),
+      rows_view(dk), rows_view(dv));
+  // clone() of a contiguous tensor is a fresh allocation: the caching allocator aligns those to 512 bytes.
+  if (plan.copy_grad_out) grad_out_c = grad_out_c.clone();
+  if (plan.copy_out) out_c = out_c.clone();
+  const bool tc = plan.tensor_cores;
   CVT_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), kOp, [&] {
     const float s = static_cast<float>(scale);
     switch (head_dim) {

@@ -7,7 +7,8 @@
 #include <c10/util/Half.h>
 
 #ifdef CVT_FAST_HOST_EMULATION
-// csrc/emulate/: the kernels compiled by a host compiler, one OS thread per CUDA thread.
+// csrc/emulate/: the kernels compiled by a host compiler; every CUDA thread of a block is a fiber
+// on the calling OS thread (cuda_on_host.h), blocks run one after another.
 #include "emulate/cuda_on_host.h"
 #else
 #include <cuda_bf16.h>

@@ -73,33 +73,17 @@ constexpr int lane_channels_for(int kernel) { return kernel == 3 && sizeof(scala
 constexpr int chunk_channels(int lane_channels) { return 32 * lane_channels; }  // per CTA
 
 // ---------------------------------------------------------------- cp.async, dynamic smem, umulhi
-// 16-byte global -> shared copies, zero-filled past src_bytes (0 or 16). The emulation defers
-// each copy until the wait that covers its group, as the hardware may: a kernel that reads
-// shared memory before waiting sees stale data there too.
+// 16-byte global -> shared copies, zero-filled past src_bytes (0 or 16). The emulation runs them as
+// cuda_on_host.h's cp_async_issue does: per emulated thread, the destination poisoned (NaN) from
+// issue until a wait of the issuing thread retires its group, so a warp that reads its box before
+// its own wait (or a missing wait in one warp) shows as NaN in the outputs.
 #ifdef CVT_FAST_HOST_EMULATION
-struct PendingCopy {
-  void* dst;
-  const void* src;
-  int src_bytes;
-};
-inline thread_local std::vector<std::vector<PendingCopy>> tl_committed_copies;  // oldest group first
-inline thread_local std::vector<PendingCopy> tl_open_copies;
-
 inline unsigned mul_hi_u32(unsigned a, unsigned b) { return static_cast<unsigned>((uint64_t{a} * b) >> 32); }
-inline void cp_async_16(void* dst, const void* src, int src_bytes) { tl_open_copies.push_back({dst, src, src_bytes}); }
-inline void cp_async_commit() {
-  tl_committed_copies.push_back(std::move(tl_open_copies));
-  tl_open_copies.clear();
-}
+inline void cp_async_16(void* dst, const void* src, int src_bytes) { cvt_emu::cp_async_issue(dst, src, src_bytes); }
+inline void cp_async_commit() { cvt_emu::cp_async_commit_group(); }
 template <int kPendingGroups>
 inline void cp_async_wait() {
-  while (tl_committed_copies.size() > static_cast<size_t>(kPendingGroups)) {
-    for (const PendingCopy& copy : tl_committed_copies.front()) {
-      std::memcpy(copy.dst, copy.src, copy.src_bytes);
-      std::memset(static_cast<char*>(copy.dst) + copy.src_bytes, 0, kCopyBytes - copy.src_bytes);
-    }
-    tl_committed_copies.erase(tl_committed_copies.begin());
-  }
+  cvt_emu::cp_async_wait_groups(kPendingGroups);
 }
 // Pair accesses of the fused kernels at an address that is not a multiple of the pair's size
 // (read and reset by csrc/emulate/emulate_conv_proj.cpp; see load_pair).
@@ -867,8 +851,44 @@ conv_proj_wgrad_reduce_kernel(const float* __restrict__ partial, int rows, int t
 
 // ---------------------------------------------------------------- generic path
 
+// Grid of the generic forward and grad_x kernels: x = (image, block of kWarps positions), the image
+// outermost, y = channel chunk. Images are folded into x (up to 2^31 - 1 blocks), not put on z
+// (at most 65535): an evaluation batch of 65536 images or more launches too.
+inline dim3 generic_position_grid(int positions, int channels, int64_t batch) {
+  return dim3(static_cast<unsigned>(div_up(positions, kWarps) * batch), static_cast<unsigned>(div_up(channels, kGenericChunk)));
+}
+
+// Whether that grid is within CUDA's limits (x <= 2^31 - 1, y <= 65535); the host raises otherwise.
+inline bool generic_position_grid_fits(int positions, int channels, int64_t batch) {
+  return int64_t{div_up(positions, kWarps)} * batch <= int64_t{2147483647} && div_up(channels, kGenericChunk) <= 65535;
+}
+
+// The generic forward's launches: one per distinct (stride, padding) among q and k/v. Launch i
+// computes outputs first .. first + count - 1 (q = 0, k = 1, v = 2) with geometry g.
+struct GenericLaunch {
+  ConvGeom g;
+  int first, count;
+};
+struct GenericLaunches {
+  GenericLaunch launch[2];
+  int n;
+};
+
+inline GenericLaunches generic_forward_launches(const ConvGeom& gq, const ConvGeom& gkv) {
+  if (gq.stride == gkv.stride && gq.padding == gkv.padding) return {{{gq, 0, 3}, {gq, 0, 0}}, 1};
+  return {{{gq, 0, 1}, {gkv, 1, 2}}, 2};
+}
+
+// Slot j (0..2) of a launch's kernel arguments from a 3-entry host array of q, k, v (weights,
+// biases, outputs): entry first + j, or null past the launch's count. Never reads past entry 2
+// (first + count <= 3); the k/v launch used to pass `weights + 1` and read its slot 2, entry 3.
+template <typename T>
+inline T* generic_slot(const GenericLaunch& launch, T* const (&all)[3], int j) {
+  return j < launch.count ? all[launch.first + j] : nullptr;
+}
+
 // Up to three convolutions sharing one geometry (n_out of o0, o1, o2): each x read feeds all.
-// grid (ceil(out_h*out_w / kWarps), channel chunks, batch); one warp per output position.
+// grid generic_position_grid(out_h*out_w, channels, batch); one warp per output position.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
 conv_proj_fwd_generic_kernel(const scalar_t* __restrict__ x, int64_t x_sb, int64_t x_st, const float* __restrict__ w0,
@@ -879,16 +899,18 @@ conv_proj_fwd_generic_kernel(const scalar_t* __restrict__ x, int64_t x_sb, int64
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int c = blockIdx.y * kGenericChunk + lane;
   if (c >= channels) return;  // no barriers in this kernel
-  const int64_t b = blockIdx.z;
+  const int per_image = (g.out_h * g.out_w + kWarps - 1) / kWarps;  // as generic_position_grid
+  const int64_t b = blockIdx.x / per_image;
+  const int block = static_cast<int>(blockIdx.x - b * per_image);
   const scalar_t* x_image = x + b * x_sb;
   const int64_t out_offset = b * (cls + g.out_h * g.out_w) * channels;
-  if (cls && blockIdx.x == 0 && warp == 0) {  // the cls token is never convolved
+  if (cls && block == 0 && warp == 0) {  // the cls token is never convolved
     const scalar_t cls_value = x_image[c];
     o0[out_offset + c] = cls_value;
     if (n_out > 1) o1[out_offset + c] = cls_value;
     if (n_out > 2) o2[out_offset + c] = cls_value;
   }
-  const int position = blockIdx.x * kWarps + warp;
+  const int position = block * kWarps + warp;
   if (position >= g.out_h * g.out_w) return;
   const int oh = position / g.out_w, ow = position - oh * g.out_w;
   const int ih0 = oh * g.stride - g.padding, iw0 = ow * g.stride - g.padding;
@@ -934,7 +956,7 @@ __device__ __forceinline__ float gather_grad(const scalar_t* __restrict__ grad_i
   return acc;
 }
 
-// grad_q, grad_k, grad_v, grad_x contiguous. grid (ceil(H*W / kWarps), channel chunks, batch).
+// grad_q, grad_k, grad_v, grad_x contiguous. grid generic_position_grid(H*W, channels, batch).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
 conv_proj_bwd_input_generic_kernel(const scalar_t* __restrict__ grad_q, const scalar_t* __restrict__ grad_k,
@@ -945,15 +967,17 @@ conv_proj_bwd_input_generic_kernel(const scalar_t* __restrict__ grad_q, const sc
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int c = blockIdx.y * kGenericChunk + lane;
   if (c >= channels) return;
-  const int64_t b = blockIdx.z;
+  const int per_image = (height * width + kWarps - 1) / kWarps;  // as generic_position_grid
+  const int64_t b = blockIdx.x / per_image;
+  const int block = static_cast<int>(blockIdx.x - b * per_image);
   const scalar_t* gq_image = grad_q + b * (cls + gq.out_h * gq.out_w) * channels;
   const scalar_t* gk_image = grad_k + b * (cls + gkv.out_h * gkv.out_w) * channels;
   const scalar_t* gv_image = grad_v + b * (cls + gkv.out_h * gkv.out_w) * channels;
   scalar_t* gx_image = grad_x + b * (cls + height * width) * channels;
-  if (cls && blockIdx.x == 0 && warp == 0) {  // the cls row was passed through to all three outputs
+  if (cls && block == 0 && warp == 0) {  // the cls row was passed through to all three outputs
     gx_image[c] = from_float<scalar_t>(to_float(gq_image[c]) + to_float(gk_image[c]) + to_float(gv_image[c]));
   }
-  const int position = blockIdx.x * kWarps + warp;
+  const int position = block * kWarps + warp;
   if (position >= height * width) return;
   const int ih = position / width, iw = position - ih * width;
   const float acc = gather_grad(gq_image, wq, gq, cls, channels, c, ih, iw) +
@@ -1164,9 +1188,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_proj_forward_cuda(
 
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const auto wq_t = tap_major(wq), wk_t = tap_major(wk), wv_t = tap_major(wv);
-  const float* biases[3] = {bq_f ? bq_f->data_ptr<float>() : nullptr, bk_f ? bk_f->data_ptr<float>() : nullptr,
-                            bv_f ? bv_f->data_ptr<float>() : nullptr};
-  const int generic_chunks = static_cast<int>(ceil_div(channels, kGenericChunk));
+  const float* const biases[3] = {bq_f ? bq_f->data_ptr<float>() : nullptr,
+                                  bk_f ? bk_f->data_ptr<float>() : nullptr, bv_f ? bv_f->data_ptr<float>() : nullptr};
   auto stream = c10::cuda::getCurrentCUDAStream();
   CVT_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), kOp, [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -1191,22 +1214,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_proj_forward_cuda(
       return;
     }
     // Generic: one launch per distinct (stride, padding), each computing every output that has it.
-    auto generic = [&](const ConvGeom& g, int n_out, const float* const* ws, const float* const* bs,
-                       scalar_t* const* outs) {
-      const dim3 grid(static_cast<unsigned>(ceil_div(int64_t{g.out_h} * g.out_w, kWarps)), generic_chunks,
-                      static_cast<unsigned>(batch));
-      conv_proj_fwd_generic_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-          xp, x.stride(0), x.stride(1), ws[0], ws[1], ws[2], bs[0], bs[1], bs[2], outs[0], outs[1], outs[2], n_out,
-          static_cast<int>(channels), h, w, cls, g);
+    const float* const weights[3] = {wq_t.data_ptr<float>(), wk_t.data_ptr<float>(), wv_t.data_ptr<float>()};
+    scalar_t* const outs[3] = {qp, kp, vp};
+    const GenericLaunches launches = generic_forward_launches(gq, gkv);
+    for (int i = 0; i < launches.n; ++i) {
+      const GenericLaunch& l = launches.launch[i];
+      const int positions = l.g.out_h * l.g.out_w;
+      TORCH_CHECK_VALUE(generic_position_grid_fits(positions, static_cast<int>(channels), batch), kOp, ": batch ",
+                        batch, " x ", positions, " output positions x ", channels,
+                        " channels exceed the CUDA grid of the generic kernels; split the batch");
+      conv_proj_fwd_generic_kernel<scalar_t>
+          <<<generic_position_grid(positions, static_cast<int>(channels), batch), kThreads, 0, stream>>>(
+              xp, x.stride(0), x.stride(1), generic_slot(l, weights, 0), generic_slot(l, weights, 1),
+              generic_slot(l, weights, 2), generic_slot(l, biases, 0), generic_slot(l, biases, 1),
+              generic_slot(l, biases, 2), generic_slot(l, outs, 0), generic_slot(l, outs, 1),
+              generic_slot(l, outs, 2), l.count, static_cast<int>(channels), h, w, cls, l.g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    const float* weights[3] = {wq_t.data_ptr<float>(), wk_t.data_ptr<float>(), wv_t.data_ptr<float>()};
-    scalar_t* outs[3] = {qp, kp, vp};
-    if (gq.stride == gkv.stride && gq.padding == gkv.padding) {
-      generic(gq, 3, weights, biases, outs);
-    } else {
-      generic(gq, 1, weights, biases, outs);
-      generic(gkv, 2, weights + 1, biases + 1, outs + 1);
     }
   });
   return {q, k, v};
@@ -1285,9 +1308,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_proj_backward_cu
         (kernel == 3 ? launch_fused(std::integral_constant<int, 3>{}) : launch_fused(std::integral_constant<int, 5>{}))) {
       return;
     }
-    const dim3 input_grid(static_cast<unsigned>(ceil_div(height * width, kWarps)), generic_chunks,
-                          static_cast<unsigned>(batch));
-    conv_proj_bwd_input_generic_kernel<scalar_t><<<input_grid, kThreads, 0, stream>>>(
+    TORCH_CHECK_VALUE(generic_position_grid_fits(h * w, static_cast<int>(channels), batch), kOp, ": batch ", batch,
+                      " x ", h * w, " positions x ", channels,
+                      " channels exceed the CUDA grid of the generic kernels; split the batch");
+    // The weight-gradient grid has one z index per (convolution, tap): 3 k^2 <= 65535.
+    TORCH_CHECK_VALUE(3 * taps <= 65535, kOp, ": kernel size ", kernel,
+                      " has too many taps for the generic weight-gradient grid (3 k^2 must be at most 65535)");
+    conv_proj_bwd_input_generic_kernel<scalar_t>
+        <<<generic_position_grid(h * w, static_cast<int>(channels), batch), kThreads, 0, stream>>>(
         gqp, gkp, gvp, wq_t.data_ptr<float>(), wk_t.data_ptr<float>(), wv_t.data_ptr<float>(),
         grad_x.data_ptr<scalar_t>(), static_cast<int>(channels), h, w, cls, gq, gkv);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

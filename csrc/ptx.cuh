@@ -121,6 +121,10 @@ __device__ __forceinline__ void atomic_add_pair(float* address, float a, float b
 #endif
 }
 
+// 16 bytes from global memory in one vector load (the address must be 16-byte aligned: a misaligned
+// one is a sticky "misaligned address" error on the GPU; the emulation aborts on it).
+__device__ __forceinline__ uint4 load_16(const void* address) { return *reinterpret_cast<const uint4*>(address); }
+
 // The block's dynamic shared memory (size given at launch).
 __device__ __forceinline__ unsigned char* dynamic_shared_memory() {
   extern __shared__ __align__(16) unsigned char cvt_fast_dynamic_smem[];

@@ -309,7 +309,11 @@ EMULATION_SIGNATURES = {
     "emu_attention_backward": [INT, INT] + [PTR] * 9 + [INT] * 4 + [ctypes.POINTER(I64), F32, INT, INT],
     "emu_conv_proj_forward": [INT, PTR, I64, I64] + [PTR] * 9 + [INT] * 9,
     "emu_conv_proj_backward": [INT] + [PTR] * 7 + [I64, I64, PTR, PTR] + [INT] * 9,
+    "emu_attention_backward_plan": [INT, INT] + [PTR] * 8 + [INT] * 4 + [ctypes.POINTER(I64), F32, INT, INT],
+    "emu_set_dry_launches": [INT],
+    "emu_launch_log": [ctypes.POINTER(ctypes.c_uint), INT, ctypes.POINTER(INT)],
 }
+RETURNS_INT = {"emu_attention_forward", "emu_attention_backward", "emu_attention_backward_plan", "emu_launch_log"}
 
 
 @pytest.fixture(scope="module")
@@ -331,7 +335,7 @@ def emulated(tmp_path_factory):
     lib = ctypes.CDLL(str(library))
     for name, argtypes in EMULATION_SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = ctypes.c_int if name.startswith("emu_attention") else None
+        getattr(lib, name).restype = ctypes.c_int if name in RETURNS_INT else None
     return EmulatedKernels(lib)
 
 
@@ -571,6 +575,110 @@ def test_emulated_attention_backward_with_very_negative_scores_stays_finite(emul
     # multiplies its relative error by about 10; what this test guards is finiteness.
     limits = dict(EMULATED_LIMITS[dtype], grad=10 * EMULATED_LIMITS[dtype]["grad"])
     check_emulated_attention(emulated, q, k, v, 1.0, limits=limits)
+
+
+def misaligned_like(t):
+    """A contiguous copy of t that starts one element past a 16-byte boundary, as a view such as
+    buf[1:].view(...) does (contiguous, so .contiguous() leaves it where it is)."""
+    storage = torch.empty(t.numel() + 8, dtype=t.dtype)
+    offset = next(i for i in range(1, 9) if (storage.data_ptr() + i * t.element_size()) % 16)
+    view = storage[offset:offset + t.numel()].view(t.shape)
+    view.copy_(t)
+    assert view.is_contiguous() and view.data_ptr() % 16
+    return view
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("misaligned", ["grad_out", "out", "both"])
+def test_emulated_attention_backward_takes_misaligned_grad_out_and_out(emulated, dtype, misaligned):
+    # The tensor-core backward reads grad_out by 16-byte cp.async and grad_out and out by 16-byte loads.
+    # A contiguous view at an odd element offset used to reach them (only q, k, v were checked): on a GPU
+    # a sticky "misaligned address"; in the emulation an abort. The launcher now copies such a tensor to
+    # an aligned buffer and keeps the tensor-core kernels.
+    q, k, v = random_qkv(1, 37, 21, 2, 64, dtype, "cpu")
+    out, lse = emulated.attention_forward(q, k, v, 0.125)
+    grad_out = torch.randn_like(out)
+    ref = [t.detach().to(torch.float64).requires_grad_() for t in (q, k, v)]
+    reference_attention(*ref, 0.125)[0].backward(grad_out.to(torch.float64))
+    if misaligned in ("grad_out", "both"):
+        grad_out = misaligned_like(grad_out)
+    if misaligned in ("out", "both"):
+        out = misaligned_like(out)
+    grads = emulated.attention_backward(grad_out, q, k, v, out, lse, 0.125)
+    assert emulated.ran_tensor_cores["backward"]
+    for name, got, leaf in zip(("dq", "dk", "dv"), grads, ref):
+        assert_within(got, leaf.grad, EMULATED_LIMITS[dtype]["grad"], name)
+
+
+def backward_plan(lib, q, k, v, grad_out, out, dq, dk, dv, tensor_cores=True, deterministic=False, scale=0.125):
+    """(tensor cores, grad_out copied, out copied): the launcher's choice (plan_attention_backward)."""
+    strides = (ctypes.c_int64 * 9)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    bits = lib.emu_attention_backward_plan(DTYPE_CODE[q.dtype], q.shape[3], *map(_ptr, (grad_out, q, k, v, out, dq, dk,
+                                                                                          dv)),
+                                           q.shape[0], q.shape[1], k.shape[1], q.shape[2], strides,
+                                           ctypes.c_float(scale), int(tensor_cores), int(deterministic))
+    return bool(bits & 1), bool(bits & 2), bool(bits & 4)
+
+
+@pytest.mark.parametrize("misaligned,expected", [
+    (None, (True, False, False)),
+    ("grad_out", (True, True, False)),
+    ("out", (True, False, True)),
+    ("q", (False, False, False)),
+    ("v", (False, False, False)),
+    ("dq", (False, False, False)),
+    ("dk", (False, False, False)),
+])
+def test_attention_backward_plan_checks_every_16_byte_operand(emulated, misaligned, expected):
+    # Every tensor the tensor-core backward moves 16 bytes at a time: inputs it reads by cp.async (q, k,
+    # v) take the CUDA-core kernels when misaligned; grad_out and out are copied; the outputs are
+    # allocated aligned by the launcher, and an unaligned one would also take the CUDA-core kernels.
+    q, k, v = random_qkv(2, 37, 21, 2, 64, torch.bfloat16, "cpu")
+    tensors = dict(q=q, k=k, v=v, grad_out=torch.randn(2, 37, 128).to(torch.bfloat16), dq=torch.empty_like(q),
+                   dk=torch.empty_like(k), dv=torch.empty_like(v))
+    tensors["out"] = torch.randn_like(tensors["grad_out"])
+    if misaligned is not None:
+        tensors[misaligned] = misaligned_like(tensors[misaligned])
+    names = ("q", "k", "v", "grad_out", "out", "dq", "dk", "dv")
+    assert backward_plan(emulated.lib, *(tensors[n] for n in names)) == expected
+    # fp32, the simt switch, and deterministic mode with several key blocks never take the tensor cores.
+    assert backward_plan(emulated.lib, *(tensors[n] for n in names), tensor_cores=False) == (False, False, False)
+    k70, v70 = (torch.randn(2, 70, 2, 64).to(torch.bfloat16) for _ in range(2))
+    many_keys = dict(tensors, k=k70, v=v70, dk=torch.empty_like(k70), dv=torch.empty_like(v70))
+    assert backward_plan(emulated.lib, *(many_keys[n] for n in names), deterministic=True) == (False, False, False)
+
+
+def launch_log(lib):
+    """The grids (x, y, z) the emulation recorded since the last call, and how many exceeded CUDA's limits."""
+    grids = (ctypes.c_uint * (3 * 64))()
+    oversized = ctypes.c_int(0)
+    n = lib.emu_launch_log(grids, 64, ctypes.byref(oversized))
+    return [tuple(grids[3 * i:3 * i + 3]) for i in range(min(n, 64))], oversized.value
+
+
+@pytest.mark.parametrize("geometry", [(2, 2, 1, 1), (1, 2, 1, 1)], ids=["generic", "fused"])
+def test_conv_proj_grids_fit_cuda_limits_past_65535_images(emulated, geometry):
+    # Evaluation at batch >= 65536: the generic kernels had the batch on gridDim.z (at most 65535), and
+    # the launch failed. The launchers' plans run here without the kernels (dry launches), at 70000 images
+    # of a 3 x 3 grid, and every recorded grid must be within CUDA's limits.
+    batch, channels, height, width = 70_000, 8, 3, 3
+    stride_q, stride_kv, padding_q, padding_kv = geometry
+    lib = emulated.lib
+    x = torch.zeros(batch, 1 + height * width, channels)
+    w = torch.zeros(channels, 1, 3, 3)
+    launch_log(lib)
+    lib.emu_set_dry_launches(1)
+    try:
+        q, k, v = emulated.conv_proj_forward(x, w, w, w, None, None, None, height, width, True, stride_q, stride_kv,
+                                             padding_q, padding_kv)
+        emulated.conv_proj_backward(torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), x, w, w, w, height,
+                                    width, True, stride_q, stride_kv, padding_q, padding_kv)
+    finally:
+        lib.emu_set_dry_launches(0)
+    grids, oversized = launch_log(lib)
+    assert grids, "no launch was recorded"
+    assert oversized == 0, f"grids over CUDA's limits (x <= 2^31 - 1, y, z <= 65535): {grids}"
 
 
 # The emulated conv_proj kernels are tested in tests/test_cuda_conv_proj_emulated.py (element-wise

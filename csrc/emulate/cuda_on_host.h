@@ -66,12 +66,12 @@ namespace cvt_emu {
 constexpr int kWarpSize = 32;
 constexpr size_t kFiberStackBytes = 256 * 1024;
 
-// A cp.async in flight (ptx_on_host.h): lands at the wait that retires its group.
+// A cp.async of kCpAsyncBytes in flight: lands at the wait of the issuing thread that retires its group.
+constexpr int kCpAsyncBytes = 16;
 struct PendingCopy {
   void* dst;
   const void* src;
-  int bytes;
-  bool fill;
+  int src_bytes;  // bytes read from src; the rest of the 16 is zero-filled (as cp.async's src-size)
 };
 
 // What a CUDA thread has of its own besides its stack.
@@ -156,6 +156,22 @@ inline thread_local BlockContext* tl_block = nullptr;
 inline dim3 g_grid_dim;
 inline dim3 g_block_dim;
 
+// The CUDA launch limits (compute capability 3.0 and newer): a grid over these fails to launch
+// ("invalid configuration argument"), so the emulation refuses it too.
+constexpr unsigned kMaxGridX = 2147483647u, kMaxGridYZ = 65535u, kMaxBlockThreads = 1024u;
+inline bool grid_fits(dim3 grid) {
+  return grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.x <= kMaxGridX && grid.y <= kMaxGridYZ &&
+         grid.z <= kMaxGridYZ;
+}
+
+// Launch recording for tests of the host-side plans at sizes too large to emulate: with
+// g_dry_launches set, launch_with_shared records the grid and returns without running the kernel
+// (the outputs are left as they were). g_launch_log keeps every launch's grid either way, and
+// g_oversized_launches counts the grids over the CUDA limits (run or not).
+inline bool g_dry_launches = false;
+inline std::vector<dim3> g_launch_log;
+inline int g_oversized_launches = 0;
+
 // The kernel call of the launch being run, type-erased for the fiber entry point.
 inline thread_local void (*tl_body)(void*) = nullptr;
 inline thread_local void* tl_body_arg = nullptr;
@@ -168,9 +184,20 @@ inline void fiber_entry() {
 // Runs kernel<<<grid, block, shared_bytes>>>(args...) to completion.
 template <typename... Params, typename... Args>
 void launch_with_shared(dim3 grid, dim3 block, size_t shared_bytes, void (*kernel)(Params...), Args... args) {
+  g_launch_log.push_back(grid);
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  if (!grid_fits(grid) || threads < 1 || threads > static_cast<int>(kMaxBlockThreads)) {
+    ++g_oversized_launches;
+    if (g_dry_launches) return;
+    std::fprintf(stderr,
+                 "cvt_fast emulation: launch of grid (%u, %u, %u), block of %d threads is over the CUDA limits "
+                 "(grid x <= 2^31 - 1, y and z <= 65535, at most 1024 threads per block)\n",
+                 grid.x, grid.y, grid.z, threads);
+    std::abort();
+  }
+  if (g_dry_launches) return;
   g_grid_dim = grid;
   g_block_dim = block;
-  const int threads = static_cast<int>(block.x * block.y * block.z);
   auto body = [&] { kernel(static_cast<Params>(args)...); };
   tl_body = [](void* call) { (*static_cast<decltype(body)*>(call))(); };
   tl_body_arg = &body;
@@ -226,6 +253,37 @@ void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args... args) {
 
 inline int linear_tid() { return current_thread().linear_tid; }
 inline int lane_id() { return linear_tid() % kWarpSize; }
+
+// cp.async, as one emulated thread issues it (ptx_on_host.h and conv_proj.cu both use these):
+// "poison at issue, land at wait". The 16 destination bytes become 0xFF (NaN in fp16, bf16 and
+// fp32) when the copy is issued; src_bytes bytes of the source (and zeros after them) arrive only
+// when a wait_group of the *issuing* thread retires the copy's group. The queues are per emulated
+// thread (ThreadState), not thread_local: every thread of a block is a fiber on one OS thread, so a
+// thread_local queue would be shared by the block, and one warp's wait would land the copies of a
+// warp that never waited. Here a thread that reads a buffer before its own copies were waited for
+// (or another thread's, without the barrier after that thread's wait) reads NaN.
+inline void cp_async_issue(void* dst, const void* src, int src_bytes) {
+  std::memset(dst, 0xFF, kCpAsyncBytes);
+  current_thread().open_copies.push_back({dst, src, src_bytes});
+}
+
+inline void cp_async_commit_group() {
+  ThreadState& thread = current_thread();
+  thread.committed_copies.push_back(std::move(thread.open_copies));
+  thread.open_copies.clear();
+}
+
+// cp.async.wait_group pending: retires this thread's groups until at most `pending` remain.
+inline void cp_async_wait_groups(int pending) {
+  auto& groups = current_thread().committed_copies;
+  while (static_cast<int>(groups.size()) > pending) {
+    for (const PendingCopy& copy : groups.front()) {
+      if (copy.src_bytes > 0) std::memcpy(copy.dst, copy.src, copy.src_bytes);
+      std::memset(static_cast<char*>(copy.dst) + copy.src_bytes, 0, kCpAsyncBytes - copy.src_bytes);
+    }
+    groups.pop_front();
+  }
+}
 
 // Posts `count` 64-bit words of this lane, waits for the whole warp, and returns the warp's slot set
 // (valid until this lane's next warp-collective operation). See WarpExchange.

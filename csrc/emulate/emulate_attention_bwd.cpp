@@ -5,25 +5,71 @@
 #include "emulate_common.h"
 
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
-// grad_out, out, lse contiguous. tensor_cores: 1 = as on sm_80+, 0 = as with
-// CVT_FAST_CUDA_ATTENTION=simt; deterministic: as torch.use_deterministic_algorithms(True).
-// Returns 1 when the tensor-core kernels ran.
+namespace {
+
+// The wrapper's choice (plan_attention_backward, shared with attention_bwd.cu's host side) for
+// grad_out, out, lse, dq, dk, dv contiguous and q, k, v with the given strides.
+cvt_fast::BwdPlan emulated_plan(const void* grad_out, const void* q, const void* k, const void* v, const void* out,
+                                const void* dq, const void* dk, const void* dv, int batch, int n_q, int n_kv,
+                                int n_heads, int head_dim, const int64_t* strides, float scale, int tensor_cores,
+                                int deterministic, int dtype) {
+  using cvt_fast::RowsView;
+  const int64_t b = batch, nq = n_q, nkv = n_kv, h = n_heads, d = head_dim;
+  const RowsView qv{q, {b, nq, h}, {strides[0], strides[1], strides[2]}};
+  const RowsView kv{k, {b, nkv, h}, {strides[3], strides[4], strides[5]}};
+  const RowsView vv{v, {b, nkv, h}, {strides[6], strides[7], strides[8]}};
+  auto contiguous = [&](const void* base, int64_t n) { return RowsView{base, {b, n, h}, {n * h * d, h * d, d}}; };
+  // As attention_use_tensor_cores on sm_80+: 16-bit dtypes and scale >= 0 (its q/k/v row check is in the plan).
+  const bool allowed = tensor_cores && dtype != 0 && scale >= 0.0f;
+  return cvt_fast::plan_attention_backward(allowed, deterministic != 0, qv, kv, vv, contiguous(grad_out, nq),
+                                           contiguous(out, nq), contiguous(dq, nq), contiguous(dk, nkv),
+                                           contiguous(dv, nkv));
+}
+
+}  // namespace
+
+// The plan alone, for tests of the choice at any alignment (bit 0: tensor cores, bit 1: grad_out
+// copied, bit 2: out copied).
+extern "C" int emu_attention_backward_plan(int dtype, int head_dim, const void* grad_out, const void* q,
+                                           const void* k, const void* v, const void* out, const void* dq,
+                                           const void* dk, const void* dv, int batch, int n_q, int n_kv,
+                                           int n_heads, const int64_t* strides, float scale, int tensor_cores,
+                                           int deterministic) {
+  const cvt_fast::BwdPlan plan = emulated_plan(grad_out, q, k, v, out, dq, dk, dv, batch, n_q, n_kv, n_heads,
+                                               head_dim, strides, scale, tensor_cores, deterministic, dtype);
+  return (plan.tensor_cores ? 1 : 0) | (plan.copy_grad_out ? 2 : 0) | (plan.copy_out ? 4 : 0);
+}
+
+// grad_out, out, lse contiguous (grad_out and out at any alignment, as the wrapper's .contiguous()
+// leaves them). tensor_cores: 1 = as on sm_80+, 0 = as with CVT_FAST_CUDA_ATTENTION=simt;
+// deterministic: as torch.use_deterministic_algorithms(True). Returns 1 when the tensor-core kernels ran.
 extern "C" int emu_attention_backward(int dtype, int head_dim, const void* grad_out, const void* q, const void* k,
                                       const void* v, const void* out, const float* lse, void* dq, void* dk,
                                       void* dv, int batch, int n_q, int n_kv, int n_heads,
                                       const int64_t* strides /* q, k, v: batch, token, head */, float scale,
                                       int tensor_cores, int deterministic) {
   using namespace cvt_fast;
-  const int64_t q_sizes[3] = {batch, n_q, n_heads};
-  const int64_t kv_sizes[3] = {batch, n_kv, n_heads};
-  const bool aligned = rows_are_16_byte_aligned(q, q_sizes, {strides[0], strides[1], strides[2]}) &&
-                       rows_are_16_byte_aligned(k, kv_sizes, {strides[3], strides[4], strides[5]}) &&
-                       rows_are_16_byte_aligned(v, kv_sizes, {strides[6], strides[7], strides[8]});
+  const BwdPlan plan = emulated_plan(grad_out, q, k, v, out, dq, dk, dv, batch, n_q, n_kv, n_heads, head_dim,
+                                     strides, scale, tensor_cores, deterministic, dtype);
   const bool dq_by_reductions = n_kv > kBwdBlockN;
-  const bool use_tc = tensor_cores && aligned && scale >= 0.0f && !(dq_by_reductions && deterministic);
+  const bool use_tc = plan.tensor_cores;
+  // The wrapper's copies: fresh 16-byte aligned buffers (uint4 is alignas(16)).
+  const size_t row_bytes = static_cast<size_t>(batch) * n_q * n_heads * head_dim * (dtype == 0 ? 4 : 2);
+  std::vector<uint4> grad_out_copy, out_copy;
+  if (plan.copy_grad_out) {
+    grad_out_copy.resize(row_bytes / sizeof(uint4) + 1);
+    std::memcpy(grad_out_copy.data(), grad_out, row_bytes);
+    grad_out = grad_out_copy.data();
+  }
+  if (plan.copy_out) {
+    out_copy.resize(row_bytes / sizeof(uint4) + 1);
+    std::memcpy(out_copy.data(), out, row_bytes);
+    out = out_copy.data();
+  }
   int ran_tensor_cores = 0;
   cvt_emu::with_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);

@@ -9,6 +9,7 @@
 #include "emulate_common.h"
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -22,7 +23,10 @@ struct alignas(16) SmemBlock {
 };
 
 struct DynamicSmem {
+  // Poisoned (0xFF: NaN in every float type) as on the attention side, so a read of shared memory
+  // that nothing wrote shows.
   explicit DynamicSmem(int bytes) : storage(static_cast<size_t>(bytes) / sizeof(SmemBlock) + 1) {
+    std::memset(storage.data(), 0xFF, storage.size() * sizeof(SmemBlock));
     g_emulated_dynamic_smem = storage.front().bytes;
   }
   ~DynamicSmem() { g_emulated_dynamic_smem = nullptr; }
@@ -61,7 +65,6 @@ extern "C" void emu_conv_proj_forward_ex(int dtype, const void* x, int64_t x_sb,
                                          int* path_out) {
   const ConvGeom gq = make_geom(height, width, kernel, stride_q, padding_q);
   const ConvGeom gkv = make_geom(height, width, kernel, stride_kv, padding_kv);
-  const int generic_chunks = div_up(channels, kGenericChunk);
   const bool fused = use_fused_path(kernel, stride_q, stride_kv, padding_q, padding_kv);
   if (path_out != nullptr) *path_out = fused ? 1 : 0;
   cvt_emu::with_dtype(dtype, [&](auto tag) {
@@ -81,20 +84,18 @@ extern "C" void emu_conv_proj_forward_ex(int dtype, const void* x, int64_t x_sb,
       });
       return;
     }
-    auto generic = [&](const ConvGeom& g, int n_out, const float* const* ws, const float* const* bs,
-                       scalar_t* const* outs) {
-      const dim3 grid(div_up(g.out_h * g.out_w, kWarps), generic_chunks, batch);
-      cvt_emu::launch(grid, dim3(kThreads), &conv_proj_fwd_generic_kernel<scalar_t>, xp, x_sb, x_st, ws[0], ws[1],
-                      ws[2], bs[0], bs[1], bs[2], outs[0], outs[1], outs[2], n_out, channels, height, width, cls, g);
-    };
-    const float* weights[3] = {wq, wk, wv};
-    const float* biases[3] = {bq, bk, bv};
-    scalar_t* outs[3] = {qp, kp, vp};
-    if (gq.stride == gkv.stride && gq.padding == gkv.padding) {
-      generic(gq, 3, weights, biases, outs);
-    } else {
-      generic(gq, 1, weights, biases, outs);
-      generic(gkv, 2, weights + 1, biases + 1, outs + 1);
+    // As the wrapper: its launch plan, slots and grid.
+    const float* const weights[3] = {wq, wk, wv};
+    const float* const biases[3] = {bq, bk, bv};
+    scalar_t* const outs[3] = {qp, kp, vp};
+    const GenericLaunches launches = generic_forward_launches(gq, gkv);
+    for (int i = 0; i < launches.n; ++i) {
+      const GenericLaunch& l = launches.launch[i];
+      cvt_emu::launch(generic_position_grid(l.g.out_h * l.g.out_w, channels, batch), dim3(kThreads),
+                      &conv_proj_fwd_generic_kernel<scalar_t>, xp, x_sb, x_st, generic_slot(l, weights, 0),
+                      generic_slot(l, weights, 1), generic_slot(l, weights, 2), generic_slot(l, biases, 0),
+                      generic_slot(l, biases, 1), generic_slot(l, biases, 2), generic_slot(l, outs, 0),
+                      generic_slot(l, outs, 1), generic_slot(l, outs, 2), l.count, channels, height, width, cls, l.g);
     }
   });
 }
@@ -139,7 +140,7 @@ extern "C" void emu_conv_proj_backward_ex(int dtype, const void* grad_q, const v
       });
       return;
     }
-    cvt_emu::launch(dim3(div_up(height * width, kWarps), generic_chunks, batch), dim3(kThreads),
+    cvt_emu::launch(generic_position_grid(height * width, channels, batch), dim3(kThreads),
                     &conv_proj_bwd_input_generic_kernel<scalar_t>, gqp, gkp, gvp, wq, wk, wv, gxp, channels, height,
                     width, cls, gq, gkv);
     partial_rows = generic_wgrad_splits(batch * std::max(gq.out_h, gkv.out_h));
@@ -187,4 +188,24 @@ extern "C" void emu_conv_proj_backward(int dtype, const void* grad_q, const void
       }
     }
   }
+}
+
+// Launch recording (cuda_on_host.h): with dry set, the entry points above plan and "launch" without
+// running a kernel, so the host plans can be checked at sizes too large to emulate (a batch past
+// 65535). emu_launch_log copies up to `capacity` recorded grids (x, y, z each) and returns how many
+// were recorded since the last call, which clears the log; *oversized gets the count of grids over
+// the CUDA limits.
+extern "C" void emu_set_dry_launches(int dry) { cvt_emu::g_dry_launches = dry != 0; }
+
+extern "C" int emu_launch_log(unsigned* grids, int capacity, int* oversized) {
+  const int n = static_cast<int>(cvt_emu::g_launch_log.size());
+  for (int i = 0; i < n && i < capacity; ++i) {
+    grids[3 * i] = cvt_emu::g_launch_log[i].x;
+    grids[3 * i + 1] = cvt_emu::g_launch_log[i].y;
+    grids[3 * i + 2] = cvt_emu::g_launch_log[i].z;
+  }
+  if (oversized != nullptr) *oversized = cvt_emu::g_oversized_launches;
+  cvt_emu::g_launch_log.clear();
+  cvt_emu::g_oversized_launches = 0;
+  return n;
 }

@@ -8,10 +8,11 @@
 // GPU. Products of 16-bit values are exact in fp32; the 16 products of an mma are summed in fp32
 // and added to the accumulator (the tensor cores' internal order differs by rounding only).
 //
-// cp.async is emulated as "poison at issue, land at wait": the 16 destination bytes become 0xFF
-// (NaN in fp16, bf16 and fp32) when the copy is issued, and the data (or zeros) arrive only when
-// this thread's cp_async_wait retires the copy's group. Reading a buffer before waiting for it, or
-// overwriting one another warp still reads, then gives NaN in the results instead of passing by luck.
+// cp.async is emulated as "poison at issue, land at wait" (cuda_on_host.h, cp_async_issue): the 16
+// destination bytes become 0xFF (NaN in fp16, bf16 and fp32) when the copy is issued, and the data
+// (or zeros) arrive only when the issuing thread's own cp_async_wait retires the copy's group.
+// Reading a buffer before waiting for it, or overwriting one another warp still reads, then gives
+// NaN in the results instead of passing by luck.
 // Addresses are checked for the alignment the instructions require (16 bytes), and cp.async sources
 // for being readable only when `fill` is set.
 #pragma once
@@ -130,35 +131,27 @@ inline uint32_t pack_pair(float low, float high) {
 inline void cp_async_16(void* dst, const void* src, bool fill) {
   cvt_emu::check_16_byte_aligned(dst, "cp.async destination is not 16-byte aligned");
   if (fill) cvt_emu::check_16_byte_aligned(src, "cp.async source is not 16-byte aligned");
-  std::memset(dst, 0xFF, 16);
-  cvt_emu::current_thread().open_copies.push_back({dst, src, 16, fill});
+  cvt_emu::cp_async_issue(dst, src, fill ? cvt_emu::kCpAsyncBytes : 0);
 }
 
-inline void cp_async_commit() {
-  cvt_emu::ThreadState& thread = cvt_emu::current_thread();
-  thread.committed_copies.push_back(std::move(thread.open_copies));
-  thread.open_copies.clear();
-}
+inline void cp_async_commit() { cvt_emu::cp_async_commit_group(); }
 
 template <int kPending>
 inline void cp_async_wait() {
-  auto& groups = cvt_emu::current_thread().committed_copies;
-  while (static_cast<int>(groups.size()) > kPending) {
-    for (const cvt_emu::PendingCopy& copy : groups.front()) {
-      if (copy.fill) {
-        std::memcpy(copy.dst, copy.src, copy.bytes);
-      } else {
-        std::memset(copy.dst, 0, copy.bytes);
-      }
-    }
-    groups.pop_front();
-  }
+  cvt_emu::cp_async_wait_groups(kPending);
 }
 
 inline void atomic_add_pair(float* address, float a, float b) {
   if (reinterpret_cast<uintptr_t>(address) % 8 != 0) cvt_emu::fail("atomic_add_pair address is not 8-byte aligned", address);
   std::atomic_ref<float>(address[0]).fetch_add(a);
   std::atomic_ref<float>(address[1]).fetch_add(b);
+}
+
+inline uint4 load_16(const void* address) {
+  cvt_emu::check_16_byte_aligned(address, "16-byte vector load from a misaligned address");
+  uint4 value;
+  std::memcpy(&value, address, sizeof(value));
+  return value;
 }
 
 inline unsigned char* dynamic_shared_memory() { return cvt_emu::tl_block->dynamic_shared.data(); }
