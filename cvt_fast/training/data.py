@@ -268,9 +268,15 @@ def _loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, workers: i
                       persistent_workers=False)
 
 
-def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1) -> DataLoader:
+def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1, device: Optional[torch.device] = None):
+    """The training loader of DATA.LOADER: a torch DataLoader ('torch'), or a DaliTrainLoader ('dali',
+    decoding and augmentation on `device`, the same sampler)."""
     root = os.path.join(cfg.DATASET.ROOT, cfg.DATASET.TRAIN_SET)
-    dataset = ImageFolderDataset(root, build_train_transform(cfg), bool(cfg.DATASET.SKIP_UNREADABLE))
+    loader_kind = str(cfg.DATA.LOADER)
+    if loader_kind not in ("torch", "dali"):
+        raise ValueError(f"DATA.LOADER={loader_kind!r}; expected one of torch, dali")
+    transform = build_train_transform(cfg) if loader_kind == "torch" else None
+    dataset = ImageFolderDataset(root, transform, bool(cfg.DATASET.SKIP_UNREADABLE))
     batch = int(cfg.TRAIN.BATCH_SIZE_PER_GPU)
     if batch < 1:
         raise ValueError(f"TRAIN.BATCH_SIZE_PER_GPU={batch}; expected >= 1")
@@ -279,6 +285,10 @@ def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1) -> DataLoad
         raise ValueError(
             f"batch size {batch} per process x {world_size} process(es) is larger than the "
             f"{len(dataset)} training images in {root}; lower TRAIN.BATCH_SIZE_PER_GPU")
+    if loader_kind == "dali":
+        from .dali_loader import build_dali_train_loader
+
+        return build_dali_train_loader(cfg, dataset, sampler, batch, device, int(cfg.SEED) * 1000 + rank)
     return _loader(dataset, sampler, batch, int(cfg.WORKERS), True, int(cfg.SEED) * 1000 + rank,
                    bool(cfg.PIN_MEMORY))
 

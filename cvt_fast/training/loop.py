@@ -207,7 +207,7 @@ class Trainer:
         dist_utils.seed_everything(int(cfg.SEED), 0)
 
         # Data first: a bad dataset path fails before any model is built.
-        self.train_loader = build_train_loader(cfg, info.rank, info.world_size)
+        self.train_loader = build_train_loader(cfg, info.rank, info.world_size, self.device)
         self.val_loader = build_val_loader(cfg, info.rank, info.world_size)
         n_classes = len(self.train_loader.dataset.classes)
         if n_classes > int(cfg.MODEL.NUM_CLASSES):
