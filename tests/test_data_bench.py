@@ -42,7 +42,11 @@ def test_data_quick_run_measures_every_loader_per_core_and_with_workers(tmp_path
             # Two rounds, every one kept in the results; the summary holds the best.
             rounds = [r for r in rows if (r["impl"], r["mode"]) == (name, mode)]
             assert sorted(r["round"] for r in rounds) == [0, 1]
-            assert row["images_per_s"] == max(r["images_per_s"] for r in rounds)
+            if mode == "workers":
+                assert row["images_per_s"] == max(r["images_per_s"] for r in rounds)
+            else:  # per image the fastest round: at least as fast as the best round as a whole
+                assert row["per_image_best_of_rounds"] and len(rounds[0]["image_ms"]) == rounds[0]["images"]
+                assert row["images_per_s"] >= max(r["images_per_s"] for r in rounds) * (1 - 1e-9)
     assert ok[("torch", "per-core")]["speedup_vs_torch"] == 1.0
     # The prepared copies are smaller files than the sources.
     assert ok[("torch-prepared-96", "per-core")]["mean_kb"] < ok[("torch", "per-core")]["mean_kb"]
