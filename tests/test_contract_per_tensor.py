@@ -25,6 +25,8 @@ def _valid_qkv() -> dict[str, torch.Tensor]:
 def _broken(t: torch.Tensor, defect: str) -> torch.Tensor:
     if defect == "rank":
         return t.flatten(2)                                    # (B, N, H*d): heads not split
+    if defect == "extra_dim":
+        return t.unsqueeze(-1)                                 # (B, N, H, d, 1): every size compared still fits
     if defect == "batch":
         return torch.cat([t, t[:1]])                           # one image more
     if defect == "heads":
@@ -42,7 +44,7 @@ def _broken(t: torch.Tensor, defect: str) -> torch.Tensor:
     raise AssertionError(defect)
 
 
-DEFECTS = ("rank", "batch", "heads", "head_size", "dtype", "integer_dtype", "device", "stride")
+DEFECTS = ("rank", "extra_dim", "batch", "heads", "head_size", "dtype", "integer_dtype", "device", "stride")
 
 
 def _registered_attention(q, k, v):
