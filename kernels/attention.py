@@ -72,7 +72,6 @@ are 78% used, its 64- and 128-row query tiles 77%.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import struct
@@ -84,6 +83,7 @@ import triton.language as tl
 
 from cvt_fast.ops.backends import TABLE
 
+from . import cuda_launch
 from .interpreter import float64_dot_problem
 
 # Triton decides at decoration time whether kernels are interpreted, so remember the
@@ -104,6 +104,13 @@ LN2 = tl.constexpr(0.6931471805599453)
 # --------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------
+@triton.jit
+def _split_program(pid, n, BLOCK: tl.constexpr):
+    # (b*H + h, tile) of a program of the one-axis grid (b*H + h) * cdiv(n, BLOCK) + tile.
+    tiles = tl.cdiv(n, BLOCK)
+    return pid // tiles, pid % tiles
+
+
 @triton.jit
 def _scaled(x, hi, lo, SPLIT_SCALE: tl.constexpr):
     # Scalar kernel arguments are fp32; for fp64 inputs the scale is passed as an
@@ -131,8 +138,8 @@ def _attn_fwd_kernel(
     ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # One grid axis (see _grid): query tile fastest, then (b, h), so B*H is not bound by axis 1's 65535.
+    pid_bh, pid_m = _split_program(tl.program_id(0), Nq, BLOCK_M)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
 
@@ -192,8 +199,8 @@ def _attn_bwd_delta_kernel(
     BLOCK_M: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # One grid axis (see _grid): query tile fastest, then (b, h), so B*H is not bound by axis 1's 65535.
+    pid_bh, pid_m = _split_program(tl.program_id(0), Nq, BLOCK_M)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -225,8 +232,8 @@ def _attn_bwd_lse2_kernel(
     # would cap the gradients at fp32 accuracy, so the row statistics are recomputed here
     # (one extra pass over K, the forward's loop without V) in log2 units of the scaled
     # scores, the unit the gradient kernels use.
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # One grid axis (see _grid): query tile fastest, then (b, h), so B*H is not bound by axis 1's 65535.
+    pid_bh, pid_m = _split_program(tl.program_id(0), Nq, BLOCK_M)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -275,8 +282,8 @@ def _attn_bwd_dkdv_kernel(
     DOT_PRECISION: tl.constexpr,
     LSE_LOG2: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # One grid axis (see _grid): K/V tile fastest, then (b, h).
+    pid_bh, pid_n = _split_program(tl.program_id(0), Nkv, BLOCK_N)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
 
@@ -349,8 +356,8 @@ def _attn_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr,
     LSE_LOG2: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # One grid axis (see _grid): query tile fastest, then (b, h), so B*H is not bound by axis 1's 65535.
+    pid_bh, pid_m = _split_program(tl.program_id(0), Nq, BLOCK_M)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
 
@@ -423,8 +430,8 @@ def _attn_bwd_fused_kernel(
     # tiles per (b, h) the shares meet in DQ through atomic adds (zeroed by the host: dq itself
     # for fp32/fp64, an fp32 buffer for 16-bit inputs); with one K/V tile (DQ_ATOMIC false, the host checked Nkv <= BLOCK_N) the share is
     # the whole dQ and is stored directly, in order, so the result is deterministic.
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # One grid axis (see _grid): K/V tile fastest, then (b, h).
+    pid_bh, pid_n = _split_program(tl.program_id(0), Nkv, BLOCK_N)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
 
@@ -586,6 +593,13 @@ ATOMIC_DQ_MIN_KEYS = 512
 DETERMINISTIC_ENV = "CVT_FAST_DETERMINISTIC_ATTENTION"
 
 
+def _grid(n: int, block: str, batch_heads: int):
+    """grid(meta) of the kernels: one axis of cdiv(n, meta[block]) tiles for each of the batch_heads
+    (b, h) pairs, tiles fastest (_split_program), as the former (tiles, B*H) grid ran them. Axis 0 takes
+    2^31 - 1 programs, where axis 1 took 65535 (batch 4096 with CvT-W24's 16 heads did not launch)."""
+    return lambda meta: cuda_launch.check_grid((triton.cdiv(n, meta[block]) * batch_heads,), "attention")
+
+
 def _launch(name: str, grid, args: tuple, head_dim: int, dtype: torch.dtype, **constexprs) -> None:
     """Launch kernel `name` with the config for this device and dtype; grid(meta) -> launch grid.
     With _run below, the only places this module launches kernels (bench/kernels_report.py
@@ -685,13 +699,6 @@ def _dtype_flags(dtype: torch.dtype) -> dict:
     )
 
 
-def _device_guard(t: torch.Tensor):
-    # Triton launches on the current CUDA device's stream; make it the tensors' device.
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused attention forward.
@@ -719,8 +726,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         H, Nq, Nkv,
         qk_hi, qk_lo,
     )
-    with _device_guard(q):
-        _launch("fwd", lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H), args, d, q.dtype,
+    with cuda_launch.device_guard(q):
+        _launch("fwd", _grid(Nq, "BLOCK_M", B * H), args, d, q.dtype,
                 **_dtype_flags(q.dtype))
     return out, lse
 
@@ -753,9 +760,9 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     qk_hi, qk_lo = _split_fp32(scale * math.log2(math.e))
     s_hi, s_lo = _split_fp32(scale)
     delta = torch.empty((B, H, Nq), dtype=torch.float64 if is_fp64 else torch.float32, device=q.device)
-    with _device_guard(q):
+    with cuda_launch.device_guard(q):
         delta_block = _INTERPRETER_CONFIGS["fwd"].kwargs["BLOCK_M"] if _INTERPRET else _DELTA_BLOCK_M
-        _run(_attn_bwd_delta_kernel, (triton.cdiv(Nq, delta_block), B * H),
+        _run(_attn_bwd_delta_kernel, _grid(Nq, "BLOCK_M", B * H)({"BLOCK_M": delta_block}),
              (out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), H, Nq),
              HEAD_DIM=d, BLOCK_M=delta_block, ACC_DTYPE=flags["ACC_DTYPE"],
              **({} if _INTERPRET else {"num_warps": _DELTA_NUM_WARPS}))
@@ -763,7 +770,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             # fp64 runs only under the interpreter (rejected on the GPU by _check_launch).
             lse_rows = torch.empty((B, H, Nq), dtype=torch.float64, device=q.device)
             blocks = _INTERPRETER_CONFIGS["fwd"].kwargs
-            _run(_attn_bwd_lse2_kernel, (triton.cdiv(Nq, blocks["BLOCK_M"]), B * H),
+            _run(_attn_bwd_lse2_kernel, _grid(Nq, "BLOCK_M", B * H)(blocks),
                  (q, k, lse_rows, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   H, Nq, Nkv, qk_hi, qk_lo),
                  HEAD_DIM=d, **blocks, **flags)
@@ -786,7 +793,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                 dq_acc = dq.zero_() if dq_atomic else dq
             else:
                 dq_acc = torch.zeros(dq.shape, dtype=delta.dtype, device=q.device)
-            _launch("fused", lambda meta: (triton.cdiv(Nkv, meta["BLOCK_N"]), B * H),
+            _launch("fused", _grid(Nkv, "BLOCK_N", B * H),
                     (q, k, v, grad_out, lse_rows, delta, dk, dv, dq_acc, *common,
                      dk.stride(0), dk.stride(1), dk.stride(2),
                      dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), *scalars),
@@ -795,11 +802,11 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             if dq_acc is not dq:
                 dq.copy_(dq_acc)
             return dq, dk, dv
-        _launch("dkdv", lambda meta: (triton.cdiv(Nkv, meta["BLOCK_N"]), B * H),
+        _launch("dkdv", _grid(Nkv, "BLOCK_N", B * H),
                 (q, k, v, grad_out, lse_rows, delta, dk, dv, *common,
                  dk.stride(0), dk.stride(1), dk.stride(2), *scalars),
                 d, q.dtype, LSE_LOG2=is_fp64, **flags)
-        _launch("dq", lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H),
+        _launch("dq", _grid(Nq, "BLOCK_M", B * H),
                 (q, k, v, grad_out, lse_rows, delta, dq, *common,
                  dq.stride(0), dq.stride(1), dq.stride(2), *scalars),
                 d, q.dtype, LSE_LOG2=is_fp64, **flags)

@@ -69,6 +69,8 @@ import triton.language as tl
 
 from cvt_fast.ops.contract import output_size
 
+from . import cuda_launch
+
 # Block choices. BLOCK_C = 64 channels: 128 contiguous bytes in bf16 per row (a full
 # transaction) and divides every CvT width (64, 192, 384, 768, 1024). GPU tiles are 4 x 4
 # positions of the grid a program walks (for s1s2: the half-resolution grid, so 16 k/v rows and
@@ -175,17 +177,25 @@ def _normalise(acc, norm_ptr, BRANCH: tl.constexpr, C, c, cmask):
 
 
 @triton.jit
+def _split_forward_program(pid, num_tiles, C, BLOCK_C: tl.constexpr):
+    # (tile, channel block, image) of a program of the forward's one-axis grid (_forward_grid): tile
+    # fastest, then channel block, then image, the order of the former (tiles, c_blocks, batch) grid,
+    # whose batch axis took at most 65535 images.
+    rest = pid // num_tiles
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    return pid % num_tiles, rest % c_blocks, (rest // c_blocks).to(tl.int64)
+
+
+@triton.jit
 def _fwd_s1s2_kernel(
     x_ptr, wq_ptr, wk_ptr, wv_ptr, bq_ptr, bk_ptr, bv_ptr, norm_ptr, q_ptr, k_ptr, v_ptr,
-    C, H, W, Hq, Wq, Hk, Wk, tiles_w, x_stride_b, x_stride_t,
+    C, H, W, Hq, Wq, Hk, Wk, tiles_w, num_tiles, x_stride_b, x_stride_t,
     HAS_CLS: tl.constexpr, K: tl.constexpr, PQ: tl.constexpr, PKV: tl.constexpr,
     R_OFF: tl.constexpr, NR: tl.constexpr,
     HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, NORM: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
+    pid_t, pid_c, pid_b = _split_forward_program(tl.program_id(0), num_tiles, C, BLOCK_C)
 
     p = tl.arange(0, TILE_H * TILE_W)
     a = (pid_t // tiles_w) * TILE_H + p // TILE_W
@@ -274,7 +284,7 @@ def _conv_generic_tile(x_base, w0_ptr, w1_ptr, w2_ptr, r, s, c, cmask, C, H, W, 
 @triton.jit
 def _fwd_generic_kernel(
     x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, norm_ptr, o0_ptr, o1_ptr, o2_ptr,
-    C, H, W, Ho, Wo, tiles_w, x_stride_b, x_stride_t,
+    C, H, W, Ho, Wo, tiles_w, num_tiles, x_stride_b, x_stride_t,
     HAS_CLS: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     NUM_OUT: tl.constexpr, HAS_B0: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
     NORM: tl.constexpr, BRANCH0: tl.constexpr,
@@ -282,9 +292,7 @@ def _fwd_generic_kernel(
 ):
     """Up to three depthwise convolutions sharing (STRIDE, PAD); output i is branch BRANCH0 + i
     (q, k, v = 0, 1, 2) of the BatchNorm parameters when NORM."""
-    pid_t = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
+    pid_t, pid_c, pid_b = _split_forward_program(tl.program_id(0), num_tiles, C, BLOCK_C)
 
     p = tl.arange(0, TILE_H * TILE_W)
     r = (pid_t // tiles_w) * TILE_H + p // TILE_W
@@ -911,7 +919,15 @@ def _check_launch(x: torch.Tensor, weights, padding_q: int, padding_kv: int) -> 
 def _run(kernel, grid: tuple, args: tuple, **meta) -> None:
     """The one place this module launches a kernel (bench/kernels_report.py records the launches
     here to compile them ahead of time)."""
-    kernel[grid](*args, **meta)
+    kernel[cuda_launch.check_grid(grid, "conv_proj")](*args, **meta)
+
+
+def _forward_grid(num_tiles: int, c_blocks: int, batch: int) -> tuple:
+    """The forward kernels' grid: one axis of num_tiles * c_blocks * batch programs
+    (_split_forward_program). Axis 0 takes 2^31 - 1 programs; the batch used to be axis 2 (65535).
+    The statistics and backward kernels keep (tiles, c_blocks, groups): their image groups are
+    sized to about _BWD_TARGET_PROGRAMS programs in all, far below 65535."""
+    return (num_tiles * c_blocks * batch,)
 
 
 def _taps_major(weight: torch.Tensor) -> torch.Tensor:
@@ -961,6 +977,7 @@ def _images_per_program(batch: int, per_image: int) -> int:
     return max(1, min(batch, (per_image * batch) // _BWD_TARGET_PROGRAMS))
 
 
+@cuda_launch.on_device_of(0)
 def _forward(x: torch.Tensor, weights: tuple, biases: tuple, norm: Optional[torch.Tensor], kernel: int,
              height: int, width: int, has_cls: bool, stride_q: int, stride_kv: int, padding_q: int,
              padding_kv: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -986,11 +1003,11 @@ def _forward(x: torch.Tensor, weights: tuple, biases: tuple, norm: Optional[torc
         ha, wa = max(hk, triton.cdiv(hq, 2)), max(wk, triton.cdiv(wq, 2))
         tiles_w = triton.cdiv(wa, tile_w)
         r_off, nr = _s1s2_rows(kernel, padding_q, padding_kv)
-        grid = (triton.cdiv(ha, tile_h) * tiles_w, c_blocks, batch)
+        num_tiles = triton.cdiv(ha, tile_h) * tiles_w
         _run(
-            _fwd_s1s2_kernel, grid,
+            _fwd_s1s2_kernel, _forward_grid(num_tiles, c_blocks, batch),
             (x, *weights, *(bias if bias is not None else x for bias in biases), norm_arg, q, k, v,
-             channels, height, width, hq, wq, hk, wk, tiles_w, x.stride(0), x.stride(1)),
+             channels, height, width, hq, wq, hk, wk, tiles_w, num_tiles, x.stride(0), x.stride(1)),
             HAS_CLS=cls, K=kernel, PQ=padding_q, PKV=padding_kv, R_OFF=r_off, NR=nr,
             HAS_BQ=biases[0] is not None, HAS_BK=biases[1] is not None, HAS_BV=biases[2] is not None,
             NORM=norm is not None,
@@ -1007,11 +1024,11 @@ def _forward(x: torch.Tensor, weights: tuple, biases: tuple, norm: Optional[torc
         outs = tuple(outputs[first:first + n]) + (outputs[first],) * (3 - n)
         ho, wo = sizes[first]
         tiles_w = triton.cdiv(wo, tile_w)
-        grid = (triton.cdiv(ho, tile_h) * tiles_w, c_blocks, batch)
+        num_tiles = triton.cdiv(ho, tile_h) * tiles_w
         _run(
-            _fwd_generic_kernel, grid,
+            _fwd_generic_kernel, _forward_grid(num_tiles, c_blocks, batch),
             (x, *ws, *(bias if bias is not None else x for bias in bs), norm_arg, *outs,
-             channels, height, width, ho, wo, tiles_w, x.stride(0), x.stride(1)),
+             channels, height, width, ho, wo, tiles_w, num_tiles, x.stride(0), x.stride(1)),
             HAS_CLS=cls, K=kernel, STRIDE=stride, PAD=padding, NUM_OUT=n,
             HAS_B0=bs[0] is not None, HAS_B1=bs[1] is not None, HAS_B2=bs[2] is not None,
             NORM=norm is not None, BRANCH0=first,
@@ -1045,6 +1062,7 @@ def conv_proj_forward(
                     padding_q, padding_kv)
 
 
+@cuda_launch.on_device_of(0)
 def _grid_reductions(x: torch.Tensor, weights: tuple, kernel: int, height: int, width: int, has_cls: bool,
                      stride_q: int, stride_kv: int, padding_q: int, padding_kv: int,
                      grads: Optional[tuple] = None, centre: Optional[torch.Tensor] = None) -> list:
@@ -1213,6 +1231,7 @@ def conv_proj_backward(
     return grad_x, grad_wq, grad_wk, grad_wv
 
 
+@cuda_launch.on_device_of(1)  # x
 def _backward(grads: tuple, x: torch.Tensor, originals: tuple, weights: tuple, kernel: int, height: int, width: int,
               has_cls: bool, stride_q: int, stride_kv: int, padding_q: int, padding_kv: int,
               outputs: Optional[tuple] = None, bn: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:

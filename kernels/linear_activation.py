@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cuda_launch
 from .mlp_activation import ACTIVATION_CODES, _activation_and_derivative
 
 # Triton decides at decoration time whether kernels are interpreted.
@@ -194,7 +195,13 @@ def _check(x: torch.Tensor, act: str) -> None:
 
 
 def _launch(kernel, rows: int, columns: int, args: tuple, dtype: torch.dtype, **constexprs) -> int:
-    """Launch with the configuration for this device and dtype; returns the BLOCK_M used."""
+    """Launch with the configuration for this device and dtype, on the device of the tensors (args[0]);
+    returns the BLOCK_M used."""
+    with cuda_launch.device_guard(args[0]):
+        return _launch_here(kernel, rows, columns, args, dtype, **constexprs)
+
+
+def _launch_here(kernel, rows: int, columns: int, args: tuple, dtype: torch.dtype, **constexprs) -> int:
     constexprs.update(GROUP_M=_GROUP_M, UPCAST=_INTERPRET, ACC=_acc_dtype(dtype),
                       DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32")
     if _INTERPRET or dtype in (torch.float32, torch.float64):

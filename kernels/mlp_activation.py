@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cuda_launch
+
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 ACTIVATION_CODES = {"quick_gelu": 0, "gelu": 1}
 
@@ -141,10 +143,11 @@ def mlp_activation_forward(x: torch.Tensor, bias, act: str) -> torch.Tensor:
         return y.view(x.shape)
     block_n = min(_BLOCK_N_MAX, triton.next_power_of_2(channels))
     grid = (triton.cdiv(rows, _BLOCK_M), triton.cdiv(channels, block_n))
-    _mlp_activation_fwd_kernel[grid](
-        x2, x2 if bias is None else bias.contiguous(), y, rows, channels,
-        HAS_BIAS=bias is not None, ACT=ACTIVATION_CODES[act], BLOCK_M=_BLOCK_M, BLOCK_N=block_n,
-        ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS)
+    with cuda_launch.device_guard(x2):
+        _mlp_activation_fwd_kernel[cuda_launch.check_grid(grid, "mlp_activation")](
+            x2, x2 if bias is None else bias.contiguous(), y, rows, channels,
+            HAS_BIAS=bias is not None, ACT=ACTIVATION_CODES[act], BLOCK_M=_BLOCK_M, BLOCK_N=block_n,
+            ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS)
     return y.view(x.shape)
 
 
@@ -162,12 +165,14 @@ def mlp_activation_backward(grad: torch.Tensor, x: torch.Tensor, bias, act: str,
     partial = torch.zeros((groups, channels), dtype=_acc_torch_dtype(x.dtype), device=x.device)
     fp64 = x.dtype == torch.float64
     if rows > 0:
-        _mlp_activation_bwd_kernel[(groups, column_blocks)](
-            grad2, x2, x2 if bias is None else bias.contiguous(), grad_x, activation if with_activation else x2,
-            partial, rows, channels,
-            HAS_BIAS=bias is not None, WITH_ACTIVATION=with_activation, ACT=ACTIVATION_CODES[act],
-            ROWS_PER_PROGRAM=rows_per_program, BLOCK_M=_BLOCK_M_FP64_BACKWARD if fp64 else _BLOCK_M,
-            BLOCK_N=block_n, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS_FP64_BACKWARD if fp64 else _NUM_WARPS)
+        with cuda_launch.device_guard(x2):
+            _mlp_activation_bwd_kernel[cuda_launch.check_grid((groups, column_blocks), "mlp_activation")](
+                grad2, x2, x2 if bias is None else bias.contiguous(), grad_x, activation if with_activation else x2,
+                partial, rows, channels,
+                HAS_BIAS=bias is not None, WITH_ACTIVATION=with_activation, ACT=ACTIVATION_CODES[act],
+                ROWS_PER_PROGRAM=rows_per_program, BLOCK_M=_BLOCK_M_FP64_BACKWARD if fp64 else _BLOCK_M,
+                BLOCK_N=block_n, ACC=_acc_dtype(x.dtype),
+                num_warps=_NUM_WARPS_FP64_BACKWARD if fp64 else _NUM_WARPS)
     grad_bias = partial.sum(0).to(x.dtype if bias is None else bias.dtype)
     return (grad_x.view(x.shape), grad_bias,
             activation.view(x.shape) if with_activation else activation)

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cuda_launch
+
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 # Elements per register tile: forward holds about three live [BLOCK_M, BLOCK_C] tiles, backward
@@ -165,12 +167,13 @@ def residual_layer_norm_forward(x, branch, branch_bias, scale, weight, bias, eps
     rstd = torch.empty(rows, dtype=acc, device=x.device)
     if rows > 0:
         block_m, block_c = _block_shape(channels, _TILE_ELEMENTS_FWD)
-        _residual_layer_norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
-            x2, branch2, x2 if branch_bias is None else branch_bias.contiguous(),
-            x2 if scale is None else scale.contiguous(), weight.contiguous(), bias.contiguous(),
-            out, normed, mean, rstd, rows, channels, _rows_per_sample(x), eps,
-            HAS_BRANCH_BIAS=branch_bias is not None, HAS_SCALE=scale is not None,
-            BLOCK_M=block_m, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS)
+        with cuda_launch.device_guard(x2):
+            _residual_layer_norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
+                x2, branch2, x2 if branch_bias is None else branch_bias.contiguous(),
+                x2 if scale is None else scale.contiguous(), weight.contiguous(), bias.contiguous(),
+                out, normed, mean, rstd, rows, channels, _rows_per_sample(x), eps,
+                HAS_BRANCH_BIAS=branch_bias is not None, HAS_SCALE=scale is not None,
+                BLOCK_M=block_m, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS)
     stats_shape = x.shape[:-1]
     return out.view(x.shape), normed.view(x.shape), mean.view(stats_shape), rstd.view(stats_shape)
 
@@ -190,13 +193,14 @@ def residual_layer_norm_backward(grad_out, grad_normed, out, mean, rstd, scale, 
     programs = triton.cdiv(rows, rows_per_program)
     partial = torch.zeros((3, programs, channels), dtype=acc, device=out.device)
     if rows > 0:
-        _residual_layer_norm_bwd_kernel[(programs,)](
-            grad_out2, grad_normed2, out2, mean.contiguous().view(-1), rstd.contiguous().view(-1),
-            out2 if scale is None else scale.contiguous(), weight.contiguous(), grad_x,
-            grad_branch if scale is not None else out2, partial,
-            rows, channels, _rows_per_sample(out), programs,
-            HAS_SCALE=scale is not None, ROWS_PER_PROGRAM=rows_per_program, BLOCK_M=block_m, BLOCK_C=block_c, ACC=_acc_dtype(out.dtype),
-            num_warps=_NUM_WARPS)
+        with cuda_launch.device_guard(out2):
+            _residual_layer_norm_bwd_kernel[(programs,)](
+                grad_out2, grad_normed2, out2, mean.contiguous().view(-1), rstd.contiguous().view(-1),
+                out2 if scale is None else scale.contiguous(), weight.contiguous(), grad_x,
+                grad_branch if scale is not None else out2, partial,
+                rows, channels, _rows_per_sample(out), programs,
+                HAS_SCALE=scale is not None, ROWS_PER_PROGRAM=rows_per_program, BLOCK_M=block_m, BLOCK_C=block_c,
+                ACC=_acc_dtype(out.dtype), num_warps=_NUM_WARPS)
     # Three separate sums: outputs of a custom op may not be views of one another.
     weight_grad, bias_grad, branch_bias_grad = (partial[i].sum(0) for i in range(3))
     return (grad_x.view(out.shape), grad_branch.view(out.shape) if scale is not None else grad_branch,

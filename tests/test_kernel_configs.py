@@ -219,4 +219,5 @@ def test_fused_backward_stores_dq_when_one_kv_tile_covers_the_keys(head_dim, con
     expected = attention_backward_reference(grad_out, q, k, v, out, lse, scale)
     assert_named_grads_close(("q", "k", "v"), grads, expected)
     (grid, args), = spy.launches
-    assert grid[0] == 1 and args["DQ_ATOMIC"] is False and args["DQ"] is grads[0]
+    # One program per (b, h) pair on the one-axis grid (tiles x B*H): a single K/V tile each.
+    assert grid == (2 * HEADS,) and args["DQ_ATOMIC"] is False and args["DQ"] is grads[0]
