@@ -2,6 +2,9 @@
 # One GPU session on a bare lent machine: build the CUDA extension, run the GPU tests, run the
 # benchmarks. Run from anywhere inside the repository (through the device tool, $OUT is set):
 #
+#   STAGE=smoke bash bench/gpu_session.sh           # FIRST, on any lent GPU: tools/gpu_smoke.py
+#                                                   # (build for sm_90, compute-sanitizer runs, the
+#                                                   # real batch-256 shapes; <= 8 min; smoke.log/json)
 #   STAGE=build,test bash bench/gpu_session.sh      # ~ build (1-3 min) + GPU tests
 #   STAGE=bench bash bench/gpu_session.sh           # the three benchmarks (~9 min; with 'build'
 #                                                   # first, they get what the build leaves)
@@ -21,9 +24,10 @@
 # installs the wheels to /tmp/site, puts the CUDA 12 runtime on LD_LIBRARY_PATH (torch before 2.14
 # does not preload it from the path) and says in env.txt whether the xformers backend can run.
 #
-# STAGE: comma-separated steps among build, test, attn, conv_proj, model, tune;
-#        'bench' = attn,conv_proj,model; 'all' = build,test,attn,conv_proj,model (longer than one
-#        10-minute command: split it). Without 'build', the extension already in the tree is
+# STAGE: comma-separated steps among smoke, build, test, attn, conv_proj, model, tune;
+#        'bench' = attn,conv_proj,model; 'all' = smoke,test,attn,conv_proj,model (longer than one
+#        10-minute command: split it). 'smoke' builds the extension itself (so 'build' after a
+#        smoke whose build passed is skipped); SMOKE_TIMEOUT (default 480 s) is its budget. Without 'build', the extension already in the tree is
 #        used (e.g. a cvt_fast/_C*.so from an earlier session's $OUT, carried back).
 # Each step runs under `timeout` (BUILD_TIMEOUT, TEST_TIMEOUT, ATTN_TIMEOUT, CONV_TIMEOUT,
 # MODEL_TIMEOUT, TUNE_TIMEOUT, seconds), cut to what is left of SESSION_LIMIT (default 570 s, inside the device
@@ -35,6 +39,8 @@
 # The machine: its own python3 with torch and triton, no yacs; Python wheels carried in .whl/ are
 # installed to /tmp/site. Files written to $OUT (at most 8 come back):
 #   env.txt          nvidia-smi, versions, the session's settings
+#   smoke.log        tools/gpu_smoke.py: every step's output (sanitizer reports, one line per case)
+#   smoke.json       its summary: per step passed/failed/skipped, seconds, failures
 #   build.log        pip install -e . output (ptxas resource usage), extension status
 #   gpu_tests.log    pytest -m gpu output with durations
 #   bench.log        the benchmarks' console output, then their Markdown tables
@@ -56,6 +62,7 @@ ATTN_TIMEOUT=${ATTN_TIMEOUT:-150}
 CONV_TIMEOUT=${CONV_TIMEOUT:-170}
 MODEL_TIMEOUT=${MODEL_TIMEOUT:-230}
 TUNE_TIMEOUT=${TUNE_TIMEOUT:-540}
+SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-480}
 ATTN_ARGS=${ATTN_ARGS:-}
 CONV_ARGS=${CONV_ARGS:---modes eval-fwd,train-fwd+bwd}
 MODEL_ARGS=${MODEL_ARGS:---models cvt-13@224,cvt-w24@384}
@@ -112,7 +119,7 @@ if [[ ",$STAGE," == *",fetch,"* ]]; then
 fi
 
 case ",$STAGE," in
-    *,all,*) STAGE="build,test,attn,conv_proj,model" ;;
+    *,all,*) STAGE="smoke,test,attn,conv_proj,model" ;;
 esac
 STAGE=${STAGE//bench/attn,conv_proj,model}
 has_stage() { [[ ",$STAGE," == *",$1,"* ]]; }
@@ -168,8 +175,27 @@ EOF
 } > "$OUT/env.txt" 2>&1
 stamp "environment in env.txt"
 
+# --- smoke: the first thing on any lent GPU (tools/gpu_smoke.py) ------------------------------
+smoke_built=0
+if has_stage smoke; then
+    limit=$(step_limit "$SMOKE_TIMEOUT")
+    stamp "tools/gpu_smoke.py (budget ${limit}s)"
+    # The script keeps to its budget (each step skipped when the deadline is near); the timeout
+    # is a backstop 20 s later.
+    timeout -s INT -k 10 $(( limit + 20 )) "$PY" tools/gpu_smoke.py --out "$OUT" --budget "$limit"
+    status=$?
+    stamp "gpu_smoke exit status $status"
+    if "$PY" -c "import json, sys; s = json.load(open(sys.argv[1])); sys.exit(0 if any(t['name'] == 'build' and t['status'] == 'passed' for t in s['steps']) else 1)" "$OUT/smoke.json" 2>/dev/null; then
+        smoke_built=1
+        so=$(find cvt_fast build -name '_C*.so' -newer "$STAMP_FILE" 2>/dev/null | sort | head -1)
+        if [ "$KEEP_SO" = 1 ] && [ -n "$so" ]; then cp "$so" "$OUT/" && stamp "copied $so to \$OUT"; fi
+    fi
+fi
+
 # --- build -----------------------------------------------------------------------------------
-if has_stage build; then
+if has_stage build && [ "$smoke_built" = 1 ]; then
+    stamp "build: the smoke stage built the extension already"
+elif has_stage build; then
     limit=$(step_limit "$BUILD_TIMEOUT")
     stamp "building the CUDA extension (timeout ${limit}s)"
     TORCH_CUDA_ARCH_LIST=9.0 CVT_FAST_PTXAS_VERBOSE=1 timeout "$limit" \
