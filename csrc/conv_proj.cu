@@ -855,7 +855,8 @@ conv_proj_wgrad_reduce_kernel(const float* __restrict__ partial, int rows, int t
 // outermost, y = channel chunk. Images are folded into x (up to 2^31 - 1 blocks), not put on z
 // (at most 65535): an evaluation batch of 65536 images or more launches too.
 inline dim3 generic_position_grid(int positions, int channels, int64_t batch) {
-  return dim3(static_cast<unsigned>(div_up(positions, kWarps) * batch), static_cast<unsigned>(div_up(channels, kGenericChunk)));
+  return dim3(static_cast<unsigned>(div_up(positions, kWarps) * batch),
+              static_cast<unsigned>(div_up(channels, kGenericChunk)));
 }
 
 // Whether that grid is within CUDA's limits (x <= 2^31 - 1, y <= 65535); the host raises otherwise.
