@@ -10,7 +10,9 @@ experiments/imagenet/cvt/cvt-13-224x224.yaml). Loaders:
 - torch: the trainer's own path (ImageFolderDataset + build_train_transform), DATA.LOADER torch;
 - torch-prepared-<N>: the same on the images re-encoded by `python -m cvt_fast.data prepare
   --max-side N` (done here once, into the cache, for the files measured);
-- dali-cpu: the DATA.LOADER dali pipeline on the CPU (device_id=None), when nvidia-dali is installed.
+- dali-cpu: the DATA.LOADER dali pipeline on the CPU (device_id=None), when nvidia-dali is installed;
+- dali-gpu: the same on the GPU (nvjpeg decoding fused with the crop, augmentation on the device),
+  when the run's device is a CUDA GPU: its per-core figure is per host thread feeding the GPU.
 
 Modes: per-core (this process, one thread, images one by one: images/s per core) and workers
 (a torch DataLoader with --workers processes, batches of --batch; DALI: that many threads).
@@ -61,7 +63,7 @@ PLANS = {"quick": {"images": 12, "passes": 1, "sides": "96", "rounds": 1},
          "cpu": {"images": 128, "passes": 2, "sides": "256,320,384", "rounds": 3},
          "full": {"images": 512, "passes": 2, "sides": "256,320,384", "rounds": 3}}
 # Relative cost of an image per loader, for the first time estimate (torch = 1).
-RELATIVE_COST = {"decode": 0.3, "torch": 1.0, "dali-cpu": 1.2}
+RELATIVE_COST = {"decode": 0.3, "torch": 1.0, "dali-cpu": 1.2, "dali-gpu": 0.1}
 MODEL_TRAIN_TARGET = ("cvt-13", 224)
 
 CONVENTIONS = {
@@ -269,13 +271,15 @@ def measure_workers(ds, count: int, workers: int, batch: int) -> dict:
             "first_batch_s": first, "images_per_s": rate, "images_per_s_per_core": rate / workers}
 
 
-def measure_dali(files, cfg, count: int, threads: int, batch: int, seed: int, loaders: dict) -> dict:
+def measure_dali(files, cfg, count: int, threads: int, batch: int, seed: int, loaders: dict, device) -> dict:
     from cvt_fast.training.dali_loader import file_list_loader
 
-    # One loader per thread count, kept over the rounds: a training run defines its pipeline once.
-    if threads not in loaders:
-        loaders[threads] = file_list_loader(files, cfg, batch, threads, seed=seed)
-    loader = loaders[threads]
+    # One loader per device and thread count, kept over the rounds: a training run defines its
+    # pipeline once.
+    key = (str(device), threads)
+    if key not in loaders:
+        loaders[key] = file_list_loader(files, cfg, batch, threads, device=device, seed=seed)
+    loader = loaders[key]
     start = time.perf_counter()
     first, first_images, seen = None, 0, 0
     for x, y, _ in loader.iterate_all(count + batch):
@@ -284,6 +288,7 @@ def measure_dali(files, cfg, count: int, threads: int, batch: int, seed: int, lo
             # The first batch includes defining the pipeline (seconds: RandAugment's graph), once
             # per training run: the rate is taken after it.
             first, first_images = time.perf_counter() - start, seen
+    common.synchronize(device)  # the GPU's work queued for the last batch counts
     seconds = time.perf_counter() - start
     rate = (seen - first_images) / max(seconds - first, 1e-9)
     return {"status": "ok", "images": seen - first_images, "workers": threads, "batch": batch,
@@ -389,10 +394,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     sides = [int(s) for s in sides_text.split(",") if s.strip()]
     cache = args.data_cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cvt_fast" / "bench-data"
 
-    names = ["decode", "torch"] + [f"torch-prepared-{s}" for s in sides] + ["dali-cpu"]
+    names = ["decode", "torch"] + [f"torch-prepared-{s}" for s in sides] + ["dali-cpu", "dali-gpu"]
     common.check_only_patterns(args.only, names)
     wanted = setup.wanted
-    unavailable = {"dali-cpu": r} if (r := dali_reason()) else {}
+    unavailable = {"dali-cpu": r, "dali-gpu": r} if (r := dali_reason()) else {}
+    if device.type != "cuda":
+        unavailable.setdefault("dali-gpu", "needs a CUDA GPU: run with --device cuda on a GPU machine")
     cfg = train_config(image_size)
     crop = int(cfg.TRAIN.IMAGE_SIZE[0])
     passes = defaults["passes"]
@@ -456,14 +463,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "model_result": model,
     }, conventions=CONVENTIONS)
     descriptions = {"decode": "PIL open + convert('RGB') only", "torch": "ImageFolderDataset + build_train_transform",
-                    "dali-cpu": "cvt_fast.training.dali_loader on the CPU (device_id=None)"}
+                    "dali-cpu": "cvt_fast.training.dali_loader on the CPU (device_id=None)",
+                    "dali-gpu": "cvt_fast.training.dali_loader on the GPU ('mixed' nvjpeg decoder, GPU ops)"}
     for name in names:
         run.add_implementation(name, name not in unavailable, unavailable.get(name),
                                descriptions.get(name, f"torch on copies prepared at --max-side {name.rsplit('-', 1)[-1]}"),
                                peer=False)
 
     file_sets: dict[str, list] = {}
-    dali_loaders: dict[int, Any] = {}
+    dali_loaders: dict[tuple, Any] = {}
 
     def files_of(name: str) -> list:
         if name not in file_sets:
@@ -478,9 +486,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         these = files_of(name)
         extra = {"mean_kb": mean_kb(these)}
         torch.manual_seed(args.seed)
-        if name == "dali-cpu":
+        if name.startswith("dali-"):
+            on = device if name == "dali-gpu" else torch.device("cpu")
             result = measure_dali(these, cfg, images, 1 if mode == "per-core" else workers,
-                                  min(batch, len(these)), args.seed, dali_loaders)
+                                  min(batch, len(these)), args.seed, dali_loaders, on)
             if mode == "per-core":
                 result["images_per_s_per_core"] = result["images_per_s"]
             return {**extra, **result}

@@ -59,6 +59,9 @@ def test_data_quick_run_measures_every_loader_per_core_and_with_workers(tmp_path
     dali = [r for r in rows if r["impl"] == "dali-cpu"]
     assert dali and all(r["status"] in ("ok", "unavailable") for r in dali)
     assert all(r.get("reason") for r in dali if r["status"] == "unavailable")
+    # The GPU path needs a GPU: on this CPU run it is listed, with why.
+    assert {r["status"] for r in rows if r["impl"] == "dali-gpu"} == {"unavailable"}
+    assert payload["implementations"]["dali-gpu"]["reason"]
     check_plan_and_progress(output, "data", rows,
                             lambda r: f"{r['impl']:>22} {r['mode']:>9}: {data_bench.common.fmt(r['images_per_s'])} "
                                       f"img/s ({data_bench.common.fmt(r['images_per_s_per_core'])} per core)")
