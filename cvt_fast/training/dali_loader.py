@@ -184,17 +184,17 @@ def _define(recipe: _Recipe, source, batch_size: int, threads: int, device_id: O
 
 
 def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    """A dense DALI batch as a torch tensor: on `device` from the GPU, on the host from the CPU.
+    One copy routine for both (DALI's feed_ndarray), so the CPU tests run the GPU path's code."""
     from nvidia.dali.backend import TensorListGPU
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
-    if isinstance(tensor_list, TensorListGPU):
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
-        dense = tensor_list.as_tensor()
-        out = torch.empty(dense.shape(), dtype=torch.float32 if dense.dtype.name == "FLOAT" else torch.int64,
-                          device=device)
-        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
-        return out
-    return torch.from_numpy(np.array(tensor_list.as_tensor()))
+    dense = tensor_list.as_tensor()
+    gpu = isinstance(tensor_list, TensorListGPU)
+    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device if gpu else "cpu")
+    # On the GPU, torch's current stream: later torch work on `out` is ordered after the copy.
+    feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device) if gpu else None)
+    return out
 
 
 class DaliTrainLoader:
