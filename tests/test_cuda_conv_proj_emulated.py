@@ -1,5 +1,5 @@
-"""csrc/conv_proj.cu on the CPU: the CUDA kernels compiled by g++ through csrc/emulate/ (one OS
-thread per CUDA thread, cp.async copies landing only at their wait), against the plain-PyTorch
+"""csrc/conv_proj.cu on the CPU: the CUDA kernels compiled by g++ through csrc/emulate/ (every CUDA
+thread a fiber; cp.async copies NaN until the issuing thread's own wait lands them), against the plain-PyTorch
 reference of cvt_fast/ops/reference.py evaluated in float64.
 
 Tolerances are error bounds, element by element, not norms: an fp32 sum of n products is within

@@ -4,9 +4,10 @@ cp.async is emulated per emulated thread: the destination is NaN from issue unti
 the issuing thread retires its group. The queues used to be `thread_local`, and since every thread
 of a block is a fiber on one OS thread, one queue served the whole block: a warp that skipped its
 wait had its copies landed by another warp's wait, and the run passed. Here a bug is planted in a
-copy of csrc/conv_proj.cu (warp 3 of the fused kernels skips its `cp_async_wait<1>()`), the
-emulation is compiled from that copy, and the run must fail (NaN in the outputs); the same build
-without the bug must pass, so the failure is the bug's.
+copy of csrc/conv_proj.cu (warp 3 of a fused kernel skips its `cp_async_wait<1>()`), the emulation
+is compiled from that copy, and the run must fail (NaN in the outputs). One build serves every case:
+a switch set through ctypes picks the kernel whose wait is skipped (forward, backward), or none, and
+with none the same build must pass, so the failure is the bug's.
 """
 import ctypes
 import pathlib
@@ -22,9 +23,19 @@ pytestmark = pytest.mark.slow
 
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 WAIT = "cp_async_wait<1>();"
-# Warp 3 (threads 96..127 of 256) skips the wait; every other warp still waits, then all meet at
-# the __syncthreads() that follows and read the whole box, warp 3's rows included.
-ONE_WARP_SKIPS = "if (threadIdx.x / 32 != 3) cp_async_wait<1>();"
+# In the kernel chosen by the switch (1: the fused forward, 2: the fused backward), warp 3 (threads
+# 96..127 of 256) skips the wait; every other warp still waits, then all meet at the __syncthreads()
+# that follows and read the whole box, warp 3's rows included.
+SKIPS_IN = "if (!(g_planted_skip_wait == {kernel} && threadIdx.x / 32 == 3)) cp_async_wait<1>();"
+SWITCH = """
+// Planted by tests/test_cuda_emulation_cp_async.py: which fused kernel's warp 3 skips its wait.
+namespace cvt_fast {
+inline int g_planted_skip_wait = 0;
+}
+"""
+SETTER = """
+extern "C" void emu_plant_skip_wait(int kernel) { cvt_fast::g_planted_skip_wait = kernel; }
+"""
 
 I64, INT, PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 SIGNATURES = {
@@ -38,9 +49,9 @@ GEOMETRY = (2, 40, 15, 13, 1, 3, 1, 2, 1, 1)
 CTAS_PER_CHUNK = 2
 
 
-def build(tmp: pathlib.Path, occurrence=None) -> ctypes.CDLL:
-    """The conv_proj emulation compiled from a copy of csrc/, with the `occurrence`-th (0: forward,
-    1: backward) `cp_async_wait<1>();` of conv_proj.cu made to skip warp 3 (None: unchanged)."""
+def build(tmp: pathlib.Path) -> ctypes.CDLL:
+    """The conv_proj emulation compiled from a copy of csrc/ in which each fused kernel's
+    `cp_async_wait<1>();` is skipped by warp 3 when emu_plant_skip_wait selects that kernel."""
     from torch.utils.cpp_extension import include_paths
 
     compiler = shutil.which("g++") or shutil.which("c++")
@@ -48,13 +59,17 @@ def build(tmp: pathlib.Path, occurrence=None) -> ctypes.CDLL:
         pytest.skip("no host C++ compiler (g++) to build the kernel emulation")
     copy = tmp / "csrc"
     shutil.copytree(CSRC, copy)
-    if occurrence is not None:
-        source = (copy / "conv_proj.cu").read_text()
-        assert source.count(WAIT) == 2, "expected one cp_async_wait<1>() in each fused kernel of conv_proj.cu"
-        at = -1
-        for _ in range(occurrence + 1):
-            at = source.index(WAIT, at + 1)
-        (copy / "conv_proj.cu").write_text(source[:at] + ONE_WARP_SKIPS + source[at + len(WAIT):])
+    source = (copy / "conv_proj.cu").read_text()
+    assert source.count(WAIT) == 2, "expected one cp_async_wait<1>() in each fused kernel of conv_proj.cu"
+    forward, backward = source.index(WAIT), source.rindex(WAIT)
+    anchor = "namespace cvt_fast {\nnamespace {\n"
+    assert anchor in source and source.index(anchor) < forward  # the kernels' namespace, before them
+    source = (source[:forward] + SKIPS_IN.format(kernel=1) + source[forward + len(WAIT):backward]
+              + SKIPS_IN.format(kernel=2) + source[backward + len(WAIT):])
+    source = source.replace(anchor, SWITCH + anchor, 1)
+    (copy / "conv_proj.cu").write_text(source)
+    with open(copy / "emulate" / "emulate_conv_proj.cpp", "a") as entry_points:
+        entry_points.write(SETTER)
     library = tmp / "conv_proj_emulate.so"
     command = [compiler, "-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC", "-pthread", f"-I{copy}",
                *(f"-I{p}" for p in include_paths()[:1]), str(copy / "emulate" / "emulate_conv_proj.cpp"),
@@ -62,10 +77,17 @@ def build(tmp: pathlib.Path, occurrence=None) -> ctypes.CDLL:
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"building the emulation failed:\n{' '.join(command)}\n{result.stderr[-4000:]}"
     lib = ctypes.CDLL(str(library))
-    for name, argtypes in SIGNATURES.items():
+    for name, argtypes in {**SIGNATURES, "emu_plant_skip_wait": [INT]}.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = None
     return lib
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    lib = build(tmp_path_factory.mktemp("planted"))
+    yield lib
+    lib.emu_plant_skip_wait(0)
 
 
 def _ptr(t):
@@ -117,14 +139,16 @@ def max_error(got, exact):
 TOLERANCE = 1e-3
 
 
-def test_emulated_conv_proj_passes_with_every_wait(tmp_path):
-    got, exact = run_forward_and_backward(build(tmp_path))
+def test_emulated_conv_proj_passes_with_every_wait(planted):
+    planted.emu_plant_skip_wait(0)
+    got, exact = run_forward_and_backward(planted)
     assert max_error(got, exact) < TOLERANCE
 
 
-@pytest.mark.parametrize("occurrence", [0, 1], ids=["forward", "backward"])
-def test_emulation_fails_when_one_warp_skips_its_cp_async_wait(tmp_path, occurrence):
-    got, exact = run_forward_and_backward(build(tmp_path, occurrence))
+@pytest.mark.parametrize("kernel", [1, 2], ids=["forward", "backward"])
+def test_emulation_fails_when_one_warp_skips_its_cp_async_wait(planted, kernel):
+    planted.emu_plant_skip_wait(kernel)
+    got, exact = run_forward_and_backward(planted)
     assert max_error(got, exact) > 1.0, (
         "warp 3 read its shared-memory box without waiting for its own cp.async copies, and the emulated "
         "run still matched the reference: the emulation landed them through another warp's wait")
