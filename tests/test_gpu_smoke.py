@@ -67,3 +67,30 @@ def test_gpu_session_runs_the_smoke_first():
     assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_session.sh")]).returncode == 0
     assert 'STAGE="smoke,' in script  # 'all' starts with it
     assert script.index("tools/gpu_smoke.py --out") < script.index("# --- build ---")
+
+
+def test_gpu_smoke_runs_each_sanitizer_tool_on_its_checks(tmp_path):
+    # The GPU mode's plumbing, without a GPU: a stand-in compute-sanitizer (found through CUDA_HOME)
+    # records its command line and the environment the smoke gives it, and reports one case.
+    cuda_home = tmp_path / "cuda"
+    (cuda_home / "bin").mkdir(parents=True)
+    record = tmp_path / "calls.txt"
+    fake = cuda_home / "bin" / "compute-sanitizer"
+    fake.write_text(f'#!/bin/sh\necho "$* caching=$PYTORCH_NO_CUDA_MEMORY_CACHING" >> {record}\necho "ok stand-in"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, CUDA_HOME=str(cuda_home))
+    env.pop("OUT", None)
+    done = subprocess.run([sys.executable, str(SMOKE), "--skip-build", "--out", str(tmp_path / "out"), "--steps",
+                           "memcheck", "racecheck", "initcheck", "memcheck-triton"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = record.read_text().splitlines()
+    expected = [("memcheck", "cuda-small"), ("racecheck", "tc-fused"), ("initcheck", "tc-fused"),
+                ("memcheck", "triton-one")]
+    assert len(calls) == len(expected), calls
+    for call, (tool, worker) in zip(calls, expected):
+        assert f"--tool {tool} " in call and f"--worker {worker} " in call and "--error-exitcode" in call, call
+        assert call.endswith("caching=1"), call  # without the caching allocator the sanitizer sees every tensor
+    steps = json.loads((tmp_path / "out" / "smoke.json").read_text())["steps"]
+    assert [(s["name"], s["status"]) for s in steps] == [
+        ("memcheck", "passed"), ("racecheck", "passed"), ("initcheck", "passed"), ("memcheck-triton", "passed")]

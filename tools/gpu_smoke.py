@@ -192,10 +192,11 @@ def run_steps(args) -> list:
                 # a tensor's end is outside any allocation, where the sanitizer sees it.
                 step_env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
             status, output = run_logged(command, step_env, timeout, log)
-            failed = status != 0
-            status_text = "failed" if failed else ("skipped" if detail else "passed")
             cases = sum(line.startswith(("ok ", "FAIL ")) for line in output.splitlines())
             skipped_cases = sum(line.startswith("skip ") for line in output.splitlines())
+            # A clean exit that ran no case (the sanitizer never started the checks) is no pass.
+            failed = status != 0 or cases + skipped_cases == 0
+            status_text = "failed" if failed else ("skipped" if detail else "passed")
             detail = "; ".join(filter(None, [detail, f"exit status {status}", f"{cases} cases",
                                              f"{skipped_cases} skipped by the deadline" if skipped_cases else ""]))
             results.append(Result(step.name, status_text, time.time() - t0, detail,
