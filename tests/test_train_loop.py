@@ -232,7 +232,7 @@ def test_input_bound_training_warns_once_with_what_to_do_and_records_the_wait(tm
 def test_input_wait_meter_judges_after_its_steps_above_the_threshold_only_once():
     from cvt_fast.training.input_wait import InputWaitMeter
 
-    meter = InputWaitMeter(threshold=0.2, min_steps=3, workers=2)
+    meter = InputWaitMeter(threshold=0.2, min_steps=3, workers=2, loader="torch")
     meter.add(0.5, 1.0)
     meter.add(0.5, 1.0)
     assert meter.warning() is None  # too few steps to judge
@@ -246,3 +246,7 @@ def test_input_wait_meter_judges_after_its_steps_above_the_threshold_only_once()
     off = InputWaitMeter(threshold=0.0, min_steps=1)
     off.add(0.9, 1.0)
     assert off.warning() is None
+    on_dali = InputWaitMeter(threshold=0.2, min_steps=1, workers=4, loader="dali")
+    on_dali.add(0.5, 1.0)
+    advice = on_dali.warning()
+    assert "DATA.LOADER dali," in advice and "set DATA.LOADER dali" not in advice and "prepare" in advice

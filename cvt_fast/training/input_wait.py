@@ -28,6 +28,7 @@ class InputWaitMeter:
     threshold: float
     min_steps: int = MIN_STEPS
     workers: int = 0
+    loader: str = "torch"   # DATA.LOADER: the advice differs once DALI already does the work
     wait_s: float = 0.0
     step_s: float = 0.0
     steps: int = 0
@@ -52,10 +53,16 @@ class InputWaitMeter:
         # A loader with W workers delivers a batch per step time; the model needs one per
         # (step - wait): about W / (1 - fraction) workers keep up (the main process counts as one).
         needed = math.ceil(max(self.workers, 1) / max(1.0 - self.fraction, 0.05))
+        if self.loader == "dali":
+            remedies = (f"raise WORKERS (DALI's threads, which read the files and feed the GPU; about {needed}), "
+                        "or re-encode the training set once at a bounded size (python -m cvt_fast.data prepare SRC "
+                        "DST --max-side 320; smaller files decode faster)")
+        else:
+            remedies = (f"raise WORKERS (about {needed}, one core each), set DATA.LOADER dali (decoding and "
+                        "augmentation on the GPU; pip install 'cvt-fast[dali]'), or re-encode the training set once "
+                        "at a bounded size (python -m cvt_fast.data prepare SRC DST --max-side 320)")
         return (f"input-bound: {100 * self.fraction:.0f}% of the step time went to waiting for the data loader over "
-                f"{self.steps} steps ({wait_ms:.1f} ms of {step_ms:.1f} ms a step; WORKERS {self.workers}, "
-                f"{usable_cores()} usable cores here). To feed the model: raise WORKERS (about {needed}, one core "
-                "each), set DATA.LOADER dali (decoding and augmentation on the GPU; pip install 'cvt-fast[dali]'), "
-                "or re-encode the training set once at a bounded size (python -m cvt_fast.data prepare SRC DST "
-                "--max-side 320). README: 'Is my training input-bound?'. Said once per run; metrics.jsonl "
-                "records data_wait_fraction every epoch")
+                f"{self.steps} steps ({wait_ms:.1f} ms of {step_ms:.1f} ms a step; DATA.LOADER {self.loader}, "
+                f"WORKERS {self.workers}, {usable_cores()} usable cores here). To feed the model: {remedies}. "
+                "README: 'Is my training input-bound?'. Said once per run; metrics.jsonl records "
+                "data_wait_fraction every epoch")

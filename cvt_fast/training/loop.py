@@ -215,7 +215,8 @@ class Trainer:
                              f"{cfg.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES {n_classes}")
         self.steps_per_epoch = len(self.train_loader)
         self.input_wait = InputWaitMeter(float(cfg.DATA.INPUT_BOUND_WARNING),
-                                         min(INPUT_WAIT_MIN_STEPS, max(self.steps_per_epoch - 1, 1)), int(cfg.WORKERS))
+                                         min(INPUT_WAIT_MIN_STEPS, max(self.steps_per_epoch - 1, 1)), int(cfg.WORKERS),
+                                         str(cfg.DATA.LOADER))
         self.mixup = build_mixup(cfg)
         if self.mixup is not None and int(cfg.TRAIN.BATCH_SIZE_PER_GPU) % 2:
             raise ValueError(f"mixup/cutmix needs an even TRAIN.BATCH_SIZE_PER_GPU, got {cfg.TRAIN.BATCH_SIZE_PER_GPU}")
@@ -628,9 +629,10 @@ class Trainer:
         if info.is_main:
             n_params = sum(p.numel() for p in self.model.parameters())
             log.info("=> %d train / %d val images, %d classes, %d steps per epoch x %d process(es), %.2fM params, "
-                     "device %s%s", len(self.train_loader.dataset), len(self.val_loader.dataset),
-                     len(self.train_loader.dataset.classes), self.steps_per_epoch, info.world_size,
-                     n_params / 1e6, self.device, "" if resumed else ", from the beginning")
+                     "device %s, loader %s with %d worker(s)%s", len(self.train_loader.dataset),
+                     len(self.val_loader.dataset), len(self.train_loader.dataset.classes), self.steps_per_epoch,
+                     info.world_size, n_params / 1e6, self.device, cfg.DATA.LOADER, int(cfg.WORKERS),
+                     "" if resumed else ", from the beginning")
         last: dict[str, Any] = {}
         stopped = 0 < max_steps <= self.pos.global_step
         while self.pos.epoch < end_epoch and not stopped:
