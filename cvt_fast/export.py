@@ -4,6 +4,11 @@
     path = cvt_fast.export_onnx(model, "cvt13.onnx", image_size=224)
     python -m cvt_fast.export --model cvt-13 --image-size 224 --out cvt13.onnx [--checkpoint FILE] [--check]
 
+The standard routes work on the model as it is: torch.onnx.export (dynamo=True or False),
+torch.jit.trace and timm's onnx_export. While they record it (torch.jit.is_tracing(),
+torch.onnx.is_in_onnx_export()) the model takes its official path, plain aten operators for the
+same function (cvt_fast.model.standard_ops_only); torch.export keeps the fused ops as below.
+
 torch.export traces the eval model with the batch dimension dynamic; the custom ops
 `cvt_fast::conv_proj`, `cvt_fast::attention` and the fused elementwise ops of the block
 (`linear_activation`, `mlp_activation`, `residual_layer_norm`) stay single nodes (their fake kernels give the
@@ -155,6 +160,13 @@ def check_onnx(path: Union[str, os.PathLike], model: nn.Module, images: Union[Te
 
 # --------------------------------------------------------------------------- command line
 
+# timm's train.py stores its command line as an argparse.Namespace under 'args' in every checkpoint.
+# torch's safe unpickler (weights_only) is told to accept that class too: a Namespace is a plain
+# attribute holder, and what it holds must still be of the safe unpickler's types (str, numbers,
+# tuples, lists, dicts, None), so no code runs from the file.
+TRUSTED_CHECKPOINT_CLASSES = (argparse.Namespace,)
+
+
 def _parser() -> argparse.ArgumentParser:
     from cvt_fast.specs import MODEL_SPECS
 
@@ -164,7 +176,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=224, help="input height and width (default 224)")
     parser.add_argument("--out", required=True, help="output file: .onnx for ONNX, .pt2 for torch.export.save")
     parser.add_argument("--checkpoint", default=None,
-                        help="weights to load (official, Hugging Face or cvt_fast files; default: random init)")
+                        help="weights to load (official, Hugging Face, cvt_fast or timm training files; "
+                             "default: random init)")
     parser.add_argument("--num-classes", type=int, default=1000, help="classifier size (default 1000)")
     parser.add_argument("--check", action="store_true",
                         help="run the .onnx in onnxruntime on a random batch and print the relative error")
@@ -183,7 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = create_model(args.model, num_classes=args.num_classes).eval()
     if args.checkpoint:
         try:
-            print(load_checkpoint(model, args.checkpoint, strict=True))
+            with torch.serialization.safe_globals(list(TRUSTED_CHECKPOINT_CLASSES)):
+                print(load_checkpoint(model, args.checkpoint, strict=True))
         except CheckpointError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

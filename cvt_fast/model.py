@@ -38,6 +38,14 @@ ACTIVATIONS = ("quick_gelu", "gelu")
 # 'official' is the model's own eager path; the others choose the fused ops' backend.
 MODEL_BACKENDS = ("official",) + BACKENDS
 
+def standard_ops_only() -> bool:
+    """True while torch.jit.trace or torch.onnx.export (either exporter) records the model. They know
+    only standard operators (no cvt_fast custom ops, no autograd Functions, sizes traced as tensors),
+    so the model then takes its official path: the same parameters and function, in plain aten ops.
+    torch.export and torch.compile keep the fused ops (export.py lowers them itself for ONNX)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the activation of the official CvT MLP."""
 
@@ -55,10 +63,15 @@ class LayerNorm(nn.LayerNorm):
         self.keep_16bit_input = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.keep_16bit_input and x.dtype in SIXTEEN_BIT and torch.is_grad_enabled():
+        if (self.keep_16bit_input and x.dtype in SIXTEEN_BIT and torch.is_grad_enabled()
+                and not standard_ops_only()):
             return layer_norm_16bit(x, self.weight, self.bias, self.eps)
         compute = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64
-        return super().forward(x.to(compute)).to(x.dtype)
+        # The parameters are widened too: a 16-bit model (model.to(torch.bfloat16)) keeps 16-bit ones,
+        # which the float32 LayerNorm kernel refuses. For float32 parameters .to() is the tensor itself.
+        weight = None if self.weight is None else self.weight.to(compute)
+        bias = None if self.bias is None else self.bias.to(compute)
+        return F.layer_norm(x.to(compute), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 class DropPath(nn.Module):
@@ -112,7 +125,7 @@ class Mlp(nn.Module):
 
     def _forward(self, x: torch.Tensor, leave_output_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         # The lean step has no dropout between the activation and fc2: used when that dropout is off.
-        if self.recompute_activation and (self.drop.p == 0.0 or not self.training):
+        if self.recompute_activation and (self.drop.p == 0.0 or not self.training) and not standard_ops_only():
             out = lean_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight,
                            None if leave_output_bias else self.fc2.bias, self.act_name, backend=self.backend)
             return out, self.fc2.bias if leave_output_bias else None
@@ -188,7 +201,7 @@ class Attention(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        if self.backend == "official":
+        if self.backend == "official" or standard_ops_only():
             q, k, v = self._project_official(x, height, width)
             return self._attend_official(q, k, v)
         q, k, v = self._project_fused(x, height, width)
@@ -321,7 +334,7 @@ class Block(nn.Module):
         self.backend: str | None = None
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        if not self.fuse_residuals:
+        if not self.fuse_residuals or standard_ops_only():
             x = x + self.drop_path(self.attn(self.norm1(x), height, width))
             return x + self.drop_path(self.mlp(self.norm2(x)))
         return self.forward_chained(x, self.norm1(x), height, width, next_norm=None)[0]
@@ -364,7 +377,7 @@ class Blocks(nn.ModuleList):
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         blocks = list(self)
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
-        if blocks and all(b.fuse_residuals for b in blocks):
+        if blocks and all(b.fuse_residuals for b in blocks) and not standard_ops_only():
             normed = blocks[0].norm1(x)
             for block, following in zip(blocks, blocks[1:] + [None]):
                 step = (block.forward_chained, x, normed, height, width,
@@ -564,8 +577,10 @@ class ConvolutionalVisionTransformer(nn.Module):
         return any(stage.blocks.grad_checkpointing for stage in self.stages)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if isinstance(x, torch.fx.Proxy):
-            return  # fx traces symbolically (timm's feature extraction): there are no values to check
+        if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():
+            # fx traces symbolically (timm's feature extraction): there are no values to check; the
+            # TorchScript tracer (jit.trace, ONNX) would record each check as a constant, with a warning.
+            return
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"CvT expects a torch.Tensor image batch, got {type(x).__name__}")
         if x.dim() != 4:

@@ -127,3 +127,84 @@ def test_cvt13_onnx_at_384_matches_pytorch_with_a_dynamic_batch(tmp_path):
     error = onnx_error(path, model, 384, batches=(1, 3))
     print(f"CvT-13 at 384: onnxruntime vs PyTorch relative error {error:.2e}")
     assert error < ONNX_TOLERANCE
+
+
+# --------------------------------------------------------------------------- the standard routes
+# torch.jit.trace and torch.onnx.export (both exporters) on the model as it is, default backend:
+# while they record it, the model takes its official path (plain aten operators, same function).
+
+STANDARD_ROUTE_TOLERANCE = 1e-5  # relative, float32 (issue 24)
+
+
+def relative_error(got, expected):
+    got, expected = torch.as_tensor(got).double(), expected.double()
+    return ((got - expected).norm() / expected.norm()).item()
+
+
+def test_torch_jit_trace_of_the_default_model_gives_its_logits():
+    model = tiny_cvt(backend=None)
+    images = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, images)
+        other = torch.randn(2, 3, 40, 40)  # not the traced example: the trace is a graph, not a cache
+        assert relative_error(traced(other), model(other)) < STANDARD_ROUTE_TOLERANCE
+    # No cvt_fast op in the trace: it runs wherever TorchScript runs.
+    assert "cvt_fast::" not in str(traced.inlined_graph)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript_exporter", "dynamo_exporter"])
+def test_torch_onnx_export_of_the_default_model_runs_in_onnxruntime(tmp_path, dynamo):
+    model = tiny_cvt(backend=None)
+    images = torch.randn(2, 3, 40, 40)
+    path = str(tmp_path / "tiny.onnx")
+    torch.onnx.export(model, (images,), path, dynamo=dynamo, input_names=["images"], output_names=["logits"])
+    proto = onnx.load(path)
+    assert not {n.domain for n in proto.graph.node} - {"", "ai.onnx"}  # standard operators only
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {"images": images.numpy()})
+    assert relative_error(got, eager_logits(model, images)) < STANDARD_ROUTE_TOLERANCE
+    # The eager model is still on its fused path afterwards (the switch lasts only while exporting).
+    assert cvt_ops_in(export.export_program(model, image_size=32)) != []
+
+
+@pytest.mark.parametrize("use_dynamo", [False, True], ids=["torchscript_exporter", "dynamo_exporter"])
+def test_timms_onnx_export_of_cvt13_runs_in_onnxruntime(tmp_path, use_dynamo):
+    timm = pytest.importorskip("timm")
+    from timm.utils.onnx import onnx_export
+
+    torch.manual_seed(0)
+    model = randomize_batch_norms(timm.create_model("cvt_13", num_classes=10))
+    path = str(tmp_path / "cvt13.onnx")
+    images = torch.randn(2, 3, 64, 64)
+    # What timm's onnx_export.py calls (its defaults: checker on, batch dimension dynamic).
+    onnx_export(model, path, example_input=images, use_dynamo=use_dynamo, input_names=["images"],
+                output_names=["logits"])
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for batch in (images, torch.randn(3, 3, 64, 64)):
+        (got,) = session.run(["logits"], {"images": batch.numpy()})
+        assert relative_error(got, eager_logits(model, batch)) < STANDARD_ROUTE_TOLERANCE
+
+
+def test_export_command_reads_timm_training_checkpoints(tmp_path, capsys):
+    import argparse
+
+    model = randomize_batch_norms(cvt_fast.create_model("cvt-13", num_classes=10))
+    # timm's train.py layout: the command line as an argparse.Namespace beside the weights.
+    checkpoint = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 3, "arch": "cvt_13", "state_dict": model.state_dict(), "optimizer": {}, "version": 2,
+                "args": argparse.Namespace(model="cvt_13", lr=5e-4, mean=(0.485, 0.456, 0.406), amp=True),
+                "metric": 71.5}, checkpoint)
+    out = tmp_path / "cvt13.pt2"
+    code = export.main(["--model", "cvt-13", "--num-classes", "10", "--image-size", "32", "--out", str(out),
+                        "--checkpoint", str(checkpoint)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "model_best.pth.tar" in printed.out and out.exists()
+    program = torch.export.load(out)
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(program.module()(images), eager_logits(model, images), rtol=1e-5, atol=1e-6)
+    # Only Namespace is trusted: another class in the file is still refused, naming it.
+    torch.save({"state_dict": model.state_dict(), "args": argparse.Action(["--lr"], "lr")}, checkpoint)
+    assert export.main(["--model", "cvt-13", "--num-classes", "10", "--image-size", "32", "--out", str(out),
+                        "--checkpoint", str(checkpoint)]) == 2
+    assert "argparse.Action" in capsys.readouterr().err

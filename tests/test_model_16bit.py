@@ -1,0 +1,66 @@
+"""A 16-bit model (model.to(torch.bfloat16), as timm's train.py --model-dtype does; not autocast) runs
+forward and backward on every backend this machine runs: the LayerNorms widen their 16-bit
+parameters to float32 as they widen the input, and the fused ops take 16-bit weights."""
+import pytest
+import torch
+
+from cvt_fast.model import MODEL_BACKENDS, build_model
+from cvt_fast.ops.backends import TABLE
+from tiny_models import randomize_batch_norms
+from tiny_spec import tiny_spec
+
+
+def _runs_on_cpu(backend):
+    if backend in ("official", "auto"):
+        return True
+    record = TABLE[backend]
+    return all(record.probe(op, "cpu") is None and torch.bfloat16 in record.dtypes for op in record.ops)
+
+
+CPU_BACKENDS = [None if b == "auto" else b for b in MODEL_BACKENDS if _runs_on_cpu(b)]
+BF16_TOLERANCE = 3e-2  # relative, logits of a bfloat16 model against its float32 original
+
+
+def relative_error(got, expected):
+    return ((got.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def float32_and_bfloat16_models(backend):
+    torch.manual_seed(0)
+    spec = tiny_spec(DROP_PATH_RATE=[0.0, 0.1, 0.2])
+    model = randomize_batch_norms(build_model(spec, num_classes=5, backend=backend))
+    wide = build_model(spec, num_classes=5, backend=backend)
+    wide.load_state_dict(model.state_dict())
+    return wide, model.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS, ids=str)
+def test_bfloat16_model_trains_forward_and_backward(backend):
+    wide, model = float32_and_bfloat16_models(backend)
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    logits = model.train()(x.to(torch.bfloat16))
+    torch.manual_seed(1)  # the same drop-path masks
+    expected = wide.train()(x)
+    assert logits.dtype == torch.bfloat16 and relative_error(logits, expected) < BF16_TOLERANCE
+    logits.float().square().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all(), name
+    # BatchNorm's statistics moved in the model's dtype.
+    assert model.stage0.blocks[0].attn.conv_proj_q.bn.running_mean.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS, ids=str)
+def test_bfloat16_model_evaluates_without_grad(backend):
+    wide, model = float32_and_bfloat16_models(backend)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        logits = model.eval()(x.to(torch.bfloat16))
+        expected = wide.eval()(x)
+    assert logits.dtype == torch.bfloat16 and relative_error(logits, expected) < BF16_TOLERANCE
+
+
+def test_float32_image_into_a_bfloat16_model_is_refused_with_the_fix():
+    _, model = float32_and_bfloat16_models("reference")
+    with pytest.raises(TypeError, match=r"x.to\(torch.bfloat16\)"):
+        model(torch.randn(1, 3, 32, 32))
