@@ -233,15 +233,22 @@ class DaliTrainLoader:
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size
 
+    @staticmethod
+    def _read(path: str) -> np.ndarray:
+        with open(path, "rb") as f:
+            return np.frombuffer(f.read(), dtype=np.uint8)
+
     def _batches(self) -> Iterator[tuple[list[int], list[np.ndarray], np.ndarray]]:
+        from concurrent.futures import ThreadPoolExecutor
+
         order = list(self.sampler)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            indices = order[start:start + self.batch_size]
-            files = []
-            for i in indices:
-                with open(self.dataset.samples[i][0], "rb") as f:
-                    files.append(np.frombuffer(f.read(), dtype=np.uint8))
-            yield indices, files, np.array([self.dataset.samples[i][1] for i in indices], dtype=np.int64)
+        # DALI calls the source from the thread that runs the pipeline: the files of a batch are
+        # read by a few threads at once (reads release the GIL), not one after the other.
+        with ThreadPoolExecutor(max(self.threads, 1)) as pool:
+            for start in range(0, len(self) * self.batch_size, self.batch_size):
+                indices = order[start:start + self.batch_size]
+                files = list(pool.map(self._read, [self.dataset.samples[i][0] for i in indices]))
+                yield indices, files, np.array([self.dataset.samples[i][1] for i in indices], dtype=np.int64)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         # The pipeline is defined once (RandAugment's graph takes seconds to trace) and fed a new
