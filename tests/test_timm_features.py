@@ -193,3 +193,32 @@ def test_torch_jit_script_is_refused_with_the_routes_that_work():
     model = tiny("reference")
     with pytest.raises(RuntimeError, match="torch.jit.script.*torch.jit.trace.*torch.export"):
         torch.jit.script(model)
+
+
+def test_forward_intermediates_match_forward_features_with_grad_checkpointing():
+    # timm's intermediates check: the same final tokens with and without checkpointed blocks.
+    model = tiny("reference")
+    x = torch.randn(2, 3, 48, 48)
+    final, maps = model.forward_intermediates(x)
+    assert torch.equal(final, model.forward_features(x))
+    model.set_grad_checkpointing()
+    checkpointed, again = model.forward_intermediates(x)
+    assert torch.equal(checkpointed, final) and all(torch.equal(a, b) for a, b in zip(again, maps))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cvt_13", "cvt_21", "cvt_w24_384"])  # the three architectures
+def test_every_parameter_gets_a_gradient_through_timm_and_through_fx(name):
+    from timm.models import create_feature_extractor, get_graph_node_names
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=42).train()
+    x = torch.randn(2, 3, 32, 32)
+    for module in (model, create_feature_extractor(model, return_nodes=[get_graph_node_names(model)[0][-1]])):
+        model.zero_grad(set_to_none=True)
+        out = module(x)
+        out = out if isinstance(out, torch.Tensor) else next(iter(out.values()))
+        assert out.shape == (2, 42)
+        out.mean().backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None]
+        assert not missing, missing
