@@ -548,8 +548,9 @@ class ConvolutionalVisionTransformer(nn.Module):
         if global_pool is not None:
             self.global_pool = self._check_global_pool(global_pool)
         self.num_classes = num_classes
-        device = self.norm.weight.device if isinstance(self.norm, nn.LayerNorm) else None
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        like = self.stage0.patch_embed.proj.weight  # the new head lives where the model does, in its dtype
+        self.head = (nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype)
+                     if num_classes > 0 else nn.Identity())
         if num_classes > 0:
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)

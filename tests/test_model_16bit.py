@@ -64,3 +64,10 @@ def test_float32_image_into_a_bfloat16_model_is_refused_with_the_fix():
     _, model = float32_and_bfloat16_models("reference")
     with pytest.raises(TypeError, match=r"x.to\(torch.bfloat16\)"):
         model(torch.randn(1, 3, 32, 32))
+
+
+def test_a_new_head_takes_the_models_dtype():
+    _, model = float32_and_bfloat16_models("reference")
+    model.reset_classifier(3)
+    assert model.head.weight.dtype == torch.bfloat16
+    assert model.eval()(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)).shape == (1, 3)
