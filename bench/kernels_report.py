@@ -158,19 +158,20 @@ def recording_launches(module, case: Callable[[], str]):
     those every @triton.jit function of the module is swapped for a recorder while the host code
     runs (helpers called only from kernels are never launched, so a recorder in their place is
     never used; the compiles happen after the originals are back). Autotuned kernels (`_TUNED`)
-    record one launch per config; the device checks (`_check_device`, `_check`) are skipped, meta
-    tensors standing for CUDA ones."""
+    record one launch per config; the device check (kernels/_launch.py's `check_device`) is skipped,
+    meta tensors standing for CUDA ones."""
     from triton.runtime.jit import JITFunction
 
+    from cvt_fast.kernels import _launch
+
     launches: list[Launch] = []
-    seams = ("_check_device", "_check", "_run", "_TUNED")
+    seams = ("_run", "_TUNED")
     saved = {name: getattr(module, name) for name in seams if hasattr(module, name)}
     direct = {} if "_run" in saved else {name: value for name, value in vars(module).items()
                                          if isinstance(value, JITFunction)}
     saved.update(direct)
-    for name in ("_check_device", "_check"):
-        if name in saved:
-            setattr(module, name, lambda *args, **kwargs: None)
+    check_device = _launch.check_device
+    _launch.check_device = lambda *args, **kwargs: None
     if "_run" in saved:
         module._run = lambda kernel, grid, args, **meta: launches.append(Launch(kernel, args, meta, case()))
     recorders = {value: _LaunchRecorder(value, launches.append, case) for value in direct.values()}
@@ -182,6 +183,7 @@ def recording_launches(module, case: Callable[[], str]):
     try:
         yield launches
     finally:
+        _launch.check_device = check_device
         for name, value in saved.items():
             setattr(module, name, value)
 

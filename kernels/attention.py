@@ -81,20 +81,18 @@ import torch
 import triton
 import triton.language as tl
 
-from cvt_fast.ops.backends import TABLE
-
-from . import cuda_launch
+from . import _launch as launch, supported
 from .interpreter import float64_dot_problem
 
 # Triton decides at decoration time whether kernels are interpreted, so remember the
 # setting that was in force when this module (and its @triton.jit) was imported.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = launch.interpreter_on()
 
 __all__ = ["attention_forward", "attention_backward", "SUPPORTED_HEAD_DIMS"]
 
-# The head sizes these kernels are compiled and tuned for: the 'triton' record's, where the
-# backend choice reads them (every power of two from 16, the smallest tl.dot tile, to 128).
-SUPPORTED_HEAD_DIMS = TABLE["triton"].head_dims
+# The head sizes these kernels are compiled and tuned for, declared in supported.py, where the
+# backend table ('triton' record) reads them too.
+SUPPORTED_HEAD_DIMS = supported.ATTENTION_HEAD_DIMS
 
 # Globals read inside kernels must be tl.constexpr instances (an annotation is not enough).
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -597,7 +595,7 @@ def _grid(n: int, block: str, batch_heads: int):
     """grid(meta) of the kernels: one axis of cdiv(n, meta[block]) tiles for each of the batch_heads
     (b, h) pairs, tiles fastest (_split_program), as the former (tiles, B*H) grid ran them. Axis 0 takes
     2^31 - 1 programs, where axis 1 took 65535 (batch 4096 with CvT-W24's 16 heads did not launch)."""
-    return lambda meta: cuda_launch.check_grid((triton.cdiv(n, meta[block]) * batch_heads,), "attention")
+    return lambda meta: launch.check_grid((triton.cdiv(n, meta[block]) * batch_heads,), "attention")
 
 
 def _launch(name: str, grid, args: tuple, head_dim: int, dtype: torch.dtype, **constexprs) -> None:
@@ -606,8 +604,8 @@ def _launch(name: str, grid, args: tuple, head_dim: int, dtype: torch.dtype, **c
     records the launches there to compile them ahead of time)."""
     if _INTERPRET or dtype == torch.float32:
         cfg = _INTERPRETER_CONFIGS[name] if _INTERPRET else _gpu_fp32_config(name, head_dim)
-        launch = {} if _INTERPRET else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-        _run(_KERNELS[name], grid(cfg.kwargs), args, HEAD_DIM=head_dim, **cfg.kwargs, **constexprs, **launch)
+        options = {} if _INTERPRET else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        _run(_KERNELS[name], grid(cfg.kwargs), args, HEAD_DIM=head_dim, **cfg.kwargs, **constexprs, **options)
     else:
         _TUNED[(name, _d_group(name, head_dim))][grid](*args, HEAD_DIM=head_dim, **constexprs)
 
@@ -649,21 +647,10 @@ def _run(kernel, grid: tuple, args: tuple, **meta) -> None:
 # --------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------
-def _check_device(q: torch.Tensor) -> None:
-    if q.device.type == "cpu":
-        if not _INTERPRET:
-            raise ValueError(
-                "q is a CPU tensor but Triton kernels need a GPU: set TRITON_INTERPRET=1 before "
-                "importing triton (and cvt_fast.kernels.attention) to run them on the CPU, or use a CUDA tensor")
-    elif q.device.type != "cuda":
-        raise ValueError(f"q is on device {q.device}; the Triton attention kernels take CUDA tensors "
-                         f"(or CPU tensors under TRITON_INTERPRET=1)")
-
-
 def _check_launch(q: torch.Tensor) -> None:
     """What these kernels need to launch. The inputs themselves were checked by the op that
     calls them (cvt_fast/ops/contract.py): shapes, dtypes, devices and strides are trusted here."""
-    _check_device(q)
+    launch.check_device(q, _INTERPRET, "the Triton attention kernels")
     head_dim = q.shape[-1]
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim d={head_dim} is not supported by the Triton attention kernels; "
@@ -671,8 +658,9 @@ def _check_launch(q: torch.Tensor) -> None:
                          f"(the reference backend takes any d)")
     if q.dtype == torch.float64:
         if not _INTERPRET:
-            raise TypeError("float64 is not supported by the Triton attention kernels on the GPU (tl.dot has no "
-                            "fp64 path there); use bfloat16/float16/float32, or the reference backend for float64")
+            why = supported.DTYPE_LIMITS[("attention", "cuda", torch.float64)]
+            raise TypeError(f"float64 is not supported by the Triton attention kernels on the GPU ({why}); "
+                            "use bfloat16/float16/float32, or the reference backend for float64")
         problem = float64_dot_problem()
         if problem:
             raise TypeError(problem)
@@ -693,7 +681,7 @@ def _dtype_flags(dtype: torch.dtype) -> dict:
         # The interpreter cannot do arithmetic on bf16 (held as raw bits): upcast at load.
         UPCAST=_INTERPRET and dtype in (torch.bfloat16, torch.float16),
         SPLIT_SCALE=is_fp64,
-        ACC_DTYPE=tl.float64 if is_fp64 else tl.float32,
+        ACC_DTYPE=launch.tl_acc_dtype(dtype),
         # fp32 inputs are the accuracy path: real fp32 products, not TF32.
         DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
     )
@@ -726,7 +714,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         H, Nq, Nkv,
         qk_hi, qk_lo,
     )
-    with cuda_launch.device_guard(q):
+    with launch.device_guard(q):
         _launch("fwd", _grid(Nq, "BLOCK_M", B * H), args, d, q.dtype,
                 **_dtype_flags(q.dtype))
     return out, lse
@@ -759,8 +747,8 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     is_fp64 = q.dtype == torch.float64
     qk_hi, qk_lo = _split_fp32(scale * math.log2(math.e))
     s_hi, s_lo = _split_fp32(scale)
-    delta = torch.empty((B, H, Nq), dtype=torch.float64 if is_fp64 else torch.float32, device=q.device)
-    with cuda_launch.device_guard(q):
+    delta = torch.empty((B, H, Nq), dtype=launch.acc_dtype(q.dtype), device=q.device)
+    with launch.device_guard(q):
         delta_block = _INTERPRETER_CONFIGS["fwd"].kwargs["BLOCK_M"] if _INTERPRET else _DELTA_BLOCK_M
         _run(_attn_bwd_delta_kernel, _grid(Nq, "BLOCK_M", B * H)({"BLOCK_M": delta_block}),
              (out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), H, Nq),

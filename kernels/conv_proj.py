@@ -67,9 +67,11 @@ import torch
 import triton
 import triton.language as tl
 
-from cvt_fast.ops.contract import output_size
+from . import _launch as launch, supported
 
-from . import cuda_launch
+# Triton decides at decoration time whether kernels are interpreted, so remember the
+# setting that was in force when this module (and its @triton.jit) was imported.
+_INTERPRET = launch.interpreter_on()
 
 # Block choices. BLOCK_C = 64 channels: 128 contiguous bytes in bf16 per row (a full
 # transaction) and divides every CvT width (64, 192, 384, 768, 1024). GPU tiles are 4 x 4
@@ -91,11 +93,6 @@ _BWD_TARGET_PROGRAMS = 1024
 # tests/test_kernel_configs.py sets _TILE_INTERPRET to the GPU tiles and lowers
 # _BWD_TARGET_PROGRAMS, so the GPU tiling and the multi-image backward run on the CPU: keep
 # them module constants read at launch time.
-
-
-def _interpreting() -> bool:
-    """True when this module's kernels were decorated under TRITON_INTERPRET=1."""
-    return type(_fwd_generic_kernel).__name__ == "InterpretedFunction"
 
 
 # --------------------------------------------------------------------------------------------
@@ -886,30 +883,17 @@ def _bwd_generic_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_device(x: torch.Tensor) -> None:
-    if x.device.type == "cpu":
-        if not _interpreting():
-            raise RuntimeError(
-                "conv_proj Triton kernels got CPU tensors but Triton's interpreter is off: set "
-                "TRITON_INTERPRET=1 in the environment before importing triton / cvt_fast.kernels, "
-                "or pass CUDA tensors")
-    elif x.device.type != "cuda":
-        raise ValueError(f"conv_proj Triton kernels run on 'cuda' (or 'cpu' under TRITON_INTERPRET=1), "
-                         f"got device {x.device}")
-
-
 def _check_launch(x: torch.Tensor, weights, padding_q: int, padding_kv: int) -> int:
     """What these kernels need to launch; returns the kernel size. The inputs themselves were
     checked by the op that calls them (cvt_fast/ops/contract.py): shapes, dtypes, devices and
     the grid's fit are trusted here."""
-    _check_device(x)
-    # One kernel size K is a compile-time constant of all three branches; odd, so that the tap
-    # ranges of the parity decomposition are symmetric; padding below K keeps every tap range
-    # non-empty.
+    launch.check_device(x, _INTERPRET, "the Triton conv_proj kernels")
+    # One odd kernel size (supported.py says why); padding below it keeps every tap range non-empty.
     sizes = tuple(w.shape[-1] for w in weights)
+    problem = supported.conv_proj_kernel_size_problem(sizes)
+    if problem is not None:
+        raise ValueError(f"the Triton conv_proj kernels need {problem}")
     kernel = sizes[0]
-    if len(set(sizes)) != 1 or kernel % 2 != 1:
-        raise ValueError(f"the Triton conv_proj kernels need one odd kernel size for q, k and v, got {sizes}")
     for name, padding in (("padding_q", padding_q), ("padding_kv", padding_kv)):
         if not padding < kernel:
             raise ValueError(f"{name} must be below the kernel size {kernel} for the Triton kernels, got {padding}")
@@ -919,7 +903,7 @@ def _check_launch(x: torch.Tensor, weights, padding_q: int, padding_kv: int) -> 
 def _run(kernel, grid: tuple, args: tuple, **meta) -> None:
     """The one place this module launches a kernel (bench/kernels_report.py records the launches
     here to compile them ahead of time)."""
-    kernel[cuda_launch.check_grid(grid, "conv_proj")](*args, **meta)
+    kernel[launch.check_grid(grid, "conv_proj")](*args, **meta)
 
 
 def _forward_grid(num_tiles: int, c_blocks: int, batch: int) -> tuple:
@@ -937,17 +921,12 @@ def _taps_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(channels, -1).t().contiguous()
 
 
-def _acc_dtype(dtype: torch.dtype):
-    # fp32 accumulation for every training dtype; fp64 inputs (gradcheck) keep fp64 throughout.
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _block_c(channels: int) -> int:
     return min(_BLOCK_C_MAX, triton.next_power_of_2(channels))
 
 
 def _tile(generic: bool) -> Tuple[int, int]:
-    if _interpreting():
+    if _INTERPRET:
         return _TILE_INTERPRET
     return _TILE_GENERIC if generic else _TILE_S1S2
 
@@ -959,8 +938,14 @@ def _shift_range(lo: int, hi: int) -> Tuple[int, int]:
 
 def _output_sizes(height: int, width: int, kernel: int, stride_q: int, stride_kv: int, padding_q: int,
                   padding_kv: int) -> Tuple[int, int, int, int]:
-    return (output_size(height, kernel, stride_q, padding_q), output_size(width, kernel, stride_q, padding_q),
-            output_size(height, kernel, stride_kv, padding_kv), output_size(width, kernel, stride_kv, padding_kv))
+    return (_output_size(height, kernel, stride_q, padding_q), _output_size(width, kernel, stride_q, padding_q),
+            _output_size(height, kernel, stride_kv, padding_kv), _output_size(width, kernel, stride_kv, padding_kv))
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Spatial size after a convolution (floor mode), as nn.Conv2d computes it (and the op's checks,
+    cvt_fast.ops.contract.output_size: tests/test_kernels_are_leaves.py holds the two equal)."""
+    return (size + 2 * padding - kernel) // stride + 1
 
 
 def _branch_groups(stride_q: int, stride_kv: int, padding_q: int, padding_kv: int) -> list:
@@ -977,7 +962,7 @@ def _images_per_program(batch: int, per_image: int) -> int:
     return max(1, min(batch, (per_image * batch) // _BWD_TARGET_PROGRAMS))
 
 
-@cuda_launch.on_device_of(0)
+@launch.on_device_of(0)
 def _forward(x: torch.Tensor, weights: tuple, biases: tuple, norm: Optional[torch.Tensor], kernel: int,
              height: int, width: int, has_cls: bool, stride_q: int, stride_kv: int, padding_q: int,
              padding_kv: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1011,7 +996,7 @@ def _forward(x: torch.Tensor, weights: tuple, biases: tuple, norm: Optional[torc
             HAS_CLS=cls, K=kernel, PQ=padding_q, PKV=padding_kv, R_OFF=r_off, NR=nr,
             HAS_BQ=biases[0] is not None, HAS_BK=biases[1] is not None, HAS_BV=biases[2] is not None,
             NORM=norm is not None,
-            TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS,
+            TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=launch.tl_acc_dtype(x.dtype), num_warps=_NUM_WARPS,
         )
         return q, k, v
 
@@ -1032,7 +1017,7 @@ def _forward(x: torch.Tensor, weights: tuple, biases: tuple, norm: Optional[torc
             HAS_CLS=cls, K=kernel, STRIDE=stride, PAD=padding, NUM_OUT=n,
             HAS_B0=bs[0] is not None, HAS_B1=bs[1] is not None, HAS_B2=bs[2] is not None,
             NORM=norm is not None, BRANCH0=first,
-            TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS,
+            TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=launch.tl_acc_dtype(x.dtype), num_warps=_NUM_WARPS,
         )
     return q, k, v
 
@@ -1062,7 +1047,7 @@ def conv_proj_forward(
                     padding_q, padding_kv)
 
 
-@cuda_launch.on_device_of(0)
+@launch.on_device_of(0)
 def _grid_reductions(x: torch.Tensor, weights: tuple, kernel: int, height: int, width: int, has_cls: bool,
                      stride_q: int, stride_kv: int, padding_q: int, padding_kv: int,
                      grads: Optional[tuple] = None, centre: Optional[torch.Tensor] = None) -> list:
@@ -1076,8 +1061,8 @@ def _grid_reductions(x: torch.Tensor, weights: tuple, kernel: int, height: int, 
     batch, _, channels = x.shape
     cls = int(has_cls)
     hq, wq, hk, wk = _output_sizes(height, width, kernel, stride_q, stride_kv, padding_q, padding_kv)
-    acc = _acc_dtype(x.dtype)
-    part_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = launch.tl_acc_dtype(x.dtype)
+    part_dtype = launch.acc_dtype(x.dtype)
     nstat = 3 if grads is None else 2
     block_c = _block_c(channels)
     c_blocks = triton.cdiv(channels, block_c)
@@ -1146,7 +1131,7 @@ def conv_proj_bn_forward(
     kernel = _check_launch(x, (weight_q, weight_k, weight_v), padding_q, padding_kv)
     geometry = (height, width, has_cls, stride_q, stride_kv, padding_q, padding_kv)
     weights = tuple(_taps_major(w) for w in (weight_q, weight_k, weight_v))
-    stats = torch.float64 if x.dtype == torch.float64 else torch.float32
+    stats = launch.acc_dtype(x.dtype)
     # The op guarantees more than one grid value per channel (so at least one image).
     moments = _grid_reductions(x, weights, kernel, *geometry)
     mean = torch.stack([m for m, _ in moments])
@@ -1231,7 +1216,7 @@ def conv_proj_backward(
     return grad_x, grad_wq, grad_wk, grad_wv
 
 
-@cuda_launch.on_device_of(1)  # x
+@launch.on_device_of(1)  # x
 def _backward(grads: tuple, x: torch.Tensor, originals: tuple, weights: tuple, kernel: int, height: int, width: int,
               has_cls: bool, stride_q: int, stride_kv: int, padding_q: int, padding_kv: int,
               outputs: Optional[tuple] = None, bn: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
@@ -1259,7 +1244,7 @@ def _backward(grads: tuple, x: torch.Tensor, originals: tuple, weights: tuple, k
     num_tiles = triton.cdiv(ha, tile_h) * tiles_w
     images_per_program = _images_per_program(batch, num_tiles * c_blocks)
     groups = triton.cdiv(batch, images_per_program)
-    part_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    part_dtype = launch.acc_dtype(x.dtype)
     gw_part = torch.empty((groups * num_tiles, 3, kk, channels), dtype=part_dtype, device=x.device)
     dummy = x
     outq, outk, outv = outputs if outputs is not None else (dummy, dummy, dummy)
@@ -1270,7 +1255,7 @@ def _backward(grads: tuple, x: torch.Tensor, originals: tuple, weights: tuple, k
               x.stride(0), x.stride(1))
     flags = dict(HAS_CLS=cls, K=kernel, HAS_GQ=gq is not None, HAS_GKV=gk is not None,
                  HAS_GV=gv is not None, BN=bn is not None, KK_PAD=triton.next_power_of_2(kk),
-                 TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS)
+                 TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, ACC=launch.tl_acc_dtype(x.dtype), num_warps=_NUM_WARPS)
     grid = (num_tiles, c_blocks, groups)
     if fused:
         _run(_bwd_s1s2_kernel, grid, common, PQ=padding_q, PKV=padding_kv, **flags)

@@ -31,18 +31,15 @@
 # TFLOP/s (H100 SXM, dense bf16). Unfused, hidden's write and the activation's read and write
 # would add 7.7 GB (2.3 ms). Backward: read grad_out and hidden, write grad_hidden and the
 # activation: 10.9 GB (3.3 ms); the partial-sum buffer adds N*4 bytes per BLOCK_M rows (about 1 % of it).
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from . import cuda_launch
+from . import _launch as launch, supported
 from .mlp_activation import ACTIVATION_CODES, _activation_and_derivative
 
 # Triton decides at decoration time whether kernels are interpreted.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+_INTERPRET = launch.interpreter_on()
 
 # GPU, 16-bit inputs: BLOCK_M is fixed at 64 (see the header); N and K tiles, warps and stages
 # are autotuned. Every configuration below compiles for sm_90 without register spills for both
@@ -178,31 +175,23 @@ _TUNED = {} if _INTERPRET else {
 # Launchers (the checks of the public entries in cvt_fast/ops/fused_elementwise.py are not repeated)
 # --------------------------------------------------------------------------------------------
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _check(x: torch.Tensor, act: str) -> None:
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"dtype {x.dtype} is not supported; expected one of {_SUPPORTED_DTYPES}")
+    if x.dtype not in supported.DTYPES:
+        raise TypeError(f"dtype {x.dtype} is not supported; expected one of {supported.DTYPES}")
     if act not in ACTIVATION_CODES:
         raise ValueError(f"act must be one of {tuple(ACTIVATION_CODES)}, got {act!r}")
-    if x.device.type == "cpu" and not _INTERPRET:
-        raise RuntimeError("the Triton kernels got CPU tensors but Triton's interpreter is off: set "
-                           "TRITON_INTERPRET=1 before importing cvt_fast.kernels, or pass CUDA tensors")
-    if x.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"the Triton kernels run on 'cuda' (or 'cpu' under TRITON_INTERPRET=1), got {x.device}")
+    launch.check_device(x, _INTERPRET, "the Triton linear_activation kernels")
 
 
 def _launch(kernel, rows: int, columns: int, args: tuple, dtype: torch.dtype, **constexprs) -> int:
     """Launch with the configuration for this device and dtype, on the device of the tensors (args[0]);
     returns the BLOCK_M used."""
-    with cuda_launch.device_guard(args[0]):
+    with launch.device_guard(args[0]):
         return _launch_here(kernel, rows, columns, args, dtype, **constexprs)
 
 
 def _launch_here(kernel, rows: int, columns: int, args: tuple, dtype: torch.dtype, **constexprs) -> int:
-    constexprs.update(GROUP_M=_GROUP_M, UPCAST=_INTERPRET, ACC=_acc_dtype(dtype),
+    constexprs.update(GROUP_M=_GROUP_M, UPCAST=_INTERPRET, ACC=launch.tl_acc_dtype(dtype),
                       DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32")
     if _INTERPRET or dtype in (torch.float32, torch.float64):
         gpu_config = _FP64_CONFIG if dtype == torch.float64 else _FP32_CONFIG
@@ -252,7 +241,7 @@ def activation_grad_through_linear(grad_out: torch.Tensor, weight: torch.Tensor,
     width = hidden2.shape[1]
     grad_hidden = torch.empty_like(hidden2)
     activation = torch.empty_like(hidden2) if with_activation else hidden2.new_empty((0,))
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = launch.acc_dtype(hidden.dtype)
     partial = torch.empty((triton.cdiv(rows, _block_m(hidden.dtype)), width), dtype=acc, device=hidden.device)
     if rows > 0:
         _launch(_activation_grad_kernel, rows, width,

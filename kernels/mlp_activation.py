@@ -25,9 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cuda_launch
+from . import _launch as launch, supported
 
-_SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+# Triton decides at decoration time whether kernels are interpreted.
+_INTERPRET = launch.interpreter_on()
 ACTIVATION_CODES = {"quick_gelu": 0, "gelu": 1}
 
 # Tiles of 32 rows x 128 channels with 4 warps: 32 elements per thread, loads of 8 contiguous
@@ -107,14 +108,6 @@ def _mlp_activation_bwd_kernel(grad_ptr, x_ptr, bias_ptr, grad_x_ptr, act_ptr, p
 # Launchers (the checks of the public entry, cvt_fast.ops.mlp_activation, are not repeated)
 # --------------------------------------------------------------------------------------------
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1, t.shape[-1])
 
@@ -125,12 +118,11 @@ def _rows_per_program(rows: int, column_blocks: int) -> int:
 
 
 def _check(x: torch.Tensor, act: str) -> None:
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"x dtype {x.dtype} is not supported; expected one of {_SUPPORTED_DTYPES}")
+    if x.dtype not in supported.DTYPES:
+        raise TypeError(f"x dtype {x.dtype} is not supported; expected one of {supported.DTYPES}")
     if act not in ACTIVATION_CODES:
         raise ValueError(f"act must be one of {tuple(ACTIVATION_CODES)}, got {act!r}")
-    if x.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"the Triton kernels run on 'cuda' (or 'cpu' under TRITON_INTERPRET=1), got {x.device}")
+    launch.check_device(x, _INTERPRET, "the Triton mlp_activation kernels")
 
 
 def mlp_activation_forward(x: torch.Tensor, bias, act: str) -> torch.Tensor:
@@ -143,11 +135,11 @@ def mlp_activation_forward(x: torch.Tensor, bias, act: str) -> torch.Tensor:
         return y.view(x.shape)
     block_n = min(_BLOCK_N_MAX, triton.next_power_of_2(channels))
     grid = (triton.cdiv(rows, _BLOCK_M), triton.cdiv(channels, block_n))
-    with cuda_launch.device_guard(x2):
-        _mlp_activation_fwd_kernel[cuda_launch.check_grid(grid, "mlp_activation")](
+    with launch.device_guard(x2):
+        _mlp_activation_fwd_kernel[launch.check_grid(grid, "mlp_activation")](
             x2, x2 if bias is None else bias.contiguous(), y, rows, channels,
             HAS_BIAS=bias is not None, ACT=ACTIVATION_CODES[act], BLOCK_M=_BLOCK_M, BLOCK_N=block_n,
-            ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS)
+            ACC=launch.tl_acc_dtype(x.dtype), num_warps=_NUM_WARPS)
     return y.view(x.shape)
 
 
@@ -162,16 +154,16 @@ def mlp_activation_backward(grad: torch.Tensor, x: torch.Tensor, bias, act: str,
     column_blocks = triton.cdiv(channels, block_n)
     rows_per_program = _rows_per_program(rows, column_blocks)
     groups = triton.cdiv(rows, rows_per_program)
-    partial = torch.zeros((groups, channels), dtype=_acc_torch_dtype(x.dtype), device=x.device)
+    partial = torch.zeros((groups, channels), dtype=launch.acc_dtype(x.dtype), device=x.device)
     fp64 = x.dtype == torch.float64
     if rows > 0:
-        with cuda_launch.device_guard(x2):
-            _mlp_activation_bwd_kernel[cuda_launch.check_grid((groups, column_blocks), "mlp_activation")](
+        with launch.device_guard(x2):
+            _mlp_activation_bwd_kernel[launch.check_grid((groups, column_blocks), "mlp_activation")](
                 grad2, x2, x2 if bias is None else bias.contiguous(), grad_x, activation if with_activation else x2,
                 partial, rows, channels,
                 HAS_BIAS=bias is not None, WITH_ACTIVATION=with_activation, ACT=ACTIVATION_CODES[act],
                 ROWS_PER_PROGRAM=rows_per_program, BLOCK_M=_BLOCK_M_FP64_BACKWARD if fp64 else _BLOCK_M,
-                BLOCK_N=block_n, ACC=_acc_dtype(x.dtype),
+                BLOCK_N=block_n, ACC=launch.tl_acc_dtype(x.dtype),
                 num_warps=_NUM_WARPS_FP64_BACKWARD if fp64 else _NUM_WARPS)
     grad_bias = partial.sum(0).to(x.dtype if bias is None else bias.dtype)
     return (grad_x.view(x.shape), grad_bias,

@@ -31,9 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cuda_launch
+from . import _launch as launch, supported
 
-_SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+# Triton decides at decoration time whether kernels are interpreted.
+_INTERPRET = launch.interpreter_on()
 
 # Elements per register tile: forward holds about three live [BLOCK_M, BLOCK_C] tiles, backward
 # about six, so the backward tile is half as large (4 warps: 32 and 16 fp32 values per thread and
@@ -128,14 +129,6 @@ def _residual_layer_norm_bwd_kernel(grad_out_ptr, grad_normed_ptr, out_ptr, mean
 # Launchers (the checks of the public entry, cvt_fast.ops.residual_layer_norm, are not repeated)
 # --------------------------------------------------------------------------------------------
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1, t.shape[-1])
 
@@ -146,10 +139,9 @@ def _block_shape(channels: int, tile_elements: int) -> tuple:
 
 
 def _check(x: torch.Tensor) -> None:
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"x dtype {x.dtype} is not supported; expected one of {_SUPPORTED_DTYPES}")
-    if x.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"the Triton kernels run on 'cuda' (or 'cpu' under TRITON_INTERPRET=1), got {x.device}")
+    if x.dtype not in supported.DTYPES:
+        raise TypeError(f"x dtype {x.dtype} is not supported; expected one of {supported.DTYPES}")
+    launch.check_device(x, _INTERPRET, "the Triton residual_layer_norm kernels")
 
 
 def _rows_per_sample(x: torch.Tensor) -> int:
@@ -161,19 +153,19 @@ def residual_layer_norm_forward(x, branch, branch_bias, scale, weight, bias, eps
     _check(x)
     x2, branch2 = _rows(x), _rows(branch.to(x.dtype))
     rows, channels = x2.shape
-    acc = _acc_torch_dtype(x.dtype)
+    acc = launch.acc_dtype(x.dtype)
     out, normed = torch.empty_like(x2), torch.empty_like(x2)
     mean = torch.empty(rows, dtype=acc, device=x.device)
     rstd = torch.empty(rows, dtype=acc, device=x.device)
     if rows > 0:
         block_m, block_c = _block_shape(channels, _TILE_ELEMENTS_FWD)
-        with cuda_launch.device_guard(x2):
+        with launch.device_guard(x2):
             _residual_layer_norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
                 x2, branch2, x2 if branch_bias is None else branch_bias.contiguous(),
                 x2 if scale is None else scale.contiguous(), weight.contiguous(), bias.contiguous(),
                 out, normed, mean, rstd, rows, channels, _rows_per_sample(x), eps,
                 HAS_BRANCH_BIAS=branch_bias is not None, HAS_SCALE=scale is not None,
-                BLOCK_M=block_m, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=_NUM_WARPS)
+                BLOCK_M=block_m, BLOCK_C=block_c, ACC=launch.tl_acc_dtype(x.dtype), num_warps=_NUM_WARPS)
     stats_shape = x.shape[:-1]
     return out.view(x.shape), normed.view(x.shape), mean.view(stats_shape), rstd.view(stats_shape)
 
@@ -184,7 +176,7 @@ def residual_layer_norm_backward(grad_out, grad_normed, out, mean, rstd, scale, 
     out2 = _rows(out)
     grad_out2, grad_normed2 = _rows(grad_out.to(out.dtype)), _rows(grad_normed.to(out.dtype))
     rows, channels = out2.shape
-    acc = _acc_torch_dtype(out.dtype)
+    acc = launch.acc_dtype(out.dtype)
     grad_x = torch.empty_like(out2)
     grad_branch = torch.empty_like(out2) if scale is not None else out2.new_empty((0,))
     block_m, block_c = _block_shape(channels, _TILE_ELEMENTS_BWD)
@@ -193,14 +185,14 @@ def residual_layer_norm_backward(grad_out, grad_normed, out, mean, rstd, scale, 
     programs = triton.cdiv(rows, rows_per_program)
     partial = torch.zeros((3, programs, channels), dtype=acc, device=out.device)
     if rows > 0:
-        with cuda_launch.device_guard(out2):
+        with launch.device_guard(out2):
             _residual_layer_norm_bwd_kernel[(programs,)](
                 grad_out2, grad_normed2, out2, mean.contiguous().view(-1), rstd.contiguous().view(-1),
                 out2 if scale is None else scale.contiguous(), weight.contiguous(), grad_x,
                 grad_branch if scale is not None else out2, partial,
                 rows, channels, _rows_per_sample(out), programs,
                 HAS_SCALE=scale is not None, ROWS_PER_PROGRAM=rows_per_program, BLOCK_M=block_m, BLOCK_C=block_c,
-                ACC=_acc_dtype(out.dtype), num_warps=_NUM_WARPS)
+                ACC=launch.tl_acc_dtype(out.dtype), num_warps=_NUM_WARPS)
     # Three separate sums: outputs of a custom op may not be views of one another.
     weight_grad, bias_grad, branch_bias_grad = (partial[i].sum(0) for i in range(3))
     return (grad_x.view(out.shape), grad_branch.view(out.shape) if scale is not None else grad_branch,

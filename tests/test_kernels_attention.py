@@ -372,7 +372,7 @@ def test_forward_rejects_unsupported_head_dim(d):
 
 def test_cpu_tensors_without_interpreter_are_rejected(monkeypatch):
     monkeypatch.setattr(attn, "_INTERPRET", False)
-    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         attn.attention_forward(*(t.cpu() for t in _good()), 0.1)
 
 

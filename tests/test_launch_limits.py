@@ -5,7 +5,7 @@ entry is replaced), so the host code runs at sizes far too large to interpret:
 - grid limits: B*H = 70000 (evaluation at batch 4375 with CvT-W24's 16 heads) for attention, 70000
   images for conv_proj; every grid must fit CUDA's limits (2^31 - 1 programs on axis 0, 65535 on
   axes 1 and 2). Attention had B*H on axis 1 and the conv_proj forward the batch on axis 2.
-- devices: every launch happens inside cuda_launch.device_guard of the tensors' device (Triton
+- devices: every launch happens inside _launch.device_guard of the tensors' device (Triton
   launches on the current device; conv_proj, linear_activation, mlp_activation and
   residual_layer_norm used to launch on whatever device was current).
 The kernels' results under the new grids are checked by the interpreter tests of each kernel
@@ -24,10 +24,10 @@ triton = pytest.importorskip("triton")
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from cvt_fast.kernels import attention, conv_proj, cuda_launch  # noqa: E402
+from cvt_fast.kernels import _launch, attention, conv_proj  # noqa: E402
 from cvt_fast.kernels import linear_activation, mlp_activation, residual_layer_norm  # noqa: E402
 
-MAX_AXIS = cuda_launch.CUDA_GRID_LIMITS
+MAX_AXIS = _launch.CUDA_GRID_LIMITS
 # Kept in sync with CUDA by hand: the limits of compute capability 3.0 and newer.
 assert MAX_AXIS == (2 ** 31 - 1, 65535, 65535)
 
@@ -58,7 +58,7 @@ class Launches:
 def launches(monkeypatch):
     recorder = Launches()
     monkeypatch.setattr(InterpretedFunction, "run", lambda kernel, *a, **k: recorder.run(kernel, *a, **k))
-    monkeypatch.setattr(cuda_launch, "device_guard", recorder.guard)
+    monkeypatch.setattr(_launch, "device_guard", recorder.guard)
     return recorder
 
 
@@ -104,9 +104,9 @@ def test_conv_proj_grids_fit_cuda_limits_at_70000_images(launches, strides):
 
 
 def test_check_grid_names_the_axis_over_the_limit():
-    assert cuda_launch.check_grid((2 ** 31 - 1, 65535, 1), "k") == (2 ** 31 - 1, 65535, 1)
+    assert _launch.check_grid((2 ** 31 - 1, 65535, 1), "k") == (2 ** 31 - 1, 65535, 1)
     with pytest.raises(ValueError, match="70000 programs on axis 1, over CUDA's limit of 65535"):
-        cuda_launch.check_grid((4, 70000), "attention")
+        _launch.check_grid((4, 70000), "attention")
 
 
 def every_launcher():
@@ -150,9 +150,9 @@ def test_every_triton_launch_runs_under_a_device_guard(launches, name, call):
     call()
     assert launches.records, f"{name} launched nothing"
     unguarded = [kernel for kernel, _, guarded in launches.records if not guarded]
-    assert not unguarded, f"{name} launched {unguarded} outside cuda_launch.device_guard"
+    assert not unguarded, f"{name} launched {unguarded} outside _launch.device_guard"
 
 
 def test_device_guard_selects_cuda_devices_only():
-    assert isinstance(cuda_launch.device_guard(torch.zeros(1)), contextlib.nullcontext)
-    assert isinstance(cuda_launch.device_guard(torch.zeros(1, device="meta")), contextlib.nullcontext)
+    assert isinstance(_launch.device_guard(torch.zeros(1)), contextlib.nullcontext)
+    assert isinstance(_launch.device_guard(torch.zeros(1, device="meta")), contextlib.nullcontext)

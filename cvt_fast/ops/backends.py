@@ -2,6 +2,8 @@
 
 A record says which ops a backend implements, for which dtypes, head sizes and kernel sizes,
 why it cannot run somewhere (its availability probe), and how to load its implementation. The
+'triton' record reads what the kernels take from their own declarations (kernels/supported.py,
+which imports no Triton); the other records state their backend's limits here. The
 backend choice (backend.py), the op registration (library.py), the entry points (__init__.py),
 the model, the benchmarks and the README's backend table all derive from TABLE; nothing else
 lists backend names. Nothing here imports Triton, xformers or the CUDA extension: the probes and
@@ -19,12 +21,13 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import os
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from cvt_fast.kernels import _launch as triton_launch
+from cvt_fast.kernels import supported as triton_supported
 from cvt_fast.ops.contract import FLOAT_DTYPES, dtype_names
 
 # The two hot paths of CvT (DESIGN §2), then the fused elementwise steps of a block around them
@@ -106,7 +109,7 @@ def _triton_probe(op: str, device_type: str) -> Optional[str]:
     if not module_present(kernel_module):
         return f"the Triton kernels module {kernel_module} is missing from this installation"
     if device_type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if not triton_launch.interpreter_on():
             return ("the tensors are on the CPU and TRITON_INTERPRET is not 1: set TRITON_INTERPRET=1 "
                     "before importing triton to run the kernels on the CPU through the interpreter")
         from cvt_fast.kernels.interpreter import interpreter_problem
@@ -187,11 +190,12 @@ def one_kernel_size(name: str, kernel_sizes: tuple[int, ...]) -> Optional[str]:
     return None
 
 
-def one_odd_kernel_size(name: str, kernel_sizes: tuple[int, ...]) -> Optional[str]:
-    reason = one_kernel_size(name, kernel_sizes)
-    if reason is None and kernel_sizes[0] % 2 != 1:
-        return f"the fused {name!r} projection needs an odd kernel size, got {kernel_sizes[0]} ('reference' takes any)"
-    return reason
+def triton_kernel_sizes(name: str, kernel_sizes: tuple[int, ...]) -> Optional[str]:
+    """What the Triton conv_proj kernels declare they need of the kernel sizes (kernels/supported.py)."""
+    problem = triton_supported.conv_proj_kernel_size_problem(kernel_sizes)
+    if problem is None:
+        return None
+    return f"the fused {name!r} projection needs {problem} ('reference' takes any)"
 
 
 # --------------------------------------------------------------------------- loaders
@@ -250,12 +254,13 @@ def _load_peer(function_name: str) -> Callable[[str], Implementation]:
 _RECORDS = (
     Backend("reference", "reference", OPS, FLOAT_DTYPES, _runs_anywhere, _load_reference,
             summary="plain PyTorch (conv2d; einsum, softmax, einsum)", where="any device; the ground truth"),
-    Backend("triton", "kernels", OPS, FLOAT_DTYPES, _triton_probe, _load_triton,
+    Backend("triton", "kernels", OPS, triton_supported.DTYPES, _triton_probe, _load_triton,
             summary="Triton kernels (`kernels/`)", where="CUDA GPUs; CPU tensors under `TRITON_INTERPRET=1`",
-            head_dims=(16, 32, 64, 128), kernel_rule=one_odd_kernel_size,
-            dtype_limits=(DtypeLimit("attention", "cuda", torch.float64,
-                                     "float64 attention is not supported by the Triton kernels on the GPU "
-                                     "(tl.dot has no fp64 path there)"),),
+            head_dims=triton_supported.ATTENTION_HEAD_DIMS, kernel_rule=triton_kernel_sizes,
+            dtype_limits=tuple(DtypeLimit(op, device_type, dtype,
+                                          f"{dtype_names((dtype,))} {op} is not supported by the Triton kernels "
+                                          f"on the {'GPU' if device_type == 'cuda' else device_type} ({why})")
+                               for (op, device_type, dtype), why in triton_supported.DTYPE_LIMITS.items()),
             gpu_tests=(("tests/test_kernels_attention.py", "tests/test_kernels_conv_proj.py", "-m", "gpu"),
                        ("tests/test_ops_registration.py", "-m", "gpu", "-k", "triton"),
                        # the fused elementwise ops' kernels (issue 18), at CvT-13's shapes
