@@ -5,6 +5,11 @@ cvt_fast works where Triton is missing. On CPU tensors the kernels run only unde
 Triton's interpreter (TRITON_INTERPRET=1, set before the first import of a kernel
 module).
 
+A leaf: nothing here imports cvt_fast. `_launch.py` holds what every launch needs (interpreter
+detection, the device check, the accumulator dtype, the device guard, the grid check);
+`supported.py` declares what the kernels take (dtypes, head sizes, kernel sizes), which the
+backend table (cvt_fast/ops/backends.py) reads without importing Triton.
+
 This folder is `cvt_fast.kernels` only, never a top-level module named `kernels`.
 Hugging Face's `kernels` distribution has that name, and transformers imports it
 (`from kernels import CUDAProperties`). Wherever the checkout's root is on sys.path
