@@ -4,7 +4,8 @@ A tiny JPEG set whose every image is one flat grey that encodes its index lets a
 which file each output came from (a random crop and a resize of a flat picture keep its value):
 the order, the label alignment, the DDP shards and a mid-epoch resume are checked file by file
 against the EpochSampler. The digits data checks determinism for a seed on real pictures; the
-official ImageNet recipe (RandAugment m9, random erasing) runs once on textured JPEGs.
+official ImageNet recipe (RandAugment m9, then the trainer's random erasing on the batch) runs once
+on textured JPEGs. The loader yields uint8 CHW images, as the torch loader does.
 Everything here skips where nvidia-dali is not installed.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from cvt_fast.training import dali_loader
 from cvt_fast.training.data import EpochSampler, build_train_loader, set_loader_epoch
+from cvt_fast.training.device_input import build_device_input
 from test_train_utils import REPO, load_tiny_config, make_dataset, one_thread  # noqa: F401 (fixture)
 
 needs_dali = pytest.mark.skipif(dali_loader.unavailable_reason() is not None,
@@ -42,10 +44,8 @@ def _grey_set(root, classes=3, per_class=5, size=(24, 18)):
 
 
 def _file_index(x: torch.Tensor, cfg) -> list[int]:
-    """Which grey file each image of a batch is (back through the normalisation)."""
-    mean = torch.tensor(cfg.INPUT.MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(cfg.INPUT.STD).view(1, 3, 1, 1) * 255
-    grey = (x * std + mean).mean(dim=(1, 2, 3))
+    """Which grey file each (uint8) image of a batch is."""
+    grey = x.float().mean(dim=(1, 2, 3))
     return [round((g - GREY0) / GREY_STEP) for g in grey.tolist()]
 
 
@@ -63,11 +63,8 @@ def test_dali_cpu_batches_are_the_samplers_files_with_their_labels(tmp_path):
     set_loader_epoch(loader, int(cfg.SEED), 1, 0)
     order = list(loader.sampler)
     seen, labels = [], []
-    lo = min((0 - m) / s for m, s in zip(cfg.INPUT.MEAN, cfg.INPUT.STD))
-    hi = max((1 - m) / s for m, s in zip(cfg.INPUT.MEAN, cfg.INPUT.STD))
     for x, y, unreadable in loader:
-        assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
-        assert float(x.min()) >= lo - 1e-4 and float(x.max()) <= hi + 1e-4
+        assert x.shape == (4, 3, 16, 16) and x.dtype == torch.uint8 and y.dtype == torch.int64
         assert torch.equal(unreadable, torch.full((4,), -1))
         seen += _file_index(x, cfg)
         labels += y.tolist()
@@ -152,17 +149,19 @@ def test_dali_cpu_runs_the_official_recipe_randaugment_and_erasing(tmp_path):
     cfg = load_config(official, common + ["AUG.TIMM_AUG.RE_PROB", "1.0"])
     assert cfg.AUG.TIMM_AUG.AUTO_AUGMENT == "rand-m9-mstd0.5-inc1"
     loader = build_train_loader(cfg)
-    assert loader.recipe.magnitude == 9 and loader.erasing is not None
-    before_erasing = []
-    erase = loader.erasing
-    loader.erasing = lambda batch: erase(before_erasing.append(batch.clone()) or batch)
+    assert loader.recipe.magnitude == 9
     set_loader_epoch(loader, 0, 0, 0)
     (x, y, _), = list(loader)
-    assert x.shape == (8, 3, 32, 32) and torch.isfinite(x).all()
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.uint8 and x.is_contiguous()
     assert y.tolist() == [loader.dataset.targets[i] for i in list(loader.sampler)[:8]]
-    # Erasing (probability 1 here) replaced one rectangle of 2% to 1/3 of each image (timm's range;
-    # an image where 10 tries found no rectangle that fits stays whole).
-    changed = (x != before_erasing[0]).any(dim=1).float().mean(dim=(1, 2))
+    # The trainer's step on the device: normalised, then erased (probability 1 here), one
+    # rectangle of 2% to 1/3 of each image (timm's range; an image where 10 tries found no
+    # rectangle that fits stays whole).
+    device_input = build_device_input(cfg, torch.device("cpu"))
+    plain = build_device_input(load_config(official, common), torch.device("cpu"))(x)
+    out = device_input(x)
+    assert torch.isfinite(out).all()
+    changed = (out != plain).any(dim=1).float().mean(dim=(1, 2))
     assert all(0.0 <= share <= 1 / 3 + 0.01 for share in changed.tolist())
     assert sum(0.02 - 0.005 <= share for share in changed.tolist()) >= 5, changed
 

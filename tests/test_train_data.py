@@ -77,17 +77,18 @@ def test_test_transform_resizes_by_0_875_and_center_crops(tmp_path):
     assert out.shape == (3, 32, 32)
 
 
-def test_official_train_transform_is_timm_randaugment_with_random_erasing():
+def test_official_train_transform_is_timm_randaugment_ending_at_uint8():
+    # Normalisation and random erasing run on the device (tests/test_train_device_input.py).
     from cvt_fast.config import load_config
     from PIL import Image
 
     cfg = load_config(str(REPO / "experiments/imagenet/cvt/cvt-13-224x224.yaml"), ["TRAIN.IMAGE_SIZE", "[32, 32]"])
     t = build_train_transform(cfg)
     text = repr(t)
-    assert "RandAugment" in text and "RandomErasing" in text and "bicubic" in text.lower()
+    assert "RandAugment" in text and "MaybePILToTensor" in text and "bicubic" in text.lower()
     torch.manual_seed(0)
     out = t(Image.new("RGB", (40, 40), (20, 120, 10)))
-    assert out.shape == (3, 32, 32)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
 
 
 def test_epoch_sampler_order_is_a_function_of_seed_and_epoch():

@@ -19,9 +19,11 @@ CFG = str(REPO / "experiments/digits/cvt-digits.yaml")
 
 
 def _opts(data, out):
-    # Random augmentation (timm crops), mixup/cutmix (numpy + torch RNG) and dropout all
-    # draw random numbers, so an exact resume needs every RNG state restored.
+    # Random augmentation (timm crops), random erasing on the device (Python's random and the
+    # device's torch generator), mixup/cutmix (numpy + torch RNG) and dropout all draw random
+    # numbers, so an exact resume needs every RNG state restored.
     return tiny_overrides(data, out, classes=3, TRAIN__CHECKPOINT_EVERY_STEPS=2,
+                          AUG__TIMM_AUG__RE_PROB=0.5, AUG__TIMM_AUG__RE_MODE="pixel",
                           AUG__MIXUP=0.8, AUG__MIXCUT=1.0, AUG__MIXUP_PROB=1.0,
                           MODEL__SPEC__DROP_RATE="[0.1, 0.1, 0.1]")
 

@@ -17,9 +17,9 @@ The pipeline, against the official recipe (timm's create_transform for the CvT c
   decoders.image_random_crop (AUG.SCALE, AUG.RATIO, 10 attempts)  = RandomResizedCrop's sampling
   resize to TRAIN.IMAGE_SIZE, cubic with antialiasing             ~ PIL bicubic
   RandAugment, n=2, 'rand-mM-...-inc1' (see randaugment_suite)   ~ timm's (differences below)
-  crop_mirror_normalize: flip (HFLIP), INPUT.MEAN/STD, CHW float
-  random erasing: timm's RandomErasing on the batch, on the device (RE_PROB, RE_MODE, RE_COUNT)
-  mixup/cutmix: on the device as for the torch loader (the training loop's)
+  crop_mirror_normalize: flip (HFLIP), CHW uint8 (the torch loader's output)
+  float, INPUT.MEAN/STD, random erasing (RE_PROB, RE_MODE, RE_COUNT), mixup/cutmix: the training
+  loop's, on the device, the same code for both loaders (device_input.py, loop.py)
 Differences, by how much:
 - RandAugment's magnitude is fixed at M (timm draws it from N(M, mstd) per op: 0.5 of 10
   levels); timm's level 10 posterize (0 bits, black) is 1 bit in DALI (it remaps 0 bits to 1).
@@ -102,17 +102,14 @@ class _Recipe:
     """The training recipe of a config, as this pipeline runs it (ValueError for what it cannot)."""
 
     def __init__(self, cfg: Any):
-        from .data import _size_hw, _timm_get, interpolation_name
+        from .data import _size_hw, _timm_get, interpolation_name, uses_timm_transform
 
         self.height, self.width = _size_hw(cfg.TRAIN.IMAGE_SIZE)
         aug, timm_cfg = cfg.AUG, cfg.AUG.TIMM_AUG
         self.scale = [float(v) for v in aug.SCALE]
         self.ratio = [float(v) for v in aug.RATIO]
-        self.mean = [float(v) * 255 for v in cfg.INPUT.MEAN]
-        self.std = [float(v) * 255 for v in cfg.INPUT.STD]
         self.magnitude: Optional[int] = None
-        self.re_prob, self.re_mode, self.re_count = 0.0, "const", 1
-        if _timm_get(timm_cfg, "USE_TRANSFORM", False) or _timm_get(timm_cfg, "USE_LOADER", False):
+        if uses_timm_transform(cfg):
             if float(_timm_get(timm_cfg, "VFLIP", 0.0)) > 0:
                 raise ValueError("AUG.TIMM_AUG.VFLIP > 0 is not implemented by DATA.LOADER dali; use DATA.LOADER torch")
             self.hflip = float(_timm_get(timm_cfg, "HFLIP", 0.5))
@@ -124,9 +121,6 @@ class _Recipe:
                 raise ValueError("AUG.TIMM_AUG.COLOR_JITTER > 0 without AUTO_AUGMENT is not implemented by "
                                  "DATA.LOADER dali; set it 0 or use DATA.LOADER torch")
             self.interpolation = interpolation_name(_timm_get(timm_cfg, "INTERPOLATION", "bicubic"))
-            self.re_prob = float(_timm_get(timm_cfg, "RE_PROB", 0.0))
-            self.re_mode = str(_timm_get(timm_cfg, "RE_MODE", "const"))
-            self.re_count = int(_timm_get(timm_cfg, "RE_COUNT", 1))
         else:
             cj = list(aug.COLOR_JITTER)
             if (cj and cj[-1] > 0.0) or float(aug.GRAY_SCALE) > 0.0:
@@ -173,8 +167,8 @@ def _define(recipe: _Recipe, source, batch_size: int, threads: int, device_id: O
                                                 num_magnitude_bins=NUM_MAGNITUDE_BINS,
                                                 shape=(recipe.height, recipe.width), fill_value=128)
         mirror = fn.random.coin_flip(probability=recipe.hflip) if recipe.hflip > 0 else 0
-        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=recipe.mean,
-                                          std=recipe.std, mirror=mirror)
+        # uint8 CHW, as the torch loader's: normalisation and erasing are the trainer's (DeviceInput).
+        images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mirror=mirror)
         return images, labels
 
     pipe = train(batch_size=batch_size, num_threads=max(1, threads), device_id=device_id, seed=seed,
@@ -198,7 +192,8 @@ def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
 
 
 class DaliTrainLoader:
-    """Batches (images, labels, unreadable) like the torch training loader, from a DALI pipeline.
+    """Batches (uint8 (B, 3, H, W) images, labels, unreadable) like the torch training loader, from a
+    DALI pipeline.
 
     Duck-types what the trainer uses of a DataLoader: `dataset` (classes, samples),
     `sampler` (the EpochSampler: order, shard, resume offset), `batch_size`, `generator` (reseeded
@@ -222,13 +217,6 @@ class DaliTrainLoader:
         self._drained = False
         self._pending: list[list[int]] = []
         self._batches_it: Iterator = iter(())
-        self.erasing = None
-        if self.recipe.re_prob > 0:
-            from timm.data.random_erasing import RandomErasing
-
-            # timm's own, on the batch and on the device (timm's prefetcher does the same).
-            self.erasing = RandomErasing(self.recipe.re_prob, mode=self.recipe.re_mode, max_count=self.recipe.re_count,
-                                         device=str(device))
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size
@@ -280,8 +268,6 @@ class DaliTrainLoader:
                 self._pending.pop(0)
             x = _to_torch(images, self.device)
             y = _to_torch(labels, self.device).reshape(-1)
-            if self.erasing is not None:
-                x = self.erasing(x)
             yield x, y, torch.full((y.shape[0],), -1, dtype=torch.int64)
         try:  # the source is exhausted: this run ends the pass, so the pipeline can be reset
             self._pipe.run()

@@ -1,9 +1,12 @@
 """ImageFolder data for training and evaluation, with the official CvT transforms.
 
-Train transforms: timm's create_transform (RandAugment, random erasing, colour jitter,
+Train transforms: timm's create_transform (RandomResizedCrop, flip, RandAugment, colour jitter,
 bicubic) when AUG.TIMM_AUG.USE_TRANSFORM or USE_LOADER is set, else the official
-torchvision path (RandomResizedCrop, flip, optional colour jitter). Test transforms:
-resize to IMAGE_SIZE / 0.875 and center crop when TEST.CENTER_CROP, else plain resize.
+torchvision path (RandomResizedCrop, flip, optional colour jitter). They end at a uint8 CHW
+tensor (timm's prefetcher transform): the float conversion, normalisation and random erasing
+run on the training device, on the batch (device_input.py). Test transforms: resize to
+IMAGE_SIZE / 0.875 and center crop when TEST.CENTER_CROP, else plain resize, then ToTensor and
+Normalize on the CPU (float batches, as before).
 
 The training order is a pure function of (seed, epoch): EpochSampler draws the
 permutation from its own generator, shards it over ranks like DistributedSampler,
@@ -82,13 +85,30 @@ def _allow_posterize_to_zero_bits(transform: Any) -> None:
                 op.aug_fn = _posterize
 
 
+def uses_timm_transform(cfg: Any) -> bool:
+    timm_cfg = cfg.AUG.TIMM_AUG
+    return bool(_timm_get(timm_cfg, "USE_TRANSFORM", False) or _timm_get(timm_cfg, "USE_LOADER", False))
+
+
+def erasing_settings(cfg: Any) -> tuple[float, str, int]:
+    """(probability, mode, count) of the recipe's random erasing: AUG.TIMM_AUG's RE_* on the timm
+    recipe, none on the torchvision one."""
+    if not uses_timm_transform(cfg):
+        return 0.0, "const", 1
+    timm_cfg = cfg.AUG.TIMM_AUG
+    return (float(_timm_get(timm_cfg, "RE_PROB", 0.0)), str(_timm_get(timm_cfg, "RE_MODE", "const")),
+            int(_timm_get(timm_cfg, "RE_COUNT", 1)))
+
+
 def build_train_transform(cfg: Any) -> Callable:
+    """PIL image -> the augmented uint8 (3, H, W) tensor; the rest of the recipe (float, normalise,
+    random erasing) is DeviceInput's, on the batch."""
     import torchvision.transforms as T
 
     h, w = _size_hw(cfg.TRAIN.IMAGE_SIZE)
     aug = cfg.AUG
     timm_cfg = aug.TIMM_AUG
-    if _timm_get(timm_cfg, "USE_TRANSFORM", False) or _timm_get(timm_cfg, "USE_LOADER", False):
+    if uses_timm_transform(cfg):
         from timm.data import create_transform
 
         auto_augment = _timm_get(timm_cfg, "AUTO_AUGMENT", None)
@@ -101,10 +121,10 @@ def build_train_transform(cfg: Any) -> Callable:
             color_jitter=_timm_get(timm_cfg, "COLOR_JITTER", 0.4),
             auto_augment=str(auto_augment) if auto_augment not in (None, "", "none") else None,
             interpolation=interpolation_name(_timm_get(timm_cfg, "INTERPOLATION", "bicubic")),
-            re_prob=float(_timm_get(timm_cfg, "RE_PROB", 0.0)),
-            re_mode=str(_timm_get(timm_cfg, "RE_MODE", "const")),
-            re_count=int(_timm_get(timm_cfg, "RE_COUNT", 1)),
+            # The mean still matters here: RandAugment's geometric ops fill with it.
             mean=tuple(cfg.INPUT.MEAN), std=tuple(cfg.INPUT.STD),
+            # Ends at MaybePILToTensor (uint8 CHW): no ToTensor, Normalize or RandomErasing here.
+            use_prefetcher=True,
         )
         _allow_posterize_to_zero_bits(transform)
         return transform
@@ -116,7 +136,7 @@ def build_train_transform(cfg: Any) -> Callable:
         ts.append(T.RandomApply([T.ColorJitter(*cj[:-1])], p=cj[-1]))
     if float(aug.GRAY_SCALE) > 0.0:
         ts.append(T.RandomGrayscale(float(aug.GRAY_SCALE)))
-    ts += [T.ToTensor(), T.Normalize(mean=list(cfg.INPUT.MEAN), std=list(cfg.INPUT.STD))]
+    ts.append(T.PILToTensor())
     return T.Compose(ts)
 
 
@@ -270,7 +290,8 @@ def _loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, workers: i
 
 def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1, device: Optional[torch.device] = None):
     """The training loader of DATA.LOADER: a torch DataLoader ('torch'), or a DaliTrainLoader ('dali',
-    decoding and augmentation on `device`, the same sampler)."""
+    decoding and augmentation on `device`, the same sampler). Both yield (uint8 (B, 3, H, W) images,
+    targets, unreadable indices); the trainer's DeviceInput finishes the images on the device."""
     root = os.path.join(cfg.DATASET.ROOT, cfg.DATASET.TRAIN_SET)
     loader_kind = str(cfg.DATA.LOADER)
     if loader_kind not in ("torch", "dali"):

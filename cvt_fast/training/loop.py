@@ -1,7 +1,8 @@
 """The training loop: one epoch of steps, evaluation, checkpoints, resume, metrics.
 
 `train(cfg, run_dir)` runs the whole recipe in this process (one rank of a torchrun
-job, or alone). Each step: mixup/cutmix -> autocast forward -> loss -> non-finite
+job, or alone). Each step: the loader's uint8 batch to the device, float, normalised and
+randomly erased there (device_input.py) -> mixup/cutmix -> autocast forward -> loss -> non-finite
 check and stop request, agreed by all ranks in one all-reduce (before backward, so a bad
 step never reaches the weights) -> backward (GradScaler for float16) -> optional clipping
 -> optimizer step -> lr schedule step (per iteration) -> EMA update -> step checkpoint
@@ -34,6 +35,7 @@ from cvt_fast.checkpoint import atomic_write_bytes
 
 from . import distributed as dist_utils
 from .data import build_train_loader, build_val_loader, name_files, set_loader_epoch
+from .device_input import build_device_input
 from .ema import ModelEma
 from .input_wait import MIN_STEPS as INPUT_WAIT_MIN_STEPS
 from .input_wait import InputWaitMeter
@@ -214,6 +216,8 @@ class Trainer:
             raise ValueError(f"the training set has {n_classes} classes but MODEL.NUM_CLASSES="
                              f"{cfg.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES {n_classes}")
         self.steps_per_epoch = len(self.train_loader)
+        # The loaders stop at uint8 images: float, normalisation and random erasing happen here.
+        self.device_input = build_device_input(cfg, self.device)
         self.input_wait = InputWaitMeter(float(cfg.DATA.INPUT_BOUND_WARNING),
                                          min(INPUT_WAIT_MIN_STEPS, max(self.steps_per_epoch - 1, 1)), int(cfg.WORKERS),
                                          str(cfg.DATA.LOADER))
@@ -535,7 +539,7 @@ class Trainer:
             t0 = time.perf_counter()  # step time includes waiting for the data
             for x, y, unreadable in self.train_loader:
                 waited = time.perf_counter() - t0
-                x = x.to(self.device, non_blocking=True)
+                x = self.device_input(x)
                 y = y.to(self.device, non_blocking=True)
                 pos.skipped_files.update(unreadable[unreadable >= 0].tolist())
                 if self.mixup is not None:
