@@ -11,6 +11,7 @@ Everything here skips where nvidia-dali is not installed.
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -155,14 +156,15 @@ def test_dali_cpu_runs_the_official_recipe_randaugment_and_erasing(tmp_path):
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.uint8 and x.is_contiguous()
     assert y.tolist() == [loader.dataset.targets[i] for i in list(loader.sampler)[:8]]
     # The trainer's step on the device: normalised, then erased (probability 1 here), one
-    # rectangle of 2% to 1/3 of each image (timm's range; an image where 10 tries found no
-    # rectangle that fits stays whole).
+    # rectangle of 2% to 1/3 of each image (timm's range, its sides rounded: up to 4% more at
+    # 32x32; an image where 10 tries found no rectangle that fits stays whole).
     device_input = build_device_input(cfg, torch.device("cpu"))
     plain = build_device_input(load_config(official, common), torch.device("cpu"))(x)
+    random.seed(0)
     out = device_input(x)
     assert torch.isfinite(out).all()
     changed = (out != plain).any(dim=1).float().mean(dim=(1, 2))
-    assert all(0.0 <= share <= 1 / 3 + 0.01 for share in changed.tolist())
+    assert all(0.0 <= share <= 1 / 3 + 0.04 for share in changed.tolist()), changed
     assert sum(0.02 - 0.005 <= share for share in changed.tolist()) >= 5, changed
 
 

@@ -110,9 +110,10 @@ def test_erasing_probability_one_erases_every_image_and_zero_none():
     always = DeviceInput(MEAN, STD, torch.device("cpu"), re_prob=1.0, re_mode="const")
     out = always(x)
     assert _erased(x, out).all()
-    # const mode writes zeros: one rectangle of 2% to 1/3 of each image, all channels.
+    # const mode writes zeros: one rectangle of 2% to 1/3 of each image (its sides rounded: up to
+    # 4% more at 32x32), all channels.
     share = (out == 0).all(dim=1).float().mean(dim=(1, 2))
-    assert ((share >= 0.02 - 0.01) & (share <= 1 / 3 + 0.01)).all(), share
+    assert ((share >= 0.02 - 0.01) & (share <= 1 / 3 + 0.04)).all(), share
     never = DeviceInput(MEAN, STD, torch.device("cpu"), re_prob=0.0)
     assert never.erasing is None and not _erased(x, never(x)).any()
 
