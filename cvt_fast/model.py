@@ -16,6 +16,10 @@ Each attention module runs on one of two paths:
   the next block's norm1, so Stage chains the blocks); and the other LayerNorms keep 16-bit
   inputs rather than their float32 copies (`cvt_fast.lean_layer_norm`).
 Both paths use the same parameters and buffers, so checkpoints are interchangeable.
+
+The classifier follows timm's conventions (forward_features -> unpooled normalised tokens,
+forward_head -> pooling by global_pool and the head), and the stage outputs are a backbone's
+feature maps (feature_info, forward_intermediates, prune_intermediate_layers).
 """
 from __future__ import annotations
 
@@ -435,14 +439,20 @@ class Stage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, C_in, H, W) -> ((B, C, H', W') feature map, (B, 1, C) cls token or None)."""
+        x, height, width = self.forward_tokens(x)
+        cls_token = None
+        if self.cls_token is not None:
+            # split, not two slices: its backward is one concatenation, where each slice's would
+            # write a zero-filled copy of the whole stream
+            cls_token, x = torch.split(x, [1, height * width], dim=1)
+        return _tokens_to_grid(x, height, width), cls_token
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """(B, C_in, H, W) -> (B, [1 +] H' * W', C) tokens (the cls token first, when the stage has one), H', W'."""
         x, height, width = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
-        x = self.blocks(self.pos_drop(x), height, width)
-        cls_token = None
-        if self.cls_token is not None:
-            cls_token, x = x[:, :1], x[:, 1:]
-        return _tokens_to_grid(x, height, width), cls_token
+        return self.blocks(self.pos_drop(x), height, width), height, width
 
 
 class ConvolutionalVisionTransformer(nn.Module):
@@ -577,6 +587,10 @@ class ConvolutionalVisionTransformer(nn.Module):
     def grad_checkpointing(self) -> bool:
         return any(stage.blocks.grad_checkpointing for stage in self.stages)
 
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, enable: bool) -> None:  # some timm code sets the attribute directly
+        self.set_grad_checkpointing(enable)
+
     def _check_input(self, x: torch.Tensor) -> None:
         if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():
             # fx traces symbolically (timm's feature extraction): there are no values to check; the
@@ -612,10 +626,11 @@ class ConvolutionalVisionTransformer(nn.Module):
         (the cls token first, when the model has one) after the final LayerNorm, unpooled (timm's
         convention: forward_head pools)."""
         self._check_input(x)
-        cls_token = None
-        for stage in self.stages:
-            x, cls_token = stage(x)
-        return self.norm(_with_prefix(cls_token, _grid_to_tokens(x)))
+        *stages, last = self.stages
+        for stage in stages:
+            x, _ = stage(x)
+        # The last stage's tokens as its blocks leave them: no grid, no split and cat back.
+        return self.norm(last.forward_tokens(x)[0])
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """forward_features' tokens -> pooled by global_pool ('token': the cls token, as the official

@@ -27,10 +27,22 @@ def _runs_on_cpu(backend):
 CPU_BACKENDS = [None if b == "auto" else b for b in MODEL_BACKENDS if _runs_on_cpu(b)]
 
 
+def _stage_output_hooks(model, outputs):
+    """Forward hooks on each stage's blocks that append the stage's (grid (B, C, H, W), cls token or
+    None) as the blocks leave them (the last stage's tokens go to the final LayerNorm unsplit)."""
+    def hook_for(stage):
+        def hook(module, inputs, tokens):
+            _, height, width = inputs
+            cls_token, grid = (tokens[:, :1], tokens[:, 1:]) if stage.cls_token is not None else (None, tokens)
+            outputs.append((grid.transpose(1, 2).reshape(grid.shape[0], grid.shape[2], height, width), cls_token))
+        return hook
+    return [stage.blocks.register_forward_hook(hook_for(stage)) for stage in model.stages]
+
+
 def stage_outputs(model, x):
-    """Each stage's (grid, cls token or None) in the plain forward, caught by forward hooks."""
+    """Each stage's (grid, cls token or None) in the plain forward."""
     outputs = []
-    hooks = [s.register_forward_hook(lambda m, i, out: outputs.append(out)) for s in model.stages]
+    hooks = _stage_output_hooks(model, outputs)
     try:
         model(x)
     finally:

@@ -19,10 +19,22 @@ def tiny(cls_token=True, **kwargs):
     return randomize_batch_norms(build_model(tiny_spec(CLS_TOKEN=[False, False, cls_token]), num_classes=5, **kwargs))
 
 
+def _stage_output_hooks(model, outputs):
+    """Forward hooks on each stage's blocks that append the stage's (grid (B, C, H, W), cls token or
+    None) as the blocks leave them (the last stage's tokens go to the final LayerNorm unsplit)."""
+    def hook_for(stage):
+        def hook(module, inputs, tokens):
+            _, height, width = inputs
+            cls_token, grid = (tokens[:, :1], tokens[:, 1:]) if stage.cls_token is not None else (None, tokens)
+            outputs.append((grid.transpose(1, 2).reshape(grid.shape[0], grid.shape[2], height, width), cls_token))
+        return hook
+    return [stage.blocks.register_forward_hook(hook_for(stage)) for stage in model.stages]
+
+
 def stage_outputs(model, x):
-    """What each stage returned in model(x): (grid, cls token or None), caught by forward hooks."""
+    """model(x), and what each stage computed in it: (grid, cls token or None)."""
     outputs = []
-    hooks = [s.register_forward_hook(lambda m, i, out: outputs.append(out)) for s in model.stages]
+    hooks = _stage_output_hooks(model, outputs)
     try:
         logits = model(x)
     finally:
