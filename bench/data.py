@@ -1,16 +1,19 @@
 #!/usr/bin/env python
 """Input-pipeline benchmark: images/s of each training loader alone, per CPU core and with N workers.
 
-What one training image costs before the model sees it: read, decode, the official ImageNet
-training transform (RandomResizedCrop bicubic, flip, RandAugment rand-m9-mstd0.5-inc1,
-normalise, random erasing 0.25, through timm as the trainer builds it from
-experiments/imagenet/cvt/cvt-13-224x224.yaml). Loaders:
+What one training image costs a loader worker before the model sees it: read, decode, the CPU
+part of the official ImageNet training transform (RandomResizedCrop bicubic, flip, RandAugment
+rand-m9-mstd0.5-inc1, to a uint8 CHW tensor, through timm as the trainer builds it from
+experiments/imagenet/cvt/cvt-13-224x224.yaml). The rest of the recipe (float conversion,
+normalisation, random erasing 0.25) runs on the training device, on the batch, in the trainer
+(cvt_fast/training/device_input.py), and is not measured here. Loaders:
 
 - decode: PIL open + RGB conversion only, the floor of every PIL loader (not a loader);
 - torch: the trainer's own path (ImageFolderDataset + build_train_transform), DATA.LOADER torch;
 - torch-prepared-<N>: the same on the images re-encoded by `python -m cvt_fast.data prepare
   --max-side N` (done here once, into the cache, for the files measured);
-- dali-cpu: the DATA.LOADER dali pipeline on the CPU (device_id=None), when nvidia-dali is installed;
+- dali-cpu: the DATA.LOADER dali pipeline on the CPU (device_id=None), when nvidia-dali is installed
+  (it ends at uint8 CHW too);
 - dali-gpu: the same on the GPU (nvjpeg decoding fused with the crop, augmentation on the device),
   when the run's device is a CUDA GPU: its per-core figure is per host thread feeding the GPU.
 
@@ -80,6 +83,8 @@ CONVENTIONS = {
     "cores_per_gpu": "the model's training images/s (best implementation of the bench/model.py result, "
                      "cvt-13@224) / this loader's images/s per core",
     "mean_kb": "mean stored file size of the images measured, KB",
+    "transform": "what a loader worker does: decode and the augmentation up to a uint8 CHW tensor; the float "
+                 "conversion, normalisation and random erasing run in the trainer on the device (not measured)",
 }
 
 
@@ -425,11 +430,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     source = (f"--data {args.data}: {count} images spread over its classes" if args.data is not None else
               f"synthetic ImageNet-like JPEGs: {count} images of "
               f"{'160x120' if args.quick else '500x375 (and 375x500, 500x333, 500x400)'}, quality {SYNTHETIC_QUALITY}")
-    notes = [f"transform: {CONFIG.relative_to(common.REPO_ROOT)}'s training recipe at {crop}x{crop} (timm: "
-             "RandomResizedCrop bicubic, flip, rand-m9-mstd0.5-inc1, normalise, random erasing 0.25)",
+    notes = [f"transform: {CONFIG.relative_to(common.REPO_ROOT)}'s training recipe at {crop}x{crop}, its CPU part "
+             "(timm: RandomResizedCrop bicubic, flip, rand-m9-mstd0.5-inc1, to uint8 CHW); normalisation and "
+             "random erasing 0.25 run on the training device (DeviceInput), not here",
              f"per-core: one process at one thread; workers: {workers} DataLoader workers, batch {batch}, "
              f"{passes} pass(es) over the images; this machine has {cores} usable cores",
-             f"{rounds} round(s) over all loaders, in sequence; the best round of each loader counts"
+             f"{rounds} round(s) over all loaders, in sequence; the best round of each loader counts; "
              "the images are read from the page cache after the first pass: decoding and augmentation, not the disk"]
     notes.append(f"cores per GPU: against {model['impl']} {common.fmt(model['images_per_s'])} img/s training "
                  f"cvt-13@224 on {model['device']} ({model['path']})" if model else

@@ -1,6 +1,8 @@
 """Training and evaluation of CvT: the pieces behind `python -m cvt_fast.train` / `cvt_fast.test`.
 
-data.py      ImageFolder datasets, official/timm transforms, the resumable epoch sampler
+data.py      ImageFolder datasets, official/timm transforms (training: up to uint8 CHW), the resumable epoch sampler
+device_input.py  the training batch's float conversion, normalisation and random erasing, on the device
+dali_loader.py   DATA.LOADER dali: decoding and augmentation on NVIDIA DALI (GPU, or its CPU mode)
 digits.py    scikit-learn's digits exported once as an ImageFolder (the built-in experiment)
 optim.py     AdamW parameter groups, per-iteration cosine schedule, losses, mixup
 ema.py       exponential moving average of the weights
