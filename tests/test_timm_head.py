@@ -205,3 +205,7 @@ def test_timm_models_take_global_pool_and_carry_pool_size():
         tokens = model.forward_features(torch.randn(1, 3, 224, 224))
     assert tokens.shape == (1, model.num_prefix_tokens + 14 * 14, model.num_features)
     assert model.pretrained_cfg["pool_size"] == (14, 14)
+    # timm's default-cfg checks: the cfg's classifier and first conv name real weights.
+    weights = timm.create_model("cvt_13").state_dict()
+    for name in (model.pretrained_cfg["classifier"], model.pretrained_cfg["first_conv"]):
+        assert f"{name}.weight" in weights, name
