@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Measure which backend `auto` should take on this GPU, and write it into the tuning file.
+"""Measure which backend `auto` should take on this GPU or CPU, and write it into the tuning file.
 
-Run on the GPU itself. Two steps (both by default; `--steps` runs one, keeping the other's
+On a GPU, two steps (both by default; `--steps` runs one, keeping the other's
 results already in the file for this device):
 - tests: each backend's GPU tests (its record's `gpu_tests` in cvt_fast/ops/backends.py),
   one pytest run per selection; a backend is verified on this device when every run passed
@@ -17,17 +17,30 @@ timing row and `total_ms`: the training-step (fwd+bwd) medians summed over the s
 backends measured at every shape. `auto` takes the smallest total among the verified backends
 (cvt_fast/ops/tuning.py). Commit the file: it is package data (cvt_fast/ops/tuning.json).
 
+On a CPU, one step, `cpu-paths` (the default there): whole CvT training steps (forward, cross-entropy,
+backward; no optimizer, the same for every path) and eval forwards (no grad) of CvT-13 at 224 (batch 4),
+float32, at torch's thread count (--threads to change it), with each op family of the model
+(cvt_fast.ops.backend.CPU_FAMILIES) on each of its paths (the official eager ops, 'reference', 'sdpa'
+for attention) and the other families official; the configurations interleaved, each's best of
+--repeats. The entry for this CPU's name then holds those times, and 'auto' takes per family and mode
+the fastest path. Then, in the same run, the whole model on backends official, reference, sdpa and
+auto (now reading that entry), printed as the README's CPU table.
+
     python bench/tune.py                                  # on the GPU: tests, then timings
     python bench/tune.py --steps timings --dtypes bfloat16 --time-budget 300
+    python bench/tune.py --device cpu                      # on a CPU: the paths of 'auto' there
     python bench/tune.py --quick --device cpu --steps timings --out /tmp/t.json   # smoke run
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
+import os
 import subprocess
 import sys
 import tempfile
+import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Optional
@@ -39,7 +52,9 @@ from cvt_fast.ops import tuning  # noqa: E402
 from cvt_fast.ops.backends import TABLE, backends_for  # noqa: E402
 
 DEFAULT_MODELS = "cvt-13@224,cvt-21@224,cvt-w24@384"
-STEPS = ("tests", "timings")
+STEPS = ("tests", "timings", "cpu-paths")
+CPU_BATCH = 4
+CPU_REPEATS = 3
 # Per op: the mode that ranks the backends (a training step) and the ones only recorded.
 # The fused elementwise ops (ELEMENTWISE_OPS of cvt_fast/ops/backends.py: mlp_activation,
 # linear_activation, residual_layer_norm) are not timed: on CUDA only 'triton' implements them
@@ -184,13 +199,107 @@ def summarise(op: str, rows: list[dict]) -> dict:
             "total_ms": totals, "incomplete": incomplete, "rows": rows}
 
 
+# --------------------------------------------------------------------------- the CPU's paths
+
+@contextlib.contextmanager
+def cpu_paths_forced(paths: dict[str, str]):
+    """'auto' on the CPU takes `paths` (family -> path; the others official) instead of the evidence."""
+    from cvt_fast.ops import backend
+    original = backend.cpu_path
+    backend.cpu_path = lambda family, training: paths.get(family, "official")
+    try:
+        yield
+    finally:
+        backend.cpu_path = original
+
+
+def cpu_step_times(configs: dict, spec: dict, image_size: int, batch: int, repeats: int, seed: int) -> dict:
+    """configs: label -> (model backend, forced CPU paths or None: the evidence). Per label the best
+    of `repeats` training steps and eval forwards, the labels interleaved in each round (a shared
+    machine's load then falls on all alike), after one warm-up of each."""
+    import torch
+    import torch.nn.functional as F
+    from cvt_fast.model import build_model
+
+    torch.manual_seed(seed)
+    models = {}
+    for label, (model_backend, _) in configs.items():
+        models[label] = build_model(spec, backend=model_backend)
+        if models:
+            models[label].load_state_dict(next(iter(models.values())).state_dict())
+    images = torch.randn(batch, 3, image_size, image_size)
+    labels = torch.randint(0, 1000, (batch,))
+    best = {label: {"train_s": float("inf"), "eval_s": float("inf")} for label in configs}
+    for round_ in range(repeats + 1):
+        for label, (_, forced) in configs.items():
+            model = models[label]
+            with cpu_paths_forced(forced) if forced is not None else contextlib.nullcontext():
+                model.train()
+                start = time.perf_counter()
+                F.cross_entropy(model(images), labels).backward()
+                model.zero_grad(set_to_none=True)
+                train = time.perf_counter() - start
+                model.eval()
+                start = time.perf_counter()
+                with torch.no_grad():
+                    model(images)
+                evaluate = time.perf_counter() - start
+            if round_ > 0:  # round 0 warms up
+                best[label] = {"train_s": round(min(best[label]["train_s"], train), 4),
+                               "eval_s": round(min(best[label]["eval_s"], evaluate), 4)}
+            print(f"  round {round_}: {label:>28}: train step {train:.3f} s, eval {evaluate:.3f} s", flush=True)
+    return best
+
+
+def time_cpu_paths(args, spec: dict, image_size: int) -> dict:
+    """The entry of this CPU: the whole model official, and each family on each of its other paths."""
+    from cvt_fast.ops.backend import CPU_FAMILIES
+
+    configs = {"official": ("official", None)}
+    for family, paths in CPU_FAMILIES.items():
+        for path in paths[1:]:
+            configs[f"{family}:{path}"] = (None, {family: path})
+    best = cpu_step_times(configs, spec, image_size, args.batch or CPU_BATCH, args.repeats, args.seed)
+    timings: dict = {}
+    for label, times in best.items():
+        if label != "official":
+            family, path = label.split(":")
+            timings.setdefault(family, {})[path] = times
+    return {"official": best["official"], "timings": timings}
+
+
+def cpu_table(args, model_name: str, spec: dict, image_size: int, out: Path) -> str:
+    """The whole model on backends official, reference, sdpa and auto (reading `out`), one run."""
+    import torch
+    from cvt_fast.ops import backend
+
+    os.environ[tuning.ENV_VAR] = str(out)
+    batch = args.batch or CPU_BATCH
+    configs = {name: (name if name != "auto" else None, None) for name in ("official", "reference", "sdpa", "auto")}
+    best = cpu_step_times(configs, spec, image_size, batch, args.repeats, args.seed)
+    paths = {family: {mode: backend.cpu_path(family, mode == "train") for mode in ("train", "eval")}
+             for family in backend.CPU_FAMILIES}
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    lines = [f"{model_name} at {image_size}, batch {batch}, float32, {torch.get_num_threads()} threads, "
+             f"{backend.cpu_name()}, {date}, best of {args.repeats} (`python bench/tune.py --device cpu`):", "",
+             "| backend | eval forward (s) | training step (s) | vs official (eval / train) |", "|---|---|---|---|"]
+    for name, times in best.items():
+        lines.append(f"| `{name}` | {times['eval_s']:.3f} | {times['train_s']:.3f} | "
+                     f"{best['official']['eval_s'] / times['eval_s']:.2f}x / "
+                     f"{best['official']['train_s'] / times['train_s']:.2f}x |")
+    lines += ["", "auto's paths (train / eval): " + "; ".join(f"{family} {p['train']} / {p['eval']}"
+                                                            for family, p in paths.items())]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- the file
 
-def write_entry(path: Path, device_name: str, update: dict) -> dict:
-    """Merge `update` into the device's entry (a step keeps the other step's results)."""
+def write_entry(path: Path, device_name: str, update: dict, section: str = "devices") -> dict:
+    """Merge `update` into the device's entry (a step keeps the other step's results); section
+    'cpus' for a CPU's entry (keyed by its name)."""
     data = tuning.load_tuning(path) if path.exists() else {"schema": tuning.SCHEMA, "devices": {}}
     data = json.loads(json.dumps(data))  # a private copy of the cached file
-    entry = data["devices"].setdefault(device_name, {})
+    entry = data.setdefault(section, {}).setdefault(device_name, {})
     for key, value in update.items():
         if key in ("tests", "timings") and isinstance(entry.get(key), dict):
             for sub, item in value.items():
@@ -210,16 +319,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--models", default=None, help=f"comma-separated NAME@IMAGE_SIZE (default: {DEFAULT_MODELS})")
     parser.add_argument("--dtypes", default=None, help="comma-separated (default: bfloat16,float16 on CUDA; "
                                                         "float32 on the CPU)")
-    parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of tests,timings")
+    parser.add_argument("--steps", default=None, help="comma-separated subset of tests,timings (default: both) "
+                                                     "on a GPU; cpu-paths (the default there) on a CPU")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=CPU_REPEATS, help="cpu-paths: rounds, best of")
     parser.add_argument("--backends", default=None, help="comma-separated backend names (default: every kernels "
                                                           "and peer backend of the table)")
     parser.add_argument("--test-timeout", type=float, default=600.0, help="seconds per pytest run")
     args = parser.parse_args(argv)
+    import torch
+    threads = args.threads or torch.get_num_threads()
     args.modes = ",".join(sorted({m for modes in RECORDED_MODES.values() for m in modes}))
-    args.models = args.models or (None if args.quick else DEFAULT_MODELS)
-    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+    steps = [s.strip() for s in (args.steps or ("cpu-paths" if on_cpu else "tests,timings")).split(",") if s.strip()]
     if not set(steps) <= set(STEPS):
         raise ValueError(f"--steps must be a subset of {STEPS}, got {args.steps!r}")
+    if "cpu-paths" in steps:
+        if not on_cpu or len(steps) > 1:
+            raise ValueError("--steps cpu-paths runs alone, on the CPU (--device cpu)")
+        return main_cpu(args, threads)
+    args.models = args.models or (None if args.quick else DEFAULT_MODELS)
     setup = common.prologue(args, sorted(args.modes.split(",")))
     if setup.device.type != "cuda" and not args.quick:
         raise ValueError("the tuning file records GPUs: run bench/tune.py on a CUDA device "
@@ -260,6 +379,36 @@ def main(argv: Optional[list[str]] = None) -> int:
         for dtype_name, timing in by_dtype.items():
             print(f"  {op} {dtype_name}: {timing['criterion']}: {timing['total_ms']}"
                   + (f"; incomplete: {timing['incomplete']}" if timing["incomplete"] else ""))
+    print(f"written: {args.out}" + ("" if Path(args.out) != tuning.PACKAGED_FILE else
+                                    " (commit it: 'auto' reads it from the package)"))
+    return 0
+
+
+def main_cpu(args, threads: int) -> int:
+    """--steps cpu-paths: this CPU's entry, then the whole-model table."""
+    import torch
+    from cvt_fast.ops import backend
+
+    if os.environ.get(backend.ENV_VAR):
+        raise ValueError(f"unset {backend.ENV_VAR} first: it would override the paths being measured")
+    torch.set_num_threads(threads)
+    common.prepare_triton_for("cpu")
+    (model_name, image_size), = common.parse_model_sizes(args.models, common.QUICK_MODEL_SIZES if args.quick
+                                                         else common.CPU_MODEL_SIZES)
+    spec = common.tiny_spec(common.model_specs()[model_name]) if args.quick else dict(common.model_specs()[model_name])
+    name = backend.cpu_name()
+    print(f"'auto' paths for the CPU {name!r}: {model_name} at {image_size}, {threads} threads, writing {args.out}",
+          flush=True)
+    update = {"measured_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "environment": common.capture_environment(torch.device("cpu")), "threads": threads,
+              "settings": {"model": model_name, "image_size": image_size, "batch": args.batch or CPU_BATCH,
+                           "dtype": "float32", "repeats": args.repeats, "quick": args.quick,
+                           "criterion": "best of the repeats: training step = forward, cross-entropy, backward "
+                                        "(no optimizer); eval = forward under no_grad"},
+              **time_cpu_paths(args, spec, image_size)}
+    write_entry(Path(args.out), name, update, section="cpus")
+    table = cpu_table(args, model_name, spec, image_size, Path(args.out))
+    print("\n" + table)
     print(f"written: {args.out}" + ("" if Path(args.out) != tuning.PACKAGED_FILE else
                                     " (commit it: 'auto' reads it from the package)"))
     return 0

@@ -35,6 +35,7 @@ from torch import nn
 from cvt_fast.batch_norm_fold import FoldedBatchNormCache, conv_dtype
 from cvt_fast.lean_layer_norm import SIXTEEN_BIT, layer_norm_16bit
 from cvt_fast.lean_mlp import lean_mlp, quick_gelu
+from cvt_fast.ops.backend import auto_cpu_path
 from cvt_fast.ops.backends import BACKENDS, TABLE
 from cvt_fast.specs import get_spec, normalize_spec  # noqa: F401  (normalize_spec: re-exported, it lived here)
 
@@ -48,6 +49,17 @@ def standard_ops_only() -> bool:
     so the model then takes its official path: the same parameters and function, in plain aten ops.
     torch.export and torch.compile keep the fused ops (export.py lowers them itself for ONNX)."""
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def module_path(backend: str | None, family: str, x: torch.Tensor) -> str | None:
+    """The path of op family `family` ('attention', 'conv_proj', 'mlp', 'residual_layer_norm') in a
+    module whose backend is `backend`: on the CPU, where that resolves to 'auto', the path measured
+    fastest there ('official', 'reference' or 'sdpa': cvt_fast.ops.backend.cpu_path); else `backend`
+    itself (None: the ops resolve it)."""
+    if isinstance(x, torch.fx.Proxy):
+        return backend
+    path = auto_cpu_path(family, backend, x.device.type, torch.is_grad_enabled())
+    return backend if path is None else path
 
 
 class QuickGELU(nn.Module):
@@ -129,9 +141,11 @@ class Mlp(nn.Module):
 
     def _forward(self, x: torch.Tensor, leave_output_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         # The lean step has no dropout between the activation and fc2: used when that dropout is off.
-        if self.recompute_activation and (self.drop.p == 0.0 or not self.training) and not standard_ops_only():
+        backend = module_path(self.backend, "mlp", x)
+        if (self.recompute_activation and backend != "official" and (self.drop.p == 0.0 or not self.training)
+                and not standard_ops_only()):
             out = lean_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight,
-                           None if leave_output_bias else self.fc2.bias, self.act_name, backend=self.backend)
+                           None if leave_output_bias else self.fc2.bias, self.act_name, backend=backend)
             return out, self.fc2.bias if leave_output_bias else None
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x))))), None
 
@@ -205,11 +219,12 @@ class Attention(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        if self.backend == "official" or standard_ops_only():
-            q, k, v = self._project_official(x, height, width)
-            return self._attend_official(q, k, v)
-        q, k, v = self._project_fused(x, height, width)
-        return self._attend_fused(q, k, v)
+        if standard_ops_only():
+            return self._attend_official(*self._project_official(x, height, width))
+        projection, attention = module_path(self.backend, "conv_proj", x), module_path(self.backend, "attention", x)
+        q, k, v = (self._project_official(x, height, width) if projection == "official"
+                   else self._project_fused(x, height, width, projection))
+        return self._attend_official(q, k, v) if attention == "official" else self._attend_fused(q, k, v, attention)
 
     # -- the official path ---------------------------------------------------------
     def _project_official(self, x, height, width):
@@ -237,7 +252,9 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(out))
 
     # -- the fused path ------------------------------------------------------------
-    def _project_fused(self, x, height, width):
+    def _project_fused(self, x, height, width, backend=None):
+        # backend None: the module's (bench/conv_proj.py calls this path directly).
+        backend = _conv_backend(self.backend if backend is None else backend)
         if self.method != "dw_bn":
             return self._project_official(x, height, width)
         from cvt_fast import ops
@@ -254,20 +271,14 @@ class Attention(nn.Module):
             # normalises the grid rows (cls rows never), and the running statistics are
             # updated here, as nn.BatchNorm2d updates them.
             return _conv_proj_batch_norm(x, convs, height, width, has_cls, self.stride_q, self.stride_kv,
-                                         self.padding_q, self.padding_kv, self._conv_backend())
+                                         self.padding_q, self.padding_kv, backend)
         # Eval: BatchNorm is an affine map per channel, folded into the convolution (once per
         # weight state: cvt_fast/batch_norm_fold.py).
         wq, wk, wv, bq, bk, bv = self._folded_bn.get(convs, conv_dtype(x))
         return ops.conv_proj(x, wq, wk, wv, height, width, has_cls, self.stride_q, self.stride_kv,
-                             self.padding_q, self.padding_kv, bq, bk, bv, backend=self._conv_backend())
+                             self.padding_q, self.padding_kv, bq, bk, bv, backend=backend)
 
-    def _conv_backend(self) -> str | None:
-        # An attention-only backend (sdpa, xformers) leaves the projection to the default.
-        if self.backend in TABLE and "conv_proj" not in TABLE[self.backend].ops:
-            return None
-        return self.backend
-
-    def _attend_fused(self, q, k, v):
+    def _attend_fused(self, q, k, v, backend=None):
         if self.attn_drop.p > 0 and self.training:
             # Dropout on the attention matrix needs the matrix: no fused kernel does that.
             return self._attend_official(q, k, v)
@@ -277,8 +288,13 @@ class Attention(nn.Module):
         q = self.proj_q(q).view(batch, q.shape[1], self.num_heads, -1)
         k = self.proj_k(k).view(batch, k.shape[1], self.num_heads, -1)
         v = self.proj_v(v).view(batch, v.shape[1], self.num_heads, -1)
-        out = ops.attention(q, k, v, self.scale, backend=self.backend)
+        out = ops.attention(q, k, v, self.scale, backend=self.backend if backend is None else backend)
         return self.proj_drop(self.proj(out))
+
+
+def _conv_backend(backend: str | None) -> str | None:
+    # An attention-only backend (sdpa, xformers) leaves the projection to the default.
+    return None if backend in TABLE and TABLE[backend].attention_only else backend
 
 
 def _uses_batch_statistics(batch_norms: list[nn.BatchNorm2d]) -> bool | None:
@@ -337,8 +353,13 @@ class Block(nn.Module):
         self.fuse_residuals = True
         self.backend: str | None = None
 
+    def fused(self, x: torch.Tensor) -> bool:
+        """Whether the residual adds and the LayerNorms after them run as one fused op each."""
+        return (self.fuse_residuals and module_path(self.backend, "residual_layer_norm", x) != "official"
+                and not standard_ops_only())
+
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        if not self.fuse_residuals or standard_ops_only():
+        if not self.fused(x):
             x = x + self.drop_path(self.attn(self.norm1(x), height, width))
             return x + self.drop_path(self.mlp(self.norm2(x)))
         return self.forward_chained(x, self.norm1(x), height, width, next_norm=None)[0]
@@ -349,15 +370,16 @@ class Block(nn.Module):
         and next_norm the following block's norm1 (None for the last block: then None out)."""
         from cvt_fast import ops
 
+        backend = module_path(self.backend, "residual_layer_norm", x)
         branch = self.attn(normed, height, width)
         x, normed = ops.residual_layer_norm(x, branch, self.norm2.weight, self.norm2.bias, self.norm2.eps,
-                                            scale=self._drop_path_scale(x), backend=self.backend)
+                                            scale=self._drop_path_scale(x), backend=backend)
         if next_norm is None:  # the stage's last block: no LayerNorm follows
             return x + self.drop_path(self.mlp(normed)), None
         branch, branch_bias = self.mlp.forward_without_output_bias(normed)
         return ops.residual_layer_norm(x, branch, next_norm.weight, next_norm.bias, next_norm.eps,
                                        branch_bias=branch_bias, scale=self._drop_path_scale(x),
-                                       backend=self.backend)
+                                       backend=backend)
 
     def _drop_path_scale(self, x: torch.Tensor) -> torch.Tensor | None:
         return self.drop_path.sample_scale(x) if isinstance(self.drop_path, DropPath) else None
@@ -381,7 +403,7 @@ class Blocks(nn.ModuleList):
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         blocks = list(self)
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
-        if blocks and all(b.fuse_residuals for b in blocks) and not standard_ops_only():
+        if blocks and all(b.fused(x) for b in blocks):
             normed = blocks[0].norm1(x)
             for block, following in zip(blocks, blocks[1:] + [None]):
                 step = (block.forward_chained, x, normed, height, width,

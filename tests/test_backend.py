@@ -90,7 +90,10 @@ def test_a_new_record_is_a_backend_everywhere(monkeypatch):
 
 # --------------------------------------------------------------------------- precedence
 
-def test_default_is_auto_and_auto_on_cpu_is_reference():
+def test_default_is_auto_and_auto_on_cpu_without_evidence_is_reference(monkeypatch, tmp_path):
+    # No entry for this CPU: the model runs the official path, a direct call of an op the reference
+    # (tests/test_cpu_auto.py: the choice with an entry).
+    monkeypatch.setenv(tuning.ENV_VAR, str(tmp_path / "none.json"))
     assert ops.get_backend() == "auto"
     q, _, _ = qkv()
     assert resolve_backend("attention", None, q) == "reference"
@@ -340,10 +343,11 @@ def test_the_packaged_tuning_file_ships_with_the_package_and_invents_nothing():
         assert entry["environment"] and entry["tests"] and entry["timings"] and entry["measured_utc"], name
 
 
-def test_explain_backend_says_which_backend_a_call_takes_and_why(monkeypatch):
+def test_explain_backend_says_which_backend_a_call_takes_and_why(monkeypatch, tmp_path):
+    monkeypatch.setenv(tuning.ENV_VAR, str(tmp_path / "none.json"))  # no evidence for this CPU
     q = qkv()[0]
     choice = ops.explain_backend("attention", q)
-    assert choice.backend == "reference" and "cpu tensors" in choice.reason
+    assert choice.backend == "reference" and "on this CPU" in choice.reason and "no CPU entry" in choice.reason
     assert ops.explain_backend("attention", q, backend="sdpa").reason == "requested by the call's backend argument"
     ops.set_backend("sdpa")
     assert "cvt_fast.set_backend" in ops.explain_backend("attention", q).reason

@@ -43,3 +43,27 @@ def test_tune_writes_an_entry_that_tuning_reads_and_that_verifies_nothing_withou
     # What tuning.py makes of it: the timed backends, none of them verified.
     choice = tuning.tuned_choice("attention", "float32", device_name, lambda name: None, path=out)
     assert choice.backend is None and "sdpa" in choice.reason and "GPU tests did not pass" in choice.reason
+
+
+def test_tune_on_the_cpu_writes_this_cpus_paths_that_auto_reads(tmp_path):
+    from cvt_fast.ops import backend
+
+    out = tmp_path / "tuning.json"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("CVT_FAST_BACKEND", None)
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "tune.py"), "--quick", "--device", "cpu",
+                           "--repeats", "1", "--threads", "1", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"tune.py failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    data = json.loads(out.read_text())
+    (name, entry), = data["cpus"].items()
+    assert name == backend.cpu_name() and data["devices"] == {} and entry["threads"] == 1 and entry["measured_utc"]
+    assert entry["official"]["train_s"] > 0 and entry["official"]["eval_s"] > 0
+    assert {f: set(p) for f, p in entry["timings"].items()} == {
+        f: set(paths) - {"official"} for f, paths in backend.CPU_FAMILIES.items()}
+    for family, paths in backend.CPU_FAMILIES.items():
+        for mode in ("train", "eval"):
+            assert tuning.cpu_choice(family, mode, name, paths, path=out).backend in paths
+    # The README's table, from the same run: the whole model on each backend and on auto.
+    for row in ("| `official` |", "| `reference` |", "| `sdpa` |", "| `auto` |", "auto's paths"):
+        assert row in done.stdout

@@ -4,7 +4,13 @@ Precedence, first that is set wins: the `backend` argument of the call (the mode
 its own), `set_backend(name)`, the environment variable CVT_FAST_BACKEND, then 'auto'.
 
 'auto', per call:
-- CPU (and any non-CUDA) tensors: 'reference'.
+- CPU tensors: per op family of the model (CPU_FAMILIES), the path the tuning file measured
+  fastest on this CPU (its name from /proc/cpuinfo; `python bench/tune.py --device cpu` writes
+  the entry) for training (grad enabled) or inference: the model's official eager path, 'reference'
+  or 'sdpa' (attention). The model runs the official path itself (cvt_fast/model.py asks
+  `auto_cpu_path`); an op called directly where that path is the official one takes 'reference'.
+  Without an entry for this CPU: the official path (measured fastest on this project's CPU).
+- Other non-CUDA devices: 'reference'.
 - CUDA tensors: the backend that the tuning file (cvt_fast/ops/tuning.py, written by
   `python bench/tune.py` on that GPU) measured fastest for this op and dtype on this device
   name, among those whose GPU tests passed there and that can run these tensors. Without
@@ -18,13 +24,14 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from cvt_fast.ops import tuning
-from cvt_fast.ops.backends import BACKENDS, OPS, TABLE, backends_for, xformers_import_error  # noqa: F401
+from cvt_fast.ops.backends import BACKENDS, OPS, TABLE, backends_for, op_family, xformers_import_error  # noqa: F401
 from cvt_fast.ops.contract import FLOAT_DTYPES, dtype_names
 
 ENV_VAR = "CVT_FAST_BACKEND"
@@ -145,10 +152,85 @@ def _dtype_name(dtype: Optional[torch.dtype]) -> str:
     return str(dtype).replace("torch.", "") if dtype is not None else "unknown dtype"
 
 
+# --------------------------------------------------------------------------- 'auto' on the CPU
+
+# The model's op families that 'auto' chooses a path for on the CPU, each with its candidates:
+# 'official' is the model's own eager path (the official code's ops), the others backends of
+# the fused ops. 'mlp' is the MLP's fused activation (linear_activation, mlp_activation).
+CPU_FAMILIES = {
+    "attention": ("official", "reference", "sdpa"),
+    "conv_proj": ("official", "reference"),
+    "mlp": ("official", "reference"),
+    "residual_layer_norm": ("official", "reference"),
+}
+_OP_CPU_FAMILY = {"attention": "attention", "conv_proj": "conv_proj", "mlp_activation": "mlp",
+                  "linear_activation": "mlp", "residual_layer_norm": "residual_layer_norm"}
+# Without evidence for this CPU: the official path, measured fastest for every family on this
+# project's CPU (the entry in cvt_fast/ops/tuning.json), and by definition never slower than it.
+CPU_DEFAULT_PATH = "official"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """This CPU's name, the key of its entry in the tuning file: /proc/cpuinfo's "model name",
+    else platform.processor(), else "unknown CPU"."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor().strip() or "unknown CPU"
+
+
+def cpu_choice(family: str, training: bool, name: Optional[str] = None) -> BackendChoice:
+    """The path ('official', 'reference' or 'sdpa') that 'auto' takes for op family `family` on
+    the CPU named `name` (default: this one), for training (grad enabled) or inference, and why."""
+    if family not in CPU_FAMILIES:
+        raise ValueError(f"unknown CPU op family {family!r}; expected one of {', '.join(CPU_FAMILIES)}")
+    evidence = tuning.cpu_choice(family, "train" if training else "eval", name or cpu_name(),
+                                 CPU_FAMILIES[family])
+    if evidence.backend is not None:
+        return BackendChoice(evidence.backend, evidence.reason)
+    return BackendChoice(CPU_DEFAULT_PATH, f"{evidence.reason}; without it 'auto' takes the official path on the "
+                                           "CPU (measured fastest for every op family on this project's CPU)")
+
+
+@constant_at_trace_time
+def cpu_path(family: str, training: bool) -> str:
+    """cpu_choice's path; constant under torch.compile, fx and export tracing."""
+    return cpu_choice(family, training).backend
+
+
+@constant_at_trace_time
+def auto_cpu_path(family: str, requested: Optional[str], device_type: str, training: bool) -> Optional[str]:
+    """The path of op family `family` for a model module whose backend is `requested`: when that
+    resolves to 'auto' (None and no process default, or an attention-only backend for another
+    family) and the tensors are on the CPU, cpu_path's; else None (the module's backend decides)."""
+    if device_type != "cpu":
+        return None
+    if isinstance(requested, str) and requested in TABLE and family != "attention" and TABLE[requested].attention_only:
+        requested = None  # an attention-only backend leaves the other ops to the default
+    if requested is None:
+        requested = _requested("linear_activation" if family == "mlp" else family, None)[0]
+    if requested != "auto":
+        return None
+    return cpu_path(family, training)
+
+
 def choose_auto(op: str, device_type: str, dtype: Optional[torch.dtype], head_dim: Optional[int] = None,
                 kernel_sizes: Optional[tuple] = None, device_name: Optional[str] = None) -> BackendChoice:
     """What 'auto' takes for `op` on such tensors, and why. device_name: the CUDA device's name
     (torch.cuda.get_device_name), the key into the tuning file."""
+    family = _OP_CPU_FAMILY.get(op_family(op))
+    if device_type == "cpu" and family is not None:
+        choice = cpu_choice(family, torch.is_grad_enabled())
+        if choice.backend != "official":
+            return BackendChoice(choice.backend, f"on this CPU ({cpu_name()}): {choice.reason}")
+        return BackendChoice("reference", f"on this CPU ({cpu_name()}) 'auto' runs the model's official path for "
+                                          f"{family} ({choice.reason}); a direct call of the op takes 'reference'")
     if device_type != "cuda":
         return BackendChoice("reference", f"{device_type} tensors: 'auto' is 'reference' off CUDA devices "
                                           "(the fused kernels are for NVIDIA GPUs)")

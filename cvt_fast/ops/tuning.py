@@ -19,6 +19,22 @@ torch.cuda.get_device_name() spells it:
 and that can run the call's tensors, the one with the smallest `total_ms` for the op and dtype.
 Nothing is invented: a device, op or dtype without an entry has no evidence, and `auto` then
 takes its default (backend.py).
+
+CPUs have their own entries, keyed by the CPU's name (/proc/cpuinfo's "model name"), written by
+`python bench/tune.py --device cpu`:
+
+    "cpus": {
+      "AMD EPYC ...": {
+        "measured_utc": "...", "environment": {...}, "threads": 2,
+        "settings": {"model": "cvt-13", "image_size": 224, "batch": 4, "repeats": 3, ...},
+        "official": {"train_s": 0.94, "eval_s": 0.31},          # the whole model on its official path
+        "timings": {"attention": {"reference": {"train_s": ..., "eval_s": ...}, "sdpa": {...}},
+                    "conv_proj": {"reference": {...}}, "mlp": {...}, "residual_layer_norm": {...}}}}
+
+Each timing is a whole CvT step (training: forward + backward; eval: forward without grad) with
+one op family on that path and every other family on the official path. `auto` takes, per family
+and mode, the fastest of the timed paths when it beats the official path by CPU_MARGIN, else the
+official path.
 """
 from __future__ import annotations
 
@@ -30,6 +46,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 SCHEMA = 1
+# On a CPU another path replaces the official one only when its step is at least this much faster:
+# repeated best-of-3 steps on this project's shared 2-core CPU differ by a few percent (the tuning
+# run that first wrote its entry saw 0.1% to 2% "wins" that were noise), and within that the
+# official path, never slower than itself, stays.
+CPU_MARGIN = 0.05
 ENV_VAR = "CVT_FAST_TUNING_FILE"
 PACKAGED_FILE = Path(__file__).with_name("tuning.json")
 
@@ -112,3 +133,31 @@ def tuned_choice(op: str, dtype_name: str, device_name: str, why_not: Callable[[
                                  f"{entry.get('measured_utc', '?')}){note}")
     return TunedChoice(None, f"no backend timed in {path} for {op} {dtype_name} on {device_name!r} can be taken: "
                              + "; ".join(skipped))
+
+
+def cpu_choice(family: str, mode: str, cpu_name: str, candidates: tuple[str, ...],
+               path: Optional[Path] = None) -> TunedChoice:
+    """The fastest of `candidates` ('official' and backend names) for op family `family` in `mode`
+    ('train' or 'eval') on the CPU named `cpu_name`, per the tuning file's CPU entry."""
+    path = Path(path) if path is not None else tuning_path()
+    cpus = load_tuning(path).get("cpus", {})
+    entry: Optional[dict[str, Any]] = cpus.get(cpu_name) if isinstance(cpus, dict) else None
+    if entry is None:
+        measured = ", ".join(sorted(cpus)) if isinstance(cpus, dict) and cpus else "none"
+        return TunedChoice(None, f"no CPU entry for {cpu_name!r} in {path} (CPUs measured: {measured})")
+    key = f"{mode}_s"
+    timed = {"official": entry.get("official", {}).get(key)}
+    timed.update({name: t.get(key) for name, t in entry.get("timings", {}).get(family, {}).items()})
+    timed = {name: t for name, t in timed.items() if name in candidates and isinstance(t, (int, float))}
+    if "official" not in timed or len(timed) < 2:
+        return TunedChoice(None, f"the CPU entry for {cpu_name!r} in {path} has no {mode} timings of {family}")
+    best = min(timed, key=lambda name: timed[name])
+    if timed[best] > (1 - CPU_MARGIN) * timed["official"]:
+        best = "official"
+    listed = ", ".join(f"{name} {t:.3f} s" for name, t in sorted(timed.items(), key=lambda item: item[1]))
+    settings = entry.get("settings", {})
+    return TunedChoice(best, f"the {family} path for {mode} on {cpu_name} per {path} (a "
+                             f"{settings.get('model', 'CvT')} {mode} step at batch {settings.get('batch', '?')}, "
+                             f"{entry.get('threads', '?')} threads, {family} on each path, the rest official: "
+                             f"{listed}; another path than the official one must be {CPU_MARGIN:.0%} faster; "
+                             f"measured {entry.get('measured_utc', '?')})")
