@@ -121,6 +121,12 @@ def macs_by_hooks(model: nn.Module, x: torch.Tensor) -> int:
 
     def layer_norm(module, inputs, output):
         nonlocal total
+        if module is model.norm and model.num_prefix_tokens:
+            # The official code normalises the cls token alone; cvt_fast's final LayerNorm runs over
+            # every token (forward_features returns them normalised, timm's convention), which the
+            # official count does not include: count what the official code computes.
+            total += 2 * inputs[0].shape[-1]
+            return
         total += 2 * inputs[0].numel() // batch
 
     for module in model.modules():
