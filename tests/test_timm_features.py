@@ -7,7 +7,7 @@ import torch
 
 from cvt_fast.model import MODEL_BACKENDS, build_model
 from cvt_fast.ops.backends import TABLE
-from tiny_models import randomize_batch_norms
+from tiny_models import randomize_batch_norms, stage_outputs
 from tiny_spec import tiny_spec
 
 timm = pytest.importorskip("timm")
@@ -26,29 +26,6 @@ def _runs_on_cpu(backend):
 # 'auto' is the model's None; triton joins under TRITON_INTERPRET=1, the CUDA kernels on a GPU machine.
 CPU_BACKENDS = [None if b == "auto" else b for b in MODEL_BACKENDS if _runs_on_cpu(b)]
 
-
-def _stage_output_hooks(model, outputs):
-    """Forward hooks on each stage's blocks that append the stage's (grid (B, C, H, W), cls token or
-    None) as the blocks leave them (the last stage's tokens go to the final LayerNorm unsplit)."""
-    def hook_for(stage):
-        def hook(module, inputs, tokens):
-            _, height, width = inputs
-            cls_token, grid = (tokens[:, :1], tokens[:, 1:]) if stage.cls_token is not None else (None, tokens)
-            outputs.append((grid.transpose(1, 2).reshape(grid.shape[0], grid.shape[2], height, width), cls_token))
-        return hook
-    return [stage.blocks.register_forward_hook(hook_for(stage)) for stage in model.stages]
-
-
-def stage_outputs(model, x):
-    """Each stage's (grid, cls token or None) in the plain forward."""
-    outputs = []
-    hooks = _stage_output_hooks(model, outputs)
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return outputs
 
 
 def tiny(backend, cls_token=True):
@@ -73,7 +50,7 @@ def test_forward_intermediates_are_the_stage_outputs_of_the_plain_forward(backen
     model = tiny(backend, cls_token)
     x = torch.randn(2, 3, 61, 47)
     with torch.no_grad():
-        stages = stage_outputs(model, x)
+        _, stages = stage_outputs(model, x)
         grids = [grid for grid, _ in stages]
         assert [g.shape[1] for g in grids] == [f["num_chs"] for f in model.feature_info]
         assert [g.shape[-2:] for g in grids] == [(15, 12), (8, 6), (4, 3)]
@@ -129,7 +106,7 @@ def test_prune_intermediate_layers_drops_the_later_stages_norm_and_head():
     model = tiny("reference")
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        grids = [g for g, _ in stage_outputs(model, x)]
+        grids = [g for g, _ in stage_outputs(model, x)[1]]
         assert model.prune_intermediate_layers([0, -2]) == [0, 1]
         assert model.num_stages == 2 and not hasattr(model, "stage2")
         assert not any(k.startswith(("stage2.", "norm.", "head.")) for k in model.state_dict())
@@ -153,7 +130,7 @@ def test_features_only_gives_the_stage_maps_of_every_registered_model(name):
     assert not loaded.missing_keys and {k.split(".")[0] for k in loaded.unexpected_keys} == {"norm"}
     x = torch.randn(1, 3, 48, 40)  # tiny input: CvT has no position embedding, any size runs
     with torch.no_grad():
-        grids = [g for g, _ in stage_outputs(model, x)]
+        grids = [g for g, _ in stage_outputs(model, x)[1]]
         features = backbone(x)
     assert len(features) == 3 and all(torch.equal(f, g) for f, g in zip(features, grids))
     # out_indices prunes what no output needs: here the last stage, the final LayerNorm and the head.
@@ -174,7 +151,7 @@ def test_timms_feature_getter_under_every_backend_matches_the_plain_forward(back
     backbone = FeatureGetterNet(tiny(backend), out_indices=(0, -1)).eval()
     assert backbone.feature_info.channels() == [16, 48] and backbone.feature_info.reduction() == [4, 16]
     with torch.no_grad():
-        grids = [g for g, _ in stage_outputs(model, x)]
+        grids = [g for g, _ in stage_outputs(model, x)[1]]
         features = backbone(x)
     assert len(features) == 2 and torch.equal(features[0], grids[0]) and torch.equal(features[1], grids[2])
 

@@ -8,7 +8,7 @@ import torch.utils.checkpoint
 from torch.autograd.graph import saved_tensors_hooks
 
 from cvt_fast.model import build_model
-from tiny_models import randomize_batch_norms
+from tiny_models import randomize_batch_norms, stage_outputs
 from tiny_spec import tiny_spec
 
 CPU_BACKENDS = ["official", "reference"]
@@ -18,29 +18,6 @@ def tiny(cls_token=True, **kwargs):
     torch.manual_seed(0)
     return randomize_batch_norms(build_model(tiny_spec(CLS_TOKEN=[False, False, cls_token]), num_classes=5, **kwargs))
 
-
-def _stage_output_hooks(model, outputs):
-    """Forward hooks on each stage's blocks that append the stage's (grid (B, C, H, W), cls token or
-    None) as the blocks leave them (the last stage's tokens go to the final LayerNorm unsplit)."""
-    def hook_for(stage):
-        def hook(module, inputs, tokens):
-            _, height, width = inputs
-            cls_token, grid = (tokens[:, :1], tokens[:, 1:]) if stage.cls_token is not None else (None, tokens)
-            outputs.append((grid.transpose(1, 2).reshape(grid.shape[0], grid.shape[2], height, width), cls_token))
-        return hook
-    return [stage.blocks.register_forward_hook(hook_for(stage)) for stage in model.stages]
-
-
-def stage_outputs(model, x):
-    """model(x), and what each stage computed in it: (grid, cls token or None)."""
-    outputs = []
-    hooks = _stage_output_hooks(model, outputs)
-    try:
-        logits = model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return logits, outputs
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -35,3 +35,24 @@ def tiny_cvt(num_classes: int = 5, backend: str | None = "reference", seed: int 
     torch.manual_seed(seed)
     model = build_model(TINY_SPEC, num_classes=num_classes, backend=backend)
     return randomize_batch_norms(model).eval()
+
+
+def stage_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """model(x), and what each stage's blocks left in it: (grid (B, C, H, W), cls token or None) per
+    stage (the last stage's tokens go to the final LayerNorm unsplit)."""
+    outputs = []
+
+    def hook_for(stage):
+        def hook(module, inputs, tokens):
+            _, height, width = inputs
+            cls_token, grid = (tokens[:, :1], tokens[:, 1:]) if stage.cls_token is not None else (None, tokens)
+            outputs.append((grid.transpose(1, 2).reshape(grid.shape[0], grid.shape[2], height, width), cls_token))
+        return hook
+
+    hooks = [stage.blocks.register_forward_hook(hook_for(stage)) for stage in model.stages]
+    try:
+        logits = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, outputs
